@@ -1,0 +1,530 @@
+"""
+One decoder-only transformer for the Llama family: Llama-3.x, Qwen2 / Qwen2.5, Qwen3, Mistral and SmolLM2.
+
+They differ in a handful of switches, all in ModelConfig: bias on q/k/v (Qwen2), RMSNorm on each head's q and k
+before RoPE (Qwen3), a head_dim that is not dim / n_heads (Qwen3), sliding-window attention (Mistral), tied input and
+output embeddings (small sizes), and the RoPE frequency scaling (Llama-3.1+). Module names follow the HF checkpoints
+(`model.layers.0.self_attn.q_proj.weight` ...), so loading is a plain state-dict copy: no renaming, no q/k
+permutation, because RoPE here uses HF's rotate-half layout.
+
+    model = Transformer.from_pretrained("path/to/Qwen2.5-0.5B")     # HF directory, no transformers needed
+    logits = model(idx)                                             # [B, T, vocab]
+    model.setup_cache(max_batch_size=1, max_seq_len=512)            # static KV cache, gpt-fast style
+    logits = model(idx[:, :5], input_pos=torch.arange(5))           # prefill, then one position at a time
+    model.save_pretrained("out/run")                                # loads in transformers with the same logits
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+# HF model_type -> the architecture name transformers instantiates for it
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",  # Llama-3.x, SmolLM2
+    "qwen2": "Qwen2ForCausalLM",  # Qwen2, Qwen2.5
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    dim: int = 512  # hidden_size
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 8  # < n_heads: grouped-query attention (Ainslie et al. 2023)
+    head_dim: int = 0  # 0: dim // n_heads (Qwen3 sets it explicitly)
+    hidden_dim: int = 1536  # intermediate_size of the SwiGLU MLP
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    max_seq_len: int = 2048  # max_position_embeddings
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3
+    sliding_window: int | None = None  # Mistral; applies to the layers marked "sliding_attention"
+    layer_types: list | None = None  # per layer "full_attention" | "sliding_attention"; None: all full
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    dtype: str = "float32"  # the dtype the weights are stored in
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.dim // self.n_heads
+        if self.model_type not in ARCHITECTURES:
+            raise ValueError(f"model_type {self.model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"RoPE type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding-window size of this layer, or None for full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None:
+            return self.sliding_window
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        """From an HF config.json, as written by transformers 4.x or 5.x."""
+        model_type = hf.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
+        if hf.get("mlp_bias") or (model_type != "qwen2" and hf.get("attention_bias")):
+            raise ValueError("attention_bias / mlp_bias = true is not supported for this model_type")
+        # RoPE: 5.x keeps everything in rope_parameters; 4.x has rope_theta plus rope_scaling, whose type was
+        # called "type" before "rope_type".
+        rope = dict(hf.get("rope_parameters") or {})
+        if not rope:
+            rope = dict(hf.get("rope_scaling") or {})
+            rope["rope_theta"] = hf.get("rope_theta", 10000.0)
+        rope["rope_type"] = rope.get("rope_type", rope.pop("type", "default"))
+        rope.pop("type", None)
+        theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial_rotary_factor != 1 is not supported")
+        scaling = rope if rope["rope_type"] != "default" else None
+        # Sliding windows: Mistral slides on every layer when sliding_window is set; Qwen2/3 only with
+        # use_sliding_window, on layers from max_window_layers on (5.x spells that out as layer_types).
+        window, layer_types = hf.get("sliding_window"), hf.get("layer_types")
+        if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+            window, layer_types = None, None
+        elif model_type in ("qwen2", "qwen3") and layer_types is None:
+            n = hf.get("max_window_layers", 0)
+            layer_types = ["sliding_attention" if i >= n else "full_attention" for i in range(hf["num_hidden_layers"])]
+        if layer_types is not None and "sliding_attention" not in layer_types:
+            window, layer_types = None, None
+        n_heads = hf["num_attention_heads"]
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            hidden_dim=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=model_type == "qwen2",  # Qwen2's q/k/v projections always carry a bias
+            qk_norm=model_type == "qwen3",
+            sliding_window=window,
+            layer_types=list(layer_types) if layer_types is not None else None,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32").removeprefix("torch."),
+        )
+
+    def to_hf(self) -> dict:
+        """An HF config.json (4.x style: rope_theta + rope_scaling, which transformers 5.x also reads)."""
+        hf = {
+            "architectures": [ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.hidden_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": self.dtype,
+            "attention_dropout": 0.0,
+        }
+        if self.model_type == "llama":
+            hf.update(attention_bias=False, mlp_bias=False)
+        # Written even when None: MistralConfig would otherwise default to a 4096-token window.
+        hf["sliding_window"] = self.sliding_window
+        if self.layer_types is not None:
+            hf["layer_types"] = self.layer_types
+        if self.model_type in ("qwen2", "qwen3"):
+            sliding = [self.window(i) is not None for i in range(self.n_layers)]
+            hf.update(use_sliding_window=any(sliding),
+                      max_window_layers=sliding.index(True) if any(sliding) else self.n_layers)
+        return hf
+
+    # Parameter and FLOP counts, analytic, so MFU can be computed without building the model.
+    def num_params(self, embedding: bool = True) -> int:
+        d, hd = self.dim, self.head_dim
+        attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
+        attn += hd * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0
+        attn += 2 * hd if self.qk_norm else 0
+        block = attn + 3 * d * self.hidden_dim + 2 * d  # SwiGLU MLP, two RMSNorms
+        n = self.n_layers * block + d  # + final norm
+        n += 0 if self.tie_embeddings else self.vocab_size * d  # lm_head
+        return n + (self.vocab_size * d if embedding else 0)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward): 6 N over the N weights that take part in a matmul, the
+        lm_head included, the embedding lookup not (Kaplan et al. 2020), plus 12 L H d_head T for the attention
+        scores and their weighted sum (PaLM, Chowdhery et al. 2022, appendix B; full T x T, as is customary)."""
+        d, hd = self.dim, self.head_dim
+        attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
+        n = self.n_layers * (attn + 3 * d * self.hidden_dim) + self.vocab_size * d
+        return 6 * n + 12 * self.n_layers * self.n_heads * hd * seq_len
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# Shapes for models trained from scratch. vocab_size comes from the tokenizer (from_preset(name, vocab_size=...)).
+# "tiny" and "small" train on a 2-core laptop CPU in minutes (the workshop's draft and target); the others are the
+# shapes of SmolLM2-135M / SmolLM2-360M and Llama-3.2-1B, for GPUs.
+PRESETS = {
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=384, max_seq_len=1024, tie_embeddings=True),
+    "small": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, hidden_dim=768, max_seq_len=1024, tie_embeddings=True),
+    "135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, max_seq_len=2048,
+                 tie_embeddings=True, rope_theta=100000.0),
+    "360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560, max_seq_len=2048,
+                 tie_embeddings=True, rope_theta=100000.0),
+    "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, max_seq_len=4096,
+               tie_embeddings=True, rope_theta=500000.0),
+}
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019), computed in fp32 and cast back before the weight, as HF does, so bf16
+    outputs match transformers bit for bit."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """RoPE inverse frequencies theta^(-2i/d) (Su et al. 2021), with the configured frequency scaling."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":  # position interpolation (Chen et al. 2023): positions / factor
+        inv_freq = inv_freq / scaling["factor"]
+    elif scaling.get("rope_type") == "llama3":
+        # Llama 3.1: keep high frequencies (wavelength < original_ctx / high_freq_factor), divide low frequencies
+        # (wavelength > original_ctx / low_freq_factor) by factor, interpolate smoothly in between.
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (i, i + d/2) of each head, HF's layout: no interleaving, so HF q/k weights load unpermuted."""
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """A static cache of keys and values, [B, n_kv_heads, max_seq_len, head_dim], written at absolute positions.
+    Speculative decoding relies on this: positions of rejected draft tokens are simply overwritten next round."""
+
+    def __init__(self, max_batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        B = k.shape[0]
+        self.k[:B, :, input_pos] = k
+        self.v[:B, :, input_pos] = v
+        return self.k[:B], self.v[:B]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.window = config.window(layer)
+        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        if config.qk_norm:  # Qwen3: RMSNorm over each head's q and k, before RoPE
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+        self.kv_cache = None
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        # SDPA picks flash / memory-efficient kernels on GPU; enable_gqa shares each k/v head across
+        # n_heads / n_kv_heads query heads without materialising copies.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.dim),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.n_layers)),
+            norm=RMSNorm(config.dim, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.max_batch_size, self.max_seq_len = 0, 0
+        # Masks for cached decoding, [max_seq_len, max_seq_len], made by setup_cache; one per distinct window.
+        self.cache_masks = {}
+
+    def init_weights(self, std: float = 0.02):
+        """Initialise for training from scratch: normal(0, std) matmuls and embeddings, zero biases, unit norms,
+        output projections scaled by 1/sqrt(2 n_layers) (GPT-2) so the residual stream's variance stays O(1)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, std=std)
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int):
+        """Allocate a static KV cache in every layer (in the model's dtype and device). Call before forward with
+        input_pos; call again to resize."""
+        if max_seq_len > self.config.max_seq_len:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.config.max_seq_len}")
+        w = self.lm_head.weight
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        causal = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=w.device).tril()
+        self.cache_masks = {}
+        for i, block in enumerate(self.model.layers):
+            attn = block.self_attn
+            attn.kv_cache = KVCache(max_batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim, w.dtype, w.device)
+            if attn.window not in self.cache_masks:
+                self.cache_masks[attn.window] = causal if attn.window is None else causal.triu(-attn.window + 1)
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """idx [B, T] token ids -> logits [B, T, vocab]. Without input_pos: positions 0..T-1, causal attention, no
+        cache. With input_pos (the T absolute positions of idx): reads and writes the KV cache."""
+        B, T = idx.shape
+        if input_pos is None:
+            pos = torch.arange(T, device=idx.device)
+        else:
+            if self.max_seq_len == 0:
+                raise RuntimeError("forward with input_pos needs a KV cache: call setup_cache() first")
+            pos = input_pos
+        # cos/sin in fp32, then in the activations' dtype, as HF computes them
+        freqs = pos.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        x = self.model.embed_tokens(idx)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        masks = {}
+        for block in self.model.layers:
+            window = block.self_attn.window
+            if window not in masks:
+                masks[window] = self._mask(window, pos, input_pos is not None)
+            x = block(x, cos, sin, masks[window], input_pos)
+        return self.lm_head(self.model.norm(x))
+
+    def _mask(self, window, pos, cached):
+        """Boolean attention mask (True = attend), or None for plain causal attention (SDPA's is_causal)."""
+        if cached:  # the query rows at pos, over the whole static cache
+            return self.cache_masks[window][pos][None, None]
+        if window is None:
+            return None
+        # sliding window (Mistral): query i sees keys i - window < j <= i
+        return torch.ones(len(pos), len(pos), dtype=torch.bool, device=pos.device).tril().triu(-window + 1)
+
+    # -------------------------------------------------------------------------
+    # HF-format checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None) -> "Transformer":
+        """Load an HF directory: config.json plus model.safetensors, or shards listed in
+        model.safetensors.index.json. dtype: a torch dtype or name; None keeps the stored dtype. The model is
+        built on the meta device and the tensors are assigned into place, so loading needs memory for one copy."""
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path} not found: expected an HF model directory")
+        with open(config_path) as f:
+            config = ModelConfig.from_hf(json.load(f))
+        if isinstance(dtype, str):
+            dtype = DTYPES[dtype.removeprefix("torch.")]
+        device = torch.device(device or "cpu")
+        with torch.device("meta"):
+            model = cls(config)
+        expected = model.state_dict()
+        if config.tie_embeddings:
+            expected.pop("lm_head.weight")
+
+        state = {}
+        for file in _safetensors_files(path):
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and config.tie_embeddings):
+                        continue  # recomputed / tied: older checkpoints store them anyway
+                    if key not in expected:
+                        raise KeyError(f"{file}: unexpected key {key!r} for a {config.model_type} model")
+                    t = f.get_tensor(key)
+                    if t.shape != expected[key].shape:
+                        raise ValueError(f"{file}: {key} has shape {tuple(t.shape)}, "
+                                         f"the config expects {tuple(expected[key].shape)}")
+                    state[key] = t.to(dtype) if dtype is not None else t
+        missing = [k for k in expected if k not in state]
+        if missing:
+            raise KeyError(f"{path}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(config).to(device)
+        model.config.dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+        return model
+
+    def save_pretrained(self, path, max_shard_size: int = 5 * 2**30):
+        """Write config.json and model.safetensors (or model-0000i-of-0000n.safetensors shards with
+        model.safetensors.index.json above max_shard_size bytes), as transformers writes them: tied weights once.
+        Files go to a temporary name first and are renamed, so an interrupted save never leaves a broken model."""
+        os.makedirs(path, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            state.pop("lm_head.weight")
+        self.config.dtype = str(self.lm_head.weight.dtype).removeprefix("torch.")
+        shards, size = [{}], 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        names = ["model.safetensors"] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            save_file(shard, os.path.join(path, name + ".tmp"), metadata={"format": "pt"})
+        index = None
+        if len(shards) > 1:
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+            _write_json(os.path.join(path, "model.safetensors.index.json.tmp"), index)
+        _write_json(os.path.join(path, "config.json.tmp"), self.config.to_hf())
+        # Everything is on disk: now swap in the new files and drop weight files of an earlier save.
+        new = names + (["model.safetensors.index.json"] if index else []) + ["config.json"]
+        for name in new:
+            os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
+        for name in os.listdir(path):
+            if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")) \
+                    and name not in new:
+                os.remove(os.path.join(path, name))
+
+
+def _safetensors_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{file} is listed in {index} but does not exist")
+        return files
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")

@@ -1,0 +1,267 @@
+"""model.py against transformers: tiny random HF checkpoints of every supported family load with the same logits,
+export back to HF with the same logits, and KV-cache decoding reproduces the full forward pass."""
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import ModelConfig, Transformer
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
+
+# family -> (transformers config class, config overrides)
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
+    "llama3-rope": ("LlamaConfig", dict(tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)),
+    "linear-rope": ("LlamaConfig", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0))),
+    "smollm2": ("LlamaConfig", dict(tie_word_embeddings=True, rope_parameters=dict(rope_type="default",
+                                                                                   rope_theta=100000.0))),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen2-untied": ("Qwen2Config", dict(tie_word_embeddings=False)),
+    "qwen3": ("Qwen3Config", dict(head_dim=24, tie_word_embeddings=False)),  # 4 x 24 != 64
+    "mistral": ("MistralConfig", dict(sliding_window=5, tie_word_embeddings=False)),
+    "qwen2-sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+}
+
+
+def randomize(model, seed=0):
+    """Every parameter random, norms included, so no weight can be silently ignored or misplaced."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            mean = 1.0 if "norm" in name else 0.0
+            p.copy_(mean + 0.2 * torch.randn(p.shape, generator=g))
+
+
+def make_hf(path, family, **save_kwargs):
+    """A tiny random transformers model of this family, saved to path; returns the transformers model."""
+    config_cls, overrides = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**{**TINY, **overrides})
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    randomize(hf)
+    hf.eval().save_pretrained(path, **save_kwargs)
+    return hf
+
+
+def tokens(T=16, B=2, vocab=96, seed=1):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(hf, idx):
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+def our_logits(model, idx):
+    with torch.no_grad():
+        return model(idx)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_transformers(tmp_path, family):
+    hf = make_hf(tmp_path, family)
+    model = Transformer.from_pretrained(tmp_path)
+    idx = tokens()
+    torch.testing.assert_close(our_logits(model, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
+
+
+def test_sharded_checkpoint(tmp_path):
+    hf = make_hf(tmp_path, "llama3-rope", max_shard_size="20KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 2
+    model = Transformer.from_pretrained(tmp_path)
+    idx = tokens()
+    torch.testing.assert_close(our_logits(model, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
+
+
+def test_transformers4_config(tmp_path):
+    """transformers 4.x wrote rope_theta + rope_scaling (with the older "type" key) and torch_dtype."""
+    hf = make_hf(tmp_path, "llama3-rope")
+    with open(tmp_path / "config.json") as f:
+        config = json.load(f)
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    rope["type"] = rope.pop("rope_type")
+    config["rope_scaling"] = rope
+    config["torch_dtype"] = config.pop("dtype", "float32")
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(config, f)
+    model = Transformer.from_pretrained(tmp_path)
+    assert model.config.rope_scaling["rope_type"] == "llama3"
+    idx = tokens()
+    torch.testing.assert_close(our_logits(model, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_round_trip(tmp_path, family):
+    """Our save_pretrained loads in transformers with the same logits (tied weights written once)."""
+    hf = make_hf(tmp_path / "hf", family)
+    model = Transformer.from_pretrained(tmp_path / "hf")
+    model.save_pretrained(tmp_path / "ours")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    assert type(back) is type(hf)
+    idx = tokens()
+    torch.testing.assert_close(hf_logits(back, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
+    saved = load_file(tmp_path / "ours" / "model.safetensors")
+    assert ("lm_head.weight" in saved) == (not model.config.tie_embeddings)
+
+
+def test_export_sharded_and_bf16(tmp_path):
+    config = ModelConfig.from_preset("tiny", vocab_size=96)
+    model = Transformer(config)
+    model.init_weights()
+    randomize(model)  # norms too
+    model.save_pretrained(tmp_path, max_shard_size=50_000)
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        assert len(set(json.load(f)["weight_map"].values())) > 1
+    assert not os.path.exists(tmp_path / "model.safetensors")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    idx = tokens()
+    torch.testing.assert_close(hf_logits(back, idx), our_logits(model, idx), atol=1e-4, rtol=0)
+    # saving again unsharded replaces the shards instead of leaving a stale index behind
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    assert sorted(f for f in os.listdir(tmp_path) if "safetensors" in f) == ["model.safetensors"]
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+    back = Transformer.from_pretrained(tmp_path)
+    assert back.lm_head.weight.dtype == torch.bfloat16
+    assert Transformer.from_pretrained(tmp_path, dtype=torch.float32).lm_head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("family", ["llama3-rope", "qwen2", "qwen3", "mistral", "qwen2-sliding"])
+def test_kv_cache_decoding_equals_full_forward(tmp_path, family):
+    make_hf(tmp_path, family)
+    model = Transformer.from_pretrained(tmp_path)
+    idx = tokens(T=20)
+    full = our_logits(model, idx)
+    model.setup_cache(max_batch_size=2, max_seq_len=32)
+    with torch.no_grad():
+        steps = [model(idx[:, :6], input_pos=torch.arange(6))]  # prefill
+        for t in range(6, 20):  # then one token at a time
+            steps.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t])))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
+
+
+def test_kv_cache_overwrites_rejected_positions(tmp_path):
+    """Speculative decoding writes draft tokens at positions it may later reject; rewriting those positions with
+    the right tokens must give the same logits as if the wrong ones had never been there."""
+    make_hf(tmp_path, "qwen2")
+    model = Transformer.from_pretrained(tmp_path)
+    idx = tokens(T=12, B=1)
+    full = our_logits(model, idx)
+    model.setup_cache(max_batch_size=1, max_seq_len=16)
+    with torch.no_grad():
+        model(idx[:, :8], input_pos=torch.arange(8))
+        model((idx[:, 8:12] + 1) % 96, input_pos=torch.arange(8, 12))  # "draft" tokens, all wrong
+        out = model(idx[:, 8:12], input_pos=torch.arange(8, 12))  # rewritten
+    torch.testing.assert_close(out, full[:, 8:12], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_param_count(tmp_path, family):
+    hf = make_hf(tmp_path, family)
+    model = Transformer.from_pretrained(tmp_path)
+    assert model.config.num_params() == hf.num_parameters()
+    assert model.config.num_params() == sum(p.numel() for p in model.parameters())
+    assert model.config.num_params(embedding=False) == hf.num_parameters(exclude_embeddings=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "smollm2"])
+def test_flops_per_token(tmp_path, family):
+    """The 6 N matmul part against torch's FLOP counter over one forward + backward. (The counter does not see
+    CPU SDPA kernels; the attention term 12 L H d_head T is PaLM's formula.)"""
+    make_hf(tmp_path, family)
+    model = Transformer.from_pretrained(tmp_path)
+    B, T = 2, 16
+    with FlopCounterMode(display=False) as counter:
+        model(tokens(T=T, B=B)).sum().backward()
+    assert counter.get_total_flops() == model.config.flops_per_token(seq_len=0) * B * T
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "135m", "360m", "1b"])
+def test_presets(name):
+    config = ModelConfig.from_preset(name, vocab_size=49152)
+    with torch.device("meta"):
+        model = Transformer(config)
+    assert config.num_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_presets_sizes():
+    # the shapes of the public models they are named after (SmolLM2-135M/360M, Llama-3.2-1B)
+    assert round(ModelConfig.from_preset("135m", vocab_size=49152).num_params() / 1e6) == 135
+    assert round(ModelConfig.from_preset("360m", vocab_size=49152).num_params() / 1e6) == 362
+    assert round(ModelConfig.from_preset("1b", vocab_size=128256).num_params() / 1e9, 2) == 1.24
+
+
+# -----------------------------------------------------------------------------
+# Bad inputs: clear errors that name the file and the key
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Transformer.from_pretrained(tmp_path / "nope")
+
+
+def test_missing_weights(tmp_path):
+    make_hf(tmp_path, "llama")
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def edit_config(path, **changes):
+    with open(path / "config.json") as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(path / "config.json", "w") as f:
+        json.dump(config, f)
+
+
+def test_unknown_model_type(tmp_path):
+    make_hf(tmp_path, "llama")
+    edit_config(tmp_path, model_type="gpt2")
+    with pytest.raises(ValueError, match="'gpt2' is not supported; supported: llama, qwen2, qwen3, mistral"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_unsupported_rope(tmp_path):
+    make_hf(tmp_path, "llama")
+    edit_config(tmp_path, rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0))
+    with pytest.raises(ValueError, match="'yarn' is not supported; supported: default, linear, llama3"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_shape_mismatch(tmp_path):
+    make_hf(tmp_path, "llama")
+    edit_config(tmp_path, intermediate_size=96)
+    with pytest.raises(ValueError, match=r"mlp.down_proj.weight has shape \(64, 80\), the config expects \(64, 96\)"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_missing_and_unexpected_keys(tmp_path):
+    make_hf(tmp_path, "llama")
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+        Transformer.from_pretrained(tmp_path)
+    state["model.layers.1.mlp.up_proj.weight"] = torch.zeros(80, 64)
+    state["model.layers.1.mlp.extra.weight"] = torch.zeros(3)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match="unexpected key 'model.layers.1.mlp.extra.weight'"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_decode_without_cache_is_an_error():
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=96))
+    with pytest.raises(RuntimeError, match="setup_cache"):
+        model(tokens(T=1), input_pos=torch.tensor([0]))
