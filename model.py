@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
 # HF model_type -> the architecture name transformers instantiates for it
 ARCHITECTURES = {
@@ -360,6 +361,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.activation_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
         self.max_batch_size, self.max_seq_len = 0, 0
         # Masks for cached decoding, [max_seq_len, max_seq_len], made by setup_cache; one per distinct window.
         self.cache_masks = {}
@@ -413,7 +415,10 @@ class Transformer(nn.Module):
             window = block.self_attn.window
             if window not in masks:
                 masks[window] = self._mask(window, pos, input_pos is not None)
-            x = block(x, cos, sin, masks[window], input_pos)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, masks[window], input_pos, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, masks[window], input_pos)
         return self.lm_head(self.model.norm(x))
 
     def _mask(self, window, pos, cached):
@@ -431,8 +436,8 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None) -> "Transformer":
         """Load an HF directory: config.json plus model.safetensors, or shards listed in
-        model.safetensors.index.json. dtype: a torch dtype or name; None keeps the stored dtype. The model is
-        built on the meta device and the tensors are assigned into place, so loading needs memory for one copy."""
+        model.safetensors.index.json. dtype: a torch dtype or name; None keeps the stored dtype. Tensors are read
+        straight to `device` and assigned into a model built on the meta device: memory for one copy, not two."""
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{config_path} not found: expected an HF model directory")
@@ -440,33 +445,39 @@ class Transformer(nn.Module):
             config = ModelConfig.from_hf(json.load(f))
         if isinstance(dtype, str):
             dtype = DTYPES[dtype.removeprefix("torch.")]
-        device = torch.device(device or "cpu")
+        state = {}
+        for file in _safetensors_files(path):
+            with safe_open(file, framework="pt", device=str(torch.device(device or "cpu"))) as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    state[key] = t.to(dtype) if dtype is not None else t
+        return cls.from_state_dict(config, state, device=device, source=path)
+
+    @classmethod
+    def from_state_dict(cls, config, state, device=None, dtype=None, source="state dict") -> "Transformer":
+        """A model whose parameters ARE the given tensors (HF key names), checked key by key and shape by shape."""
         with torch.device("meta"):
             model = cls(config)
         expected = model.state_dict()
         if config.tie_embeddings:
             expected.pop("lm_head.weight")
-
-        state = {}
-        for file in _safetensors_files(path):
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and config.tie_embeddings):
-                        continue  # recomputed / tied: older checkpoints store them anyway
-                    if key not in expected:
-                        raise KeyError(f"{file}: unexpected key {key!r} for a {config.model_type} model")
-                    t = f.get_tensor(key)
-                    if t.shape != expected[key].shape:
-                        raise ValueError(f"{file}: {key} has shape {tuple(t.shape)}, "
-                                         f"the config expects {tuple(expected[key].shape)}")
-                    state[key] = t.to(dtype) if dtype is not None else t
+        for key in list(state):
+            if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and config.tie_embeddings):
+                del state[key]  # recomputed / tied: some checkpoints store them anyway
+            elif key not in expected:
+                raise KeyError(f"{source}: unexpected key {key!r} for a {config.model_type} model")
+            elif state[key].shape != expected[key].shape:
+                raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, "
+                                 f"the config expects {tuple(expected[key].shape)}")
+            elif dtype is not None:
+                state[key] = state[key].to(dtype)
         missing = [k for k in expected if k not in state]
         if missing:
-            raise KeyError(f"{path}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            raise KeyError(f"{source}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        model.inv_freq = rope_inv_freq(config).to(device)
+        model.inv_freq = rope_inv_freq(config).to(model.lm_head.weight.device)
         model.config.dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
         return model
 

@@ -1,0 +1,498 @@
+"""
+Domain-adaptive continual pretraining (DACP), as ixi-GEN does it: keep pretraining a model on its new domain's
+corpus, mixed with general "pseudo-replay" text so it does not forget what it knew.
+
+    python train.py --domain telco                              # one process
+    torchrun --nproc_per_node=2 train.py --domain telco         # FSDP2 over 2 processes (gloo on CPU, NCCL on GPU)
+    torchrun --nproc_per_node=8 train.py --domain telco --init-from /models/Qwen2.5-1.5B --lr 1e-5 --dtype bfloat16
+
+This file holds THE training loop (`train_loop`): sft.py and distill.py hand it their own batches and loss.
+With --init-from auto (the default) it starts from out/base, pretraining that small base model from scratch on
+the general corpus first if it does not exist yet.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+
+from data import ReplayMixture, Tokenizer, corpus_files, find_domains, read_documents, tokenize_corpus
+from model import PRESETS, ModelConfig, Transformer
+
+# Peak dense bf16 tensor FLOP/s, for MFU (Chowdhery et al. 2022): achieved model FLOP/s over this.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--domain", default="telco", help="the domain corpus: data/<domain>/")
+    p.add_argument("--replay-domain", default="general", help="the general corpus replayed against forgetting")
+    p.add_argument("--replay-ratio", type=float, default=0.5, help="fraction of each batch from the replay domain "
+                   "(ixi-GEN chose 0.5; Ibrahim et al. 2024: 0.05 for a weak shift, 0.25 for a strong one)")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--init-from", default="auto", help="an HF directory, a preset (" + ", ".join(PRESETS) +
+                   ") to train from scratch, or auto: out/base, pretrained from scratch first if missing")
+    p.add_argument("--tokenizer", default=None, help="with a preset --init-from: an HF directory whose tokenizer "
+                   "to use (default: train one on the sample corpora)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="size of a tokenizer trained from scratch")
+    p.add_argument("--out", default=None, help="output directory (default out/<domain>)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch, in sequences")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass per process")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-steps", type=int, default=60)
+    p.add_argument("--lr", type=float, default=3e-4, help="peak LR (real checkpoints: ixi-GEN used 1e-5)")
+    p.add_argument("--min-lr", type=float, default=3e-5, help="the cosine decays to this")
+    p.add_argument("--warmup-steps", type=int, default=10, help="linear re-warming (Ibrahim et al. 2024)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--eval-every", type=int, default=20, help="steps between validation passes (0: only at the "
+                   "start and the end)")
+    p.add_argument("--eval-windows", type=int, default=64, help="at most this many val windows per domain")
+    p.add_argument("--save-every", type=int, default=20, help="steps between resumable checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype (default: bfloat16 on GPU, float32 on CPU); weights stay fp32")
+    p.add_argument("--base-steps", type=int, default=150, help="--init-from auto: steps to pretrain out/base")
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# Processes
+
+
+def setup_distributed():
+    """torchrun sets RANK / WORLD_SIZE / MASTER_ADDR; plain `python train.py` is a group of one. One code path."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        if int(os.environ["WORLD_SIZE"]) > 1:  # share the cores instead of oversubscribing them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def log(*args):
+    if dist.get_rank() == 0:
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+def all_sum(values, device):
+    """Sum a list of floats over processes."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# -----------------------------------------------------------------------------
+# Model and optimizer
+
+
+def shard_model(model, device, dtype, compile=False):
+    """FSDP2 (torchtitan's recipe): fully_shard each block, then the root, so each block's parameters are gathered
+    just before it runs and freed after. Weights stay fp32; with bf16 the forward/backward runs in bf16 and
+    gradients are reduced in fp32. Gradients are SUMMED over processes (divide factor 1): the loss is already
+    normalised by the global number of trained tokens, so averaging would divide twice (and over gloo FSDP2 has been
+    reported to sum anyway, pytorch issue 162338: summing on purpose makes both backends agree)."""
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else \
+        MixedPrecisionPolicy()
+    model.to(device)
+    for block in model.model.layers:
+        if compile:
+            block.compile()
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    return model
+
+
+def make_optimizer(model, args, device):
+    """AdamW; no weight decay on norms and biases (1-D tensors)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def lr_at(step, args):
+    """Linear warmup to --lr, then cosine decay to --min-lr at --max-steps: the re-warm / re-decay that Ibrahim
+    et al. 2024 found right for continual pretraining."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: resumable state under <out>/checkpoints/step_NNNNNN/ (sharded, torch.distributed.checkpoint), and
+# the HF directory <out>/ at the end.
+
+
+def checkpoint_dirs(out):
+    """Complete checkpoints, oldest first. A directory still named *.tmp was interrupted mid-write: ignored."""
+    root = os.path.join(out, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit())
+
+
+def save_checkpoint(model, optimizer, out, step, keep):
+    """Each process writes its shards into step_N.tmp; once all are written, rank 0 renames it to step_N, so a
+    SIGKILL at any moment leaves the previous checkpoint intact. Older checkpoints beyond `keep` are pruned."""
+    path = os.path.join(out, "checkpoints", f"step_{step:06d}")
+    tmp = path + ".tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=tmp)
+    torch.save({"step": step, "rng": torch.get_rng_state()}, os.path.join(tmp, f"trainer-{dist.get_rank()}.pt"))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        os.replace(tmp, path)
+        for old in checkpoint_dirs(out)[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return path
+
+
+def load_checkpoint(model, optimizer, path):
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    trainer = torch.load(os.path.join(path, f"trainer-{dist.get_rank()}.pt"), weights_only=False) \
+        if os.path.exists(os.path.join(path, f"trainer-{dist.get_rank()}.pt")) else \
+        torch.load(os.path.join(path, "trainer-0.pt"), weights_only=False)
+    torch.set_rng_state(trainer["rng"])
+    return trainer["step"]
+
+
+def export_hf(model, config, tokenizer, out, dtype):
+    """Gather the full weights on rank 0 and write <out> as an HF directory (model, config, tokenizer)."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        plain = Transformer.from_state_dict(config, state, dtype=dtype)
+        plain.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: validation loss (nats / token) and bits per byte
+
+
+@torch.no_grad()
+def evaluate(model, val, seq_len, micro_batch_size, token_bytes, device, max_windows):
+    """Mean loss per token and bits per byte on each val stream's first max_windows windows. Bits per byte =
+    total nats / ln 2 / total UTF-8 bytes of the predicted tokens (special tokens, zero bytes, excluded from both):
+    unlike loss per token it does not depend on the tokenizer, so models with different tokenizers compare fairly.
+    Windows are dealt round-robin to processes; every process runs the same number of forward passes (FSDP needs
+    all of them in each collective), padding with weight-0 rows."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    token_bytes = torch.as_tensor(token_bytes, device=device)
+    results = {}
+    for name, tokens in val.items():
+        n = min((len(tokens) - 1) // seq_len, max_windows)
+        mine = list(range(rank, n, world))
+        n_batches = math.ceil(math.ceil(n / world) / micro_batch_size)
+        sums = [0.0, 0.0, 0.0, 0.0]  # nats, tokens, nats on byte-bearing tokens, bytes
+        for b in range(n_batches):
+            idx = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
+            weight = 1.0 if idx else 0.0
+            rows = [tokens[i * seq_len:i * seq_len + seq_len + 1] for i in (idx or [0])]
+            batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
+            x, y = batch[:, :-1], batch[:, 1:]
+            nats = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="none")
+            nbytes = token_bytes[y.flatten()]
+            sums[0] += weight * nats.sum().item()
+            sums[1] += weight * y.numel()
+            sums[2] += weight * nats[nbytes > 0].sum().item()
+            sums[3] += weight * nbytes.sum().item()
+        nats, count, byte_nats, nbytes = all_sum(sums, device)
+        results[f"val/{name}"] = nats / max(count, 1)
+        results[f"bpb/{name}"] = byte_nats / math.log(2) / max(nbytes, 1)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# THE training loop
+
+
+@dataclass
+class Step:
+    """One optimizer step's data for this process: its micro-batches, and the number of trained (loss-bearing)
+    tokens in the whole global batch, over all processes, that each micro-batch's summed loss is divided by."""
+    micro_batches: list
+    n_trained: int
+
+
+def causal_lm_loss(model, batch):
+    """Summed next-token cross-entropy of a [B, T + 1] token batch (pretraining: every target is trained)."""
+    x, y = batch[:, :-1], batch[:, 1:]
+    return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="sum")
+
+
+def train_loop(model, optimizer, get_step, loss_fn, args, out, *, config, start_step=0, evaluate_fn=None,
+               tokens_per_step=0, device=torch.device("cpu")):
+    """Run optimizer steps start_step .. args.max_steps - 1. get_step(step) -> Step; loss_fn(model, micro_batch)
+    -> summed loss over its trained tokens. The loss is normalised by the GLOBAL number of trained tokens (not per
+    micro-batch, not per process), so the loss curve and the gradients are the same for any world size and any
+    gradient accumulation. Appends a row per step to <out>/metrics.jsonl; evaluates and checkpoints on schedule.
+    Returns the last evaluation."""
+    rank = dist.get_rank()
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
+                None)
+    last_eval = evaluate_fn() if evaluate_fn and start_step == 0 else {}
+    if last_eval:
+        write_metrics(metrics_path, {"step": 0, **last_eval})
+    last_ckpt = (checkpoint_dirs(out) or [None])[-1]
+    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="train",
+               disable=rank != 0, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        data = get_step(step)
+        loss_sum = torch.zeros((), device=device)
+        for i, micro in enumerate(data.micro_batches):
+            # reduce-scatter gradients only after the last micro-batch
+            model.set_requires_gradient_sync(i == len(data.micro_batches) - 1)
+            loss = loss_fn(model, micro) / data.n_trained
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value, = all_sum([loss_sum.item()], device)
+        if not math.isfinite(loss_value):
+            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+            raise FloatingPointError(f"loss is {loss_value} at step {step + 1}: stopping; {where}")
+        dt = time.perf_counter() - t0
+        row = {"step": step + 1, "loss": round(loss_value, 6), "lr": lr, "grad_norm": round(grad_norm.item(), 4),
+               "tokens": (step + 1) * tokens_per_step, "tokens_per_s": round(tokens_per_step / dt, 1)}
+        if peak:
+            row["mfu"] = round(config.flops_per_token(args.seq_len) * tokens_per_step / dt / (peak * dist.get_world_size()), 4)
+        if evaluate_fn and (step + 1 == args.max_steps or (args.eval_every and (step + 1) % args.eval_every == 0)):
+            last_eval = evaluate_fn()
+            row.update(last_eval)
+        write_metrics(metrics_path, row)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
+            last_ckpt = save_checkpoint(model, optimizer, out, step + 1, args.keep_checkpoints)
+    bar.close()
+    return last_eval
+
+
+def write_metrics(path, row):
+    if dist.get_rank() == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def truncate_metrics(path, step):
+    """On resume, drop rows an interrupted run wrote after its checkpoint: they are about to be redone."""
+    if dist.get_rank() == 0 and os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(rows)
+        os.replace(path + ".tmp", path)
+    dist.barrier()
+
+
+def prepare_out(out, resume):
+    """An --out that holds another run is refused rather than overwritten; with --resume it must hold one."""
+    holds_run = os.path.exists(os.path.join(out, "metrics.jsonl")) or checkpoint_dirs(out)
+    if resume and not checkpoint_dirs(out):
+        raise SystemExit(f"--resume: {out} has no checkpoint to resume from (checkpoints/step_*)")
+    if holds_run and not resume:
+        raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    dist.barrier()  # every process checked before anyone writes
+    os.makedirs(out, exist_ok=True)
+
+
+def micro_batches_of(batch, args, rank, world):
+    """This process's micro-batches out of the global batch: rows [rank * B / world, (rank + 1) * B / world)."""
+    per_rank = args.batch_size // world
+    mine = batch[rank * per_rank:(rank + 1) * per_rank]
+    return [mine[i:i + args.micro_batch_size] for i in range(0, per_rank, args.micro_batch_size)]
+
+
+def check_batch_sizes(args, world):
+    if args.batch_size % (args.micro_batch_size * world):
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size} x {world} processes")
+
+
+# -----------------------------------------------------------------------------
+# DACP: the command line
+
+
+def load_init(args, device):
+    """Model config, tokenizer, and an fp32 model on `device` from --init-from (an HF directory or a preset)."""
+    if args.init_from in PRESETS:
+        if args.tokenizer:
+            tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+        else:
+            domains = find_domains(args.data_root)
+            log(f"training a {args.vocab_size}-token BPE tokenizer on the train corpora of {', '.join(domains)}")
+            texts = (doc for d in domains for doc in read_documents(corpus_files(args.data_root, d, "train")))
+            tokenizer = Tokenizer.train(list(texts), args.vocab_size)
+        config = ModelConfig.from_preset(args.init_from, vocab_size=tokenizer.n_vocab, max_seq_len=max(
+            PRESETS[args.init_from]["max_seq_len"], args.seq_len), bos_token_id=tokenizer.bos_id,
+                                         eos_token_id=tokenizer.eos_id)
+        torch.manual_seed(args.seed)
+        model = Transformer(config)
+        model.init_weights()
+        return model.to(device), tokenizer
+    if not os.path.isdir(args.init_from):
+        raise SystemExit(f"--init-from {args.init_from}: not a directory nor a preset ({', '.join(PRESETS)})")
+    tokenizer = Tokenizer.from_pretrained(args.init_from)
+    model = Transformer.from_pretrained(args.init_from, device=device, dtype=torch.float32)
+    return model, tokenizer
+
+
+def run(args):
+    rank, world, device = setup_distributed()
+    check_batch_sizes(args, world)
+    if args.init_from == "auto":
+        args.init_from = os.path.join("out", "base")
+        if not os.path.exists(os.path.join(args.init_from, "config.json")):
+            log(f"--init-from auto: {args.init_from} does not exist, so first pretraining a small base model from "
+                f"scratch on data/{args.replay_domain} (as: train.py --domain {args.replay_domain} --replay-ratio 0 "
+                f"--init-from small --out {args.init_from} --max-steps {args.base_steps} --lr 1e-3)")
+            base = get_args(["--domain", args.replay_domain, "--replay-ratio", "0", "--init-from", "small",
+                             "--out", args.init_from, "--max-steps", str(args.base_steps), "--lr", "1e-3",
+                             "--min-lr", "1e-4", "--warmup-steps", "20", "--eval-every", "0",
+                             "--data-root", args.data_root, "--seq-len", str(args.seq_len),
+                             "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
+                             "--seed", str(args.seed), "--vocab-size", str(args.vocab_size)]
+                            + (["--resume"] if checkpoint_dirs(args.init_from) else []))
+            run(base)
+            log(f"base model ready in {args.init_from}; now DACP on data/{args.domain}")
+    out = args.out or os.path.join("out", args.domain)
+    prepare_out(out, args.resume)
+
+    model, tokenizer = load_init(args, device)
+    config = model.config
+    if tokenizer.n_vocab > config.vocab_size:
+        raise SystemExit(f"the tokenizer of {args.init_from} has {tokenizer.n_vocab} tokens but the model's "
+                         f"vocab_size is {config.vocab_size}")
+    if args.seq_len > config.max_seq_len:
+        raise SystemExit(f"--seq-len {args.seq_len} exceeds the model's context ({config.max_seq_len} tokens)")
+    export_dtype = model.lm_head.weight.dtype if args.init_from in PRESETS else \
+        {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype, torch.float32)
+    dtype = torch.bfloat16 if (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) == "bfloat16" \
+        else torch.float32
+    model.activation_checkpointing = args.activation_checkpointing
+    model = shard_model(model, device, dtype, compile=args.compile)
+    optimizer = make_optimizer(model, args, device)
+
+    # Data: the domain and replay token streams (tokenised once, cached), and their val streams for evaluation.
+    domains = [args.domain] + ([args.replay_domain] if args.replay_domain != args.domain else [])
+    streams = {}
+    for split in ("train", "val"):
+        for d in domains:
+            if rank == 0:  # one process tokenises, the others read the cache
+                streams[d, split] = tokenize_corpus(tokenizer, args.data_root, d, split)
+            dist.barrier()
+            if rank != 0:
+                streams[d, split] = tokenize_corpus(tokenizer, args.data_root, d, split)
+    mixture = ReplayMixture(streams[args.domain, "train"], streams.get((args.replay_domain, "train")),
+                            args.seq_len, args.batch_size, args.replay_ratio, args.seed)
+    val = {d: streams[d, "val"] for d in domains}
+    token_bytes = tokenizer.token_byte_lengths()
+
+    def get_step(step):
+        batch = torch.from_numpy(mixture.batch(step)).to(device)
+        return Step(micro_batches_of(batch, args, rank, world), n_trained=args.batch_size * args.seq_len)
+
+    def evaluate_fn():
+        return evaluate(model, val, args.seq_len, args.micro_batch_size, token_bytes, device, args.eval_windows)
+
+    start_step = 0
+    if args.resume:
+        path = checkpoint_dirs(out)[-1]
+        start_step = load_checkpoint(model, optimizer, path)
+        truncate_metrics(os.path.join(out, "metrics.jsonl"), start_step)
+        log(f"resumed from {path} at step {start_step}")
+    else:
+        log(f"DACP: {config.num_params() / 1e6:.1f}M parameters from {args.init_from}; {world} process(es) on "
+            f"{device.type}; data/{args.domain} with {args.replay_ratio:.0%} data/{args.replay_domain} replay; "
+            f"{args.max_steps} steps of {args.batch_size} x {args.seq_len} tokens")
+    before = first_eval(out) if args.resume else None
+    final = train_loop(model, optimizer, get_step, causal_lm_loss, args, out, config=config,
+                       start_step=start_step, evaluate_fn=evaluate_fn,
+                       tokens_per_step=args.batch_size * args.seq_len, device=device)
+    before = before or first_eval(out)
+    export_hf(model, config, tokenizer, out, export_dtype)
+    if rank == 0:
+        print(summary_table(before, final, args.domain, args.replay_domain))
+    return final
+
+
+def first_eval(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return json.loads(f.readline()) if dist.get_rank() == 0 else {}
+
+
+def summary_table(before, after, domain, replay):
+    """Domain and general bpb before and after, and general retention = bpb before / bpb after (1.0: nothing
+    forgotten; below 1: the general corpus got harder to predict)."""
+    lines = ["", "| | before | after |", "| --- | --- | --- |"]
+    for d in dict.fromkeys([domain, replay]):
+        if f"bpb/{d}" in after:
+            lines.append(f"| bpb/{d} | {before.get(f'bpb/{d}', float('nan')):.4f} | {after[f'bpb/{d}']:.4f} |")
+    if f"bpb/{replay}" in after and replay != domain:
+        lines.append(f"| general retention | | {before[f'bpb/{replay}'] / after[f'bpb/{replay}']:.2%} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        run(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
