@@ -12,14 +12,11 @@ the general corpus first if it does not exist yet.
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import shutil
-import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass
 
@@ -194,9 +191,10 @@ def load_checkpoint(model, optimizer, path):
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
-    trainer = torch.load(os.path.join(path, f"trainer-{dist.get_rank()}.pt"), weights_only=False) \
-        if os.path.exists(os.path.join(path, f"trainer-{dist.get_rank()}.pt")) else \
-        torch.load(os.path.join(path, "trainer-0.pt"), weights_only=False)
+    mine = os.path.join(path, f"trainer-{dist.get_rank()}.pt")
+    if not os.path.exists(mine):  # resumed with more processes than saved: they start from rank 0's RNG
+        mine = os.path.join(path, "trainer-0.pt")
+    trainer = torch.load(mine, weights_only=False)
     torch.set_rng_state(trainer["rng"])
     return trainer["step"]
 
@@ -454,14 +452,13 @@ def run(args):
         truncate_metrics(os.path.join(out, "metrics.jsonl"), start_step)
         log(f"resumed from {path} at step {start_step}")
     else:
-        log(f"DACP: {config.num_params() / 1e6:.1f}M parameters from {args.init_from}; {world} process(es) on "
+        log(f"training {config.num_params() / 1e6:.1f}M parameters from {args.init_from}; {world} process(es) on "
             f"{device.type}; data/{args.domain} with {args.replay_ratio:.0%} data/{args.replay_domain} replay; "
             f"{args.max_steps} steps of {args.batch_size} x {args.seq_len} tokens")
-    before = first_eval(out) if args.resume else None
     final = train_loop(model, optimizer, get_step, causal_lm_loss, args, out, config=config,
                        start_step=start_step, evaluate_fn=evaluate_fn,
                        tokens_per_step=args.batch_size * args.seq_len, device=device)
-    before = before or first_eval(out)
+    before = first_eval(out)
     export_hf(model, config, tokenizer, out, export_dtype)
     if rank == 0:
         print(summary_table(before, final, args.domain, args.replay_domain))
@@ -469,8 +466,11 @@ def run(args):
 
 
 def first_eval(out):
+    """The evaluation before training: metrics.jsonl's first row (step 0)."""
+    if dist.get_rank() != 0:
+        return {}
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return json.loads(f.readline()) if dist.get_rank() == 0 else {}
+        return json.loads(f.readline())
 
 
 def summary_table(before, after, domain, replay):
@@ -489,6 +489,8 @@ def main(argv=None):
     args = get_args(argv)
     try:
         run(args)
+    except FloatingPointError as e:  # a diverged run: say which step and which checkpoint is good, no traceback
+        raise SystemExit(str(e)) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
