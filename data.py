@@ -509,15 +509,18 @@ def tokenize_corpus(tokenizer, data_root, domain, split, batch_bytes=8 << 20):
 
     os.makedirs(cache, exist_ok=True)
     total = sum(os.path.getsize(p) for p in files)
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    eos = [tokenizer.eos_id]
     n_tokens = 0
     with open(bin_path + ".tmp", "wb") as out, \
             tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {domain}/{split}") as bar:
         def flush(docs):
             nonlocal n_tokens
-            ids = [bos + d + eos for d in tokenizer.encode_batch(docs)]
-            arr = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype)
+            ids = tokenizer.encode_batch(docs)
+            lengths = np.array([len(d) for d in ids])
+            arr = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=lengths.sum())
+            ends = np.cumsum(lengths)
+            arr = np.insert(arr, ends, tokenizer.eos_id)  # doc eos doc eos ... (numpy, not per-token Python)
+            if tokenizer.bos_id is not None:  # document i now starts at its old start + i
+                arr = np.insert(arr, ends - lengths + np.arange(len(ids)), tokenizer.bos_id)
             arr.tofile(out)
             n_tokens += len(arr)
             bar.update(sum(len(d.encode("utf-8")) for d in docs))

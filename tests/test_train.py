@@ -236,3 +236,16 @@ def test_bad_input_is_a_clear_error(tiny_run, tmp_path, flags, message):
     p = run_train(train_cmd(tiny_run, tmp_path / "out", *flags), ok=False)
     assert p.returncode != 0
     assert re.search(message, p.stderr + p.stdout), (p.stdout + p.stderr)[-2000:]
+
+
+def test_documents_are_joined_with_bos_and_eos(tiny_run, tmp_path):
+    """[bos] doc [eos] per document where the tokenizer has a BOS (Llama-3), doc [eos] where it has none (Qwen)."""
+    tok = Tokenizer.from_pretrained(tiny_run / "init")
+    docs = ["The UPF forwards user-plane packets.", "Roaming packs are billed daily.", "x"]
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    for i, doc in enumerate(docs):
+        (tmp_path / "d" / "train" / f"{i}.txt").write_text(doc)
+    for bos in (None, tok.special_tokens["<|im_start|>"]):
+        tok.bos_id = bos
+        expected = [t for doc in docs for t in ([bos] if bos is not None else []) + tok.encode(doc) + [tok.eos_id]]
+        assert tokenize_corpus(tok, tmp_path, "d", "train").tolist() == expected
