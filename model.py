@@ -175,12 +175,16 @@ class ModelConfig:
         return hf
 
     # Parameter and FLOP counts, analytic, so MFU can be computed without building the model.
+    def block_matmul_params(self) -> int:
+        """Weights of one block's matmuls: q, k, v, o projections and the SwiGLU MLP's three."""
+        d, hd = self.dim, self.head_dim
+        return d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d + 3 * d * self.hidden_dim
+
     def num_params(self, embedding: bool = True) -> int:
         d, hd = self.dim, self.head_dim
-        attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
-        attn += hd * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0
-        attn += 2 * hd if self.qk_norm else 0
-        block = attn + 3 * d * self.hidden_dim + 2 * d  # SwiGLU MLP, two RMSNorms
+        block = self.block_matmul_params() + 2 * d  # + two RMSNorms
+        block += hd * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0
+        block += 2 * hd if self.qk_norm else 0
         n = self.n_layers * block + d  # + final norm
         n += 0 if self.tie_embeddings else self.vocab_size * d  # lm_head
         return n + (self.vocab_size * d if embedding else 0)
@@ -189,10 +193,8 @@ class ModelConfig:
         """Training FLOPs per token (forward + backward): 6 N over the N weights that take part in a matmul, the
         lm_head included, the embedding lookup not (Kaplan et al. 2020), plus 12 L H d_head T for the attention
         scores and their weighted sum (PaLM, Chowdhery et al. 2022, appendix B; full T x T, as is customary)."""
-        d, hd = self.dim, self.head_dim
-        attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
-        n = self.n_layers * (attn + 3 * d * self.hidden_dim) + self.vocab_size * d
-        return 6 * n + 12 * self.n_layers * self.n_heads * hd * seq_len
+        n = self.n_layers * self.block_matmul_params() + self.vocab_size * self.dim
+        return 6 * n + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
