@@ -603,3 +603,118 @@ class ReplayMixture:
             parts.append(self.replay.take(r0, r1 - r0))
         rows = np.concatenate(parts)
         return rows[np.random.default_rng([self.seed, step]).permutation(len(rows))]
+
+
+# -----------------------------------------------------------------------------
+# Chat rendering
+#
+# SFT trains on conversations rendered in the checkpoint's own chat format, so the fine-tuned model speaks the format
+# its tokenizer_config.json advertises and transformers' apply_chat_template reproduces. Two formats cover the
+# supported families: ChatML (Qwen2.5, Qwen3, SmolLM2, and the project's own tokenizers) and Llama-3's headers. The
+# loss mask is true exactly on each assistant message's content and its end-of-turn token (nanochat's
+# render_conversation): the model learns to answer and to stop, never to imitate the user or the system prompt.
+
+ROLES = ("system", "user", "assistant")
+
+
+def chat_format(tokenizer):
+    """'llama3' or 'chatml', from the special tokens and the chat template; None when the tokenizer has neither."""
+    specials, template = tokenizer.special_tokens, tokenizer.chat_template or ""
+    if "<|start_header_id|>" in specials and "<|eot_id|>" in specials and "<|start_header_id|>" in template:
+        return "llama3"
+    if "<|im_start|>" in specials and "<|im_end|>" in specials:
+        return "chatml"
+    return None
+
+
+def end_of_turn_id(tokenizer):
+    """The token that ends an assistant turn (<|im_end|> or <|eot_id|>): a chat model's stop token."""
+    fmt = chat_format(tokenizer)
+    return None if fmt is None else tokenizer.special_tokens["<|eot_id|>" if fmt == "llama3" else "<|im_end|>"]
+
+
+def check_messages(messages):
+    """Raise ValueError saying what is wrong with a {"messages": [...]} conversation (the HF / OpenAI format)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError('expected "messages": a non-empty list of {"role": ..., "content": ...}')
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            role = m.get("role") if isinstance(m, dict) else m
+            raise ValueError(f"message {i}: role {role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} ({m['role']}): content must be a string, got "
+                             f"{type(m.get('content')).__name__}")
+
+
+def render_chat(tokenizer, messages, add_generation_prompt=False):
+    """Conversation -> (ids, mask), the same ids as apply_chat_template(messages) for this tokenizer's format.
+
+    Special tokens are inserted as ids and the text between them is encoded as one piece, as HF does (it splits
+    special tokens out first), so BPE merges across "role\\n" + content exactly as in the reference. The mask
+    marks the content's tokens: those after the longest common prefix with the header-only encoding."""
+    check_messages(messages)
+    fmt = chat_format(tokenizer)
+    if fmt is None:
+        raise ValueError(f"tokenizer {tokenizer.source or ''}: no chat format (needs <|im_start|>/<|im_end|> or "
+                         "Llama-3's <|start_header_id|>/<|eot_id|> special tokens)")
+    sp = tokenizer.special_tokens
+    ids, mask = [], []
+
+    def add(tokens, trained):
+        ids.extend(tokens)
+        mask.extend([trained] * len(tokens))
+
+    def add_text(header, content, trained):  # header + content as one encode; train on the content's tokens
+        tokens, head = tokenizer.encode(header + content), tokenizer.encode(header)
+        n = next((i for i, (a, b) in enumerate(zip(tokens, head)) if a != b), min(len(tokens), len(head)))
+        add(tokens[:n], False)
+        add(tokens[n:], trained)
+
+    if fmt == "chatml":  # <|im_start|>role\ncontent<|im_end|>\n
+        for m in messages:
+            trained = m["role"] == "assistant"
+            add([sp["<|im_start|>"]], False)
+            add_text(m["role"] + "\n", m["content"], trained)
+            add([sp["<|im_end|>"]], trained)
+            add(tokenizer.encode("\n"), False)
+        if add_generation_prompt:
+            add([sp["<|im_start|>"]] + tokenizer.encode("assistant\n"), False)
+    else:  # <|begin_of_text|><|start_header_id|>role<|end_header_id|>\n\ncontent.strip()<|eot_id|>
+        if tokenizer.bos_id is not None:
+            add([tokenizer.bos_id], False)
+        for m in messages:
+            trained = m["role"] == "assistant"
+            add([sp["<|start_header_id|>"]] + tokenizer.encode(m["role"]) + [sp["<|end_header_id|>"]], False)
+            add_text("\n\n", m["content"].strip(), trained)  # Llama-3's template trims each message
+            add([sp["<|eot_id|>"]], trained)
+        if add_generation_prompt:
+            add([sp["<|start_header_id|>"]] + tokenizer.encode("assistant") + [sp["<|end_header_id|>"]]
+                + tokenizer.encode("\n\n"), False)
+    return ids, mask
+
+
+def read_conversations(path):
+    """The conversations of a .jsonl file, [(messages, "file:line"), ...]; a malformed row is an error naming its
+    file and line (SFT rows need at least one assistant turn: nothing else is trained)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or "messages" not in row:
+                raise ValueError(f'{where}: expected a row {{"messages": [...]}}')
+            try:
+                check_messages(row["messages"])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if not any(m["role"] == "assistant" for m in row["messages"]):
+                raise ValueError(f"{where}: no assistant message, so nothing to train on")
+            rows.append((row["messages"], where))
+    if not rows:
+        raise ValueError(f"{path}: no conversations")
+    return rows

@@ -1,0 +1,437 @@
+"""Autoregressive and speculative sampling on model.py's static KV cache.
+
+    generate(model, prompt_ids, max_new_tokens)                   one token per forward pass
+    speculative_generate(target, draft, prompt_ids, max_new_tokens, gamma=4)
+
+Speculative sampling (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding"; Chen et
+al. 2023, "Accelerating LLM Decoding with Speculative Sampling"): a small draft model proposes gamma tokens, the
+target scores them all in one forward pass, and a rejection step keeps a prefix of them such that the output is
+distributed exactly as the target's own samples. Decoding is memory-bound, so one target pass over gamma + 1
+tokens costs about as much as a pass over one: each accepted draft token is a target pass saved.
+
+Both caches are static and indexed by absolute position (gpt-fast's design): a rejected draft token's cache entry is
+never erased, it is just overwritten by the next round, and the causal mask hides it until then.
+
+    python speculative.py --target out/telco-sft --draft out/draft --prompt "What is VoLTE?"
+    python speculative.py --target out/telco-sft --draft out/draft --bench
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data import Tokenizer, end_of_turn_id, render_chat
+from model import Transformer
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def logits_to_probs(logits, temperature=0.0, top_k=None, top_p=None):
+    """The processed next-token distribution [..., vocab] in fp32: temperature, then top-k, then top-p (nucleus),
+    in the order transformers applies them. Temperature 0 is greedy: all mass on the argmax. Speculative sampling
+    compares these processed distributions, so its output follows the processed target distribution exactly."""
+    logits = logits.float()
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        # keep the most likely tokens until their mass reaches top_p: drop a token when the mass of the tokens
+        # ranked above it is already >= top_p (the top token is always kept)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+    return logits.softmax(-1)
+
+
+def sample(probs):
+    """One draw per row of probs [..., vocab] -> [...]: argmax(p / E) with E ~ Exp(1) picks token i with
+    probability p_i (an exponential race), with no host-device sync, unlike torch.multinomial. Greedy
+    (one-hot) rows give their argmax."""
+    race = torch.empty_like(probs).exponential_(1)
+    return torch.argmax(probs / race, dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# Decoding
+
+
+def model_forward(model, idx, input_pos):
+    """One cached forward pass; replaced by a compiled version by compile_decoding()."""
+    return model(idx, input_pos)
+
+
+def compile_decoding():
+    """torch.compile the decode step. On GPU "reduce-overhead" also captures it in a CUDA graph (as gpt-fast does):
+    a step of a small model is then one graph launch instead of hundreds of kernel launches."""
+    global model_forward
+    mode = "reduce-overhead" if torch.cuda.is_available() else "default"
+    model_forward = torch.compile(model_forward, mode=mode, fullgraph=True, dynamic=False)
+
+
+def ensure_cache(model, length):
+    """A KV cache for batch 1 and at least `length` positions (kept between calls when big enough)."""
+    if length > model.config.max_seq_len:
+        raise ValueError(f"prompt + new tokens need {length} positions; the model's max_seq_len is "
+                         f"{model.config.max_seq_len}")
+    if model.max_batch_size < 1 or model.max_seq_len < length:
+        model.setup_cache(1, min(model.config.max_seq_len, max(length, 256)))
+
+
+def check_eos(tokens, eos_id):
+    """The generated tokens, cut after the first eos_id."""
+    if eos_id is not None and eos_id in tokens:
+        return tokens[:tokens.index(eos_id) + 1]
+    return tokens
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=None,
+             sync_every=16):
+    """Autoregressive decoding: prefill the prompt, then one token per forward pass on the KV cache. Returns the new
+    tokens (up to and including eos_id). Tokens stay on the device and are checked for eos every sync_every steps,
+    so the loop does not wait on the GPU after each token (output is the same; up to sync_every - 1 forward passes
+    may run past eos)."""
+    device = model.lm_head.weight.device
+    prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)[None]
+    T = prompt.shape[1]
+    if T == 0 or max_new_tokens < 1:
+        raise ValueError("generate needs a non-empty prompt and max_new_tokens >= 1")
+    ensure_cache(model, T + max_new_tokens)
+    logits = model(prompt, torch.arange(T, device=device))[:, -1]
+    token = sample(logits_to_probs(logits, temperature, top_k, top_p))
+    new, out = [token], []
+    input_pos = torch.tensor([T], device=device)
+    for i in range(1, max_new_tokens):
+        if eos_id is not None and i % sync_every == 0:
+            out += torch.cat(new).tolist()
+            new = []
+            if eos_id in out:
+                break
+        logits = model_forward(model, token[None], input_pos)[:, -1]
+        token = sample(logits_to_probs(logits, temperature, top_k, top_p))
+        new.append(token)
+        input_pos += 1
+    if new:
+        out += torch.cat(new).tolist()
+    return check_eos(out, eos_id)
+
+
+def fit_vocab(logits, size):
+    """The draft's logits over the target's vocabulary: ids past its end dropped, missing ids at -inf. Models of
+    one tokenizer may pad their embeddings differently (Qwen pads to a multiple of 64 or 128); the real tokens are
+    the same (check_same_tokenizer), and any draft distribution keeps speculative sampling exact."""
+    n = logits.shape[-1]
+    return logits[..., :size] if n >= size else F.pad(logits, (0, size - n), value=-math.inf)
+
+
+@torch.no_grad()
+def speculative_generate(target, draft, prompt_ids, max_new_tokens, gamma=4, temperature=0.0, top_k=None,
+                         top_p=None, eos_id=None):
+    """Speculative sampling (Leviathan et al. 2023, Algorithm 1; Chen et al. 2023, Algorithm 2) for batch 1.
+    Returns (new tokens, stats). Each round:
+
+      1. the draft proposes x_1..x_gamma, sampling each from its processed distribution q_i;
+      2. the target scores the last accepted token and all gamma drafts in ONE forward pass: p_1..p_{gamma+1};
+      3. draft x_i is accepted with probability min(1, p_i(x_i) / q_i(x_i)), in order, until the first rejection;
+      4. at a rejection (position n + 1) a token is drawn from norm(max(0, p - q)), the residual; if all gamma
+         are accepted, a bonus token is drawn from p_{gamma+1}. Padding q with a zero row makes both cases one
+         draw from norm(max(0, p_{n+1} - q_{n+1})).
+
+    Every token comes out of this loop (the prompt's last token starts the first round), so the output is exactly
+    distributed as target samples; at temperature 0 all distributions are one-hot and it equals greedy decoding
+    of the target. One host sync per round, to read how many drafts were accepted."""
+    device = target.lm_head.weight.device
+    T = len(prompt_ids)
+    if T == 0 or max_new_tokens < 1:
+        raise ValueError("speculative_generate needs a non-empty prompt and max_new_tokens >= 1")
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1, got {gamma}")
+    for m in (target, draft):
+        ensure_cache(m, T + max_new_tokens + gamma + 1)
+    V = target.config.vocab_size
+    prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
+    # prefill all but the last prompt token; the last one is fed to both models by the first round
+    if T > 1:
+        target(prompt[None, :-1], torch.arange(T - 1, device=device))
+        draft(prompt[None, :-1], torch.arange(T - 1, device=device))
+    stats = dict(gamma=gamma, rounds=0, target_calls=1 if T > 1 else 0, draft_calls=1 if T > 1 else 0,
+                 drafted=0, accepted=0, rejected=0)
+    out = []
+    pos = T - 1                  # position of the last accepted token (the first the target reads this round)
+    last = prompt[-1:]           # that token
+    draft_in = prompt[-1:]       # the tokens the draft's cache lacks, ending with `last`
+    zero_row = torch.zeros(1, V, device=device)
+    while len(out) < max_new_tokens:
+        # 1. draft gamma tokens; its first call also catches up on tokens it has not seen
+        drafts, qs = [], []
+        tokens, positions = draft_in, torch.arange(pos - len(draft_in) + 1, pos + 1, device=device)
+        for i in range(gamma):
+            logits = model_forward(draft, tokens[None], positions)[0, -1]
+            q = logits_to_probs(fit_vocab(logits, V), temperature, top_k, top_p)
+            x = sample(q)
+            drafts.append(x)
+            qs.append(q)
+            tokens, positions = x[None], positions[-1:] + 1
+        drafts, q = torch.stack(drafts), torch.stack(qs)                           # [gamma], [gamma, V]
+        # 2. the target scores last + drafts at positions pos .. pos + gamma in one pass
+        logits = target(torch.cat([last, drafts])[None], torch.arange(pos, pos + gamma + 1, device=device))[0]
+        p = logits_to_probs(logits, temperature, top_k, top_p)                   # [gamma + 1, V]
+        # 3. accept x_i with probability min(1, p_i(x_i) / q_i(x_i)); n = drafts accepted before the first reject
+        i = torch.arange(gamma, device=device)
+        accept = torch.rand(gamma, device=device) * q[i, drafts] < p[i, drafts]
+        n = accept.long().cumprod(0).sum()
+        # 4. residual (or bonus) draw from norm(max(0, p_{n+1} - q_{n+1})), with q_{gamma+1} = 0
+        residual = (p[n] - torch.cat([q, zero_row])[n]).clamp(min=0)
+        residual = torch.where(residual.sum() > 0, residual, p[n])  # p == q up to rounding: draw from p
+        bonus = sample(residual)
+        n, *new = torch.cat([n[None], drafts, bonus[None]]).tolist()   # the round's one host sync
+        new = new[:n] + new[-1:]
+        stats["rounds"] += 1
+        stats["target_calls"] += 1
+        stats["draft_calls"] += gamma
+        stats["drafted"] += gamma
+        stats["accepted"] += n
+        stats["rejected"] += n < gamma
+        out += new
+        # The draft's cache holds last, x_1 .. x_{gamma-1}: next round it reads the bonus token, and x_gamma
+        # before it when all drafts were accepted.
+        draft_in = torch.cat([drafts[-1:], bonus[None]]) if n == gamma else bonus[None]
+        last = bonus[None]
+        pos += n + 1
+        if eos_id is not None and eos_id in new:
+            break
+    out = check_eos(out, eos_id)[:max_new_tokens]
+    return out, finish_stats(stats)
+
+
+def finish_stats(stats):
+    """Add the rates. acceptance_rate estimates alpha, the chance that one draft token is accepted: accepted over
+    drafts tested (a round stops testing at its first rejection, so the drafts after it do not count).
+    mean_accepted_tokens is the tokens each target call produced; Leviathan et al. eq. (1) expects
+    (1 - alpha^(gamma+1)) / (1 - alpha)."""
+    tested = stats["accepted"] + stats["rejected"]
+    stats["acceptance_rate"] = stats["accepted"] / tested if tested else 0.0
+    stats["mean_accepted_tokens"] = (stats["accepted"] + stats["rounds"]) / max(stats["rounds"], 1)
+    return stats
+
+
+def predicted_speedup(alpha, gamma, c):
+    """Leviathan et al. 2023, Theorem 3.8: expected walltime improvement (1 - a^(g+1)) / ((1 - a)(g c + 1)), with
+    c the cost of a draft forward pass relative to the target's (their eq. 1 over the cost of a round)."""
+    tokens = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return tokens / (gamma * c + 1)
+
+
+# -----------------------------------------------------------------------------
+# Loading target and draft
+
+
+def check_same_tokenizer(a, b, a_name="target", b_name="draft"):
+    """Speculative decoding and distillation compare the two models' distributions id by id, so both must use one
+    tokenizer. A model vocabulary padded past the tokenizer (Qwen's) is fine: only the real tokens must agree."""
+    if a.special_tokens != b.special_tokens or a.mergeable_ranks != b.mergeable_ranks:
+        ranks_a, ranks_b = ({i: t for t, i in r.items()} for r in (a.mergeable_ranks, b.mergeable_ranks))
+        diff = next((i for i in sorted(set(ranks_a) | set(ranks_b)) if ranks_a.get(i) != ranks_b.get(i)), None)
+        detail = (f"token id {diff} is {ranks_a.get(diff)!r} in the {a_name} and {ranks_b.get(diff)!r} in the "
+                  f"{b_name}" if diff is not None else f"special tokens differ: {a.special_tokens} vs "
+                  f"{b.special_tokens}")
+        raise ValueError(f"the {a_name} ({a.source}) and the {b_name} ({b.source}) have different tokenizers "
+                         f"({a.n_vocab} and {b.n_vocab} tokens; {detail}); they must share one")
+
+
+def is_chat_model(model, tokenizer):
+    """A chat (instruction-tuned) model stops at the end-of-turn token: its config.json lists it among eos_token_id,
+    as Qwen2.5-Instruct, Llama-3-Instruct and SmolLM2-Instruct do and sft.py writes. A base model's doesn't."""
+    eot, eos = end_of_turn_id(tokenizer), model.config.eos_token_id
+    return eot is not None and eot in (eos if isinstance(eos, list) else [eos])
+
+
+def stop_id(model, tokenizer):
+    """Where generation stops: the end-of-turn token for a chat model, else end of text."""
+    return end_of_turn_id(tokenizer) if is_chat_model(model, tokenizer) else tokenizer.eos_id
+
+
+def load(path, device, dtype=None):
+    """(model, tokenizer) from an HF directory, ready for decoding."""
+    model = Transformer.from_pretrained(path, device=device, dtype=dtype).eval()
+    return model, Tokenizer.from_pretrained(path)
+
+
+def prompt_ids(model, tokenizer, prompt, chat=True):
+    """A user prompt as ids: chat-rendered with the generation header for chat models, else plain text."""
+    if chat and is_chat_model(model, tokenizer):
+        return render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
+    return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cost_ratio(target, draft, steps=32):
+    """c: the time of one draft decode step over one target decode step (Leviathan et al.'s cost coefficient),
+    measured on the cached one-token forward pass that decoding repeats."""
+    times = []
+    for model in (target, draft):
+        device = model.lm_head.weight.device
+        ensure_cache(model, steps + 8)
+        token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        for _ in range(3):  # warm up (and compile)
+            model_forward(model, token, torch.tensor([0], device=device))
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            model_forward(model, token, torch.tensor([i], device=device))
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times[1] / times[0]
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--target", required=True, help="HF directory of the target model")
+    p.add_argument("--draft", help="HF directory of the draft model (same tokenizer); without it, plain decoding")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
+    p.add_argument("--prompts", default="data/telco/eval/qa.jsonl",
+                   help="--bench without --prompt: a .jsonl with a 'prompt' per row")
+    p.add_argument("--n-prompts", type=int, default=8, help="--bench: prompts taken from --prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="feed the prompt as plain text even to a chat model")
+    p.add_argument("--bench", action="store_true",
+                   help="time autoregressive vs speculative decoding on the same prompts")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--json", help="--bench: also write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+def bench_prompts(args):
+    if args.prompt:
+        return args.prompt
+    path = Path(args.prompts)
+    if not path.is_file():
+        raise SystemExit(f"--bench: {path} not found; give --prompt or --prompts FILE")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [r["prompt"] for r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), str)]
+    if not prompts:
+        raise SystemExit(f"--bench: {path} has no rows with a 'prompt' string")
+    return prompts[:args.n_prompts]
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - t0
+
+
+def bench(args, target, draft, tokenizer, device):
+    """Autoregressive then speculative decoding of the same prompts: tokens/s for both, measured speedup, and the
+    speedup Leviathan et al. predict from the measured acceptance rate and cost ratio."""
+    from tqdm import tqdm
+    prompts = [prompt_ids(target, tokenizer, p, not args.no_chat) for p in bench_prompts(args)]
+    eos = stop_id(target, tokenizer)
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos)
+    # warm-up: caches, kernels, compilation
+    generate(target, prompts[0], 8, **kw)
+    speculative_generate(target, draft, prompts[0], 8, gamma=args.gamma, **kw)
+    ar_tokens = ar_time = sp_tokens = sp_time = 0
+    totals = dict(accepted=0, rejected=0, rounds=0, target_calls=0, draft_calls=0)
+    same = 0
+    for ids in tqdm(prompts, desc="decoding", unit="prompt"):
+        torch.manual_seed(args.seed)
+        a, t = timed(lambda: generate(target, ids, args.max_new_tokens, **kw), device)
+        ar_tokens, ar_time = ar_tokens + len(a), ar_time + t
+        torch.manual_seed(args.seed)
+        (s, st), t = timed(lambda: speculative_generate(target, draft, ids, args.max_new_tokens,
+                                                        gamma=args.gamma, **kw), device)
+        sp_tokens, sp_time = sp_tokens + len(s), sp_time + t
+        same += a == s
+        for k in totals:
+            totals[k] += st[k]
+    stats = finish_stats(dict(totals, gamma=args.gamma))
+    c = cost_ratio(target, draft)
+    result = dict(prompts=len(prompts), gamma=args.gamma, temperature=args.temperature,
+                  autoregressive_tokens_per_s=ar_tokens / ar_time, speculative_tokens_per_s=sp_tokens / sp_time,
+                  measured_speedup=(sp_tokens / sp_time) / (ar_tokens / ar_time),
+                  acceptance_rate=stats["acceptance_rate"], mean_accepted_tokens=stats["mean_accepted_tokens"],
+                  cost_ratio=c, predicted_speedup=predicted_speedup(stats["acceptance_rate"], args.gamma, c),
+                  identical_outputs=f"{same}/{len(prompts)}", device=str(device))
+    print(f"| decoding | tokens/s |\n| --- | --- |\n"
+          f"| autoregressive (target) | {result['autoregressive_tokens_per_s']:.1f} |\n"
+          f"| speculative (gamma={args.gamma}) | {result['speculative_tokens_per_s']:.1f} |\n")
+    print(f"acceptance rate {result['acceptance_rate']:.3f}, {result['mean_accepted_tokens']:.2f} tokens per "
+          f"target call, draft/target cost c = {c:.3f}")
+    print(f"speedup: measured {result['measured_speedup']:.2f}x, predicted {result['predicted_speedup']:.2f}x "
+          f"(measured/predicted = {result['measured_speedup'] / result['predicted_speedup']:.0%})")
+    if args.temperature == 0:
+        print(f"greedy outputs identical to autoregressive decoding: {result['identical_outputs']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else None)
+    torch.manual_seed(args.seed)
+    try:
+        target, tokenizer = load(args.target, device, dtype)
+        draft = None
+        if args.draft:
+            draft, draft_tokenizer = load(args.draft, device, dtype)
+            check_same_tokenizer(tokenizer, draft_tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    if args.compile:
+        compile_decoding()
+    if args.bench:
+        if draft is None:
+            raise SystemExit("--bench compares with speculative decoding: give --draft")
+        bench(args, target, draft, tokenizer, device)
+        return
+    if not args.prompt:
+        raise SystemExit("give --prompt TEXT (or --bench)")
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=stop_id(target, tokenizer))
+    for text in args.prompt:
+        ids = prompt_ids(target, tokenizer, text, not args.no_chat)
+        if draft is None:
+            new, stats = generate(target, ids, args.max_new_tokens, **kw), None
+        else:
+            new, stats = speculative_generate(target, draft, ids, args.max_new_tokens, gamma=args.gamma, **kw)
+        if new and new[-1] == kw["eos_id"]:
+            new = new[:-1]
+        print(tokenizer.decode(new))
+        if stats:
+            print(f"[acceptance rate {stats['acceptance_rate']:.3f}, {stats['mean_accepted_tokens']:.2f} tokens "
+                  f"per target call, {stats['target_calls']} target / {stats['draft_calls']} draft calls]",
+                  file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""speculative.py: greedy speculative decoding equals greedy decoding of the target; sampled speculative decoding
+follows the target's (processed) distribution exactly (a chi-square test against exact probabilities, which
+rejects the draft's distribution); the sampling filters equal transformers' logits processors."""
+import math
+
+import pytest
+import torch
+from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
+
+from data import Tokenizer
+from model import ModelConfig, Transformer
+from speculative import (check_same_tokenizer, generate, logits_to_probs, predicted_speedup,
+                         speculative_generate)
+
+
+def tiny(seed, vocab_size=64, std=0.5, **kw):
+    torch.manual_seed(seed)
+    shape = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, max_seq_len=128)
+    config = ModelConfig(vocab_size=vocab_size, **{**shape, **kw})
+    model = Transformer(config)
+    model.init_weights(std)
+    return model.eval()
+
+
+def noisy_copy(model, noise, seed, vocab_size=None):
+    """A draft that agrees with the target on some tokens: its weights plus noise (optionally a padded vocab)."""
+    torch.manual_seed(seed)
+    config = ModelConfig(**{**model.config.__dict__, "vocab_size": vocab_size or model.config.vocab_size})
+    draft = Transformer(config)
+    state = {k: v + noise * torch.randn_like(v) for k, v in model.state_dict().items()}
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):  # pad the vocabulary with random rows
+        if k in state and vocab_size:
+            extra = torch.randn(vocab_size - state[k].shape[0], state[k].shape[1])
+            state[k] = torch.cat([state[k], extra])
+    draft.load_state_dict(state, strict=False)
+    return draft.eval()
+
+
+PROMPT = [5, 17, 3, 42, 8, 8, 1]
+
+
+@pytest.mark.parametrize("draft_kind", ["noisy", "unrelated", "padded-vocab"])
+@pytest.mark.parametrize("gamma", [1, 2, 4, 7])
+def test_greedy_speculative_equals_greedy_target(draft_kind, gamma):
+    target = tiny(0)
+    draft = {"noisy": lambda: noisy_copy(target, 0.05, 1), "unrelated": lambda: tiny(2, n_layers=1),
+             "padded-vocab": lambda: noisy_copy(target, 0.05, 3, vocab_size=80)}[draft_kind]()
+    expected = generate(target, PROMPT, 50)
+    out, stats = speculative_generate(target, draft, PROMPT, 50, gamma=gamma)
+    assert out == expected
+    assert stats["target_calls"] == stats["rounds"] + 1  # + the prefill
+    if draft_kind != "unrelated":
+        assert 0 < stats["acceptance_rate"] < 1  # both branches (accept, reject) were exercised
+
+
+def test_generate_equals_uncached_argmax():
+    """The cached decode loop against recomputing the whole sequence without a cache at every step."""
+    model = tiny(0)
+    ids = list(PROMPT)
+    for _ in range(20):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert generate(model, PROMPT, 20) == ids[len(PROMPT):]
+
+
+def test_draft_equal_to_target_accepts_everything():
+    target = tiny(0)
+    out, stats = speculative_generate(target, target, PROMPT, 40, gamma=4, temperature=1.0)
+    assert stats["acceptance_rate"] == 1.0 and stats["rejected"] == 0
+    assert stats["mean_accepted_tokens"] == 5.0  # gamma + the bonus token, every round
+    assert len(out) == 40
+
+
+def test_eos_stops():
+    target, draft = tiny(0), noisy_copy(tiny(0), 0.05, 1)
+    full = generate(target, PROMPT, 30)
+    eos = full[12]
+    cut = full[:full.index(eos) + 1]
+    assert generate(target, PROMPT, 30, eos_id=eos) == cut
+    assert generate(target, PROMPT, 30, eos_id=eos, sync_every=4) == cut
+    for gamma in (1, 3, 5):
+        assert speculative_generate(target, draft, PROMPT, 30, gamma=gamma, eos_id=eos)[0] == cut
+
+
+# -----------------------------------------------------------------------------
+# Sampling follows the target distribution exactly
+
+
+def chi_square_pvalue(counts, expected):
+    """Pearson's chi-square test; cells expected to hold fewer than 5 are pooled into one."""
+    small = expected < 5
+    counts = torch.cat([counts[~small], counts[small].sum()[None]]) if small.any() else counts
+    expected = torch.cat([expected[~small], expected[small].sum()[None]]) if small.any() else expected
+    stat = ((counts - expected) ** 2 / expected).sum()
+    df = len(counts) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat.double() / 2))
+
+
+@torch.no_grad()
+def exact_joint(model, prompt, vocab, **processing):
+    """P(x1, x2 | prompt) under the model's processed distributions, [vocab * vocab]."""
+    p1 = logits_to_probs(model(torch.tensor([prompt]))[0, -1], **processing)
+    rows = [p1[a] * logits_to_probs(model(torch.tensor([prompt + [a]]))[0, -1], **processing)
+            for a in range(vocab)]
+    return torch.stack(rows).flatten().double()
+
+
+@pytest.mark.parametrize("gamma,processing", [(3, dict(temperature=1.0)),
+                                              (1, dict(temperature=0.8, top_k=4))])
+def test_sampled_tokens_follow_the_target_distribution(gamma, processing):
+    """Two tokens per run cover accepting, rejecting + residual draws, later drafts of a round (gamma 3) and the
+    bonus token (gamma 1). The same samples tested against the draft's distribution must fail: the test has power."""
+    V, n = 6, 1500
+    target, draft = tiny(0, vocab_size=V, std=1.0), tiny(1, vocab_size=V, std=1.0)
+    prompt = [2]
+    torch.manual_seed(1234)
+    counts = torch.zeros(V * V, dtype=torch.float64)
+    accepted = rejected = 0
+    for _ in range(n):
+        out, stats = speculative_generate(target, draft, prompt, 2, gamma=gamma, **processing)
+        counts[out[0] * V + out[1]] += 1
+        accepted, rejected = accepted + stats["accepted"], rejected + stats["rejected"]
+    assert accepted > 100 and rejected > 100
+    assert chi_square_pvalue(counts, n * exact_joint(target, prompt, V, **processing)) > 1e-3
+    assert chi_square_pvalue(counts, n * exact_joint(draft, prompt, V, **processing)) < 1e-6
+
+
+def test_processing_equals_transformers_warpers():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    for temperature, top_k, top_p in [(1.0, None, None), (0.7, 10, None), (1.3, None, 0.8), (0.9, 20, 0.6),
+                                      (1.0, 1, None), (1.0, None, 0.01)]:
+        ref = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_k is not None:
+            ref = TopKLogitsWarper(top_k)(None, ref)
+        if top_p is not None:
+            ref = TopPLogitsWarper(top_p)(None, ref)
+        torch.testing.assert_close(logits_to_probs(logits, temperature, top_k, top_p), ref.softmax(-1))
+    greedy = logits_to_probs(logits, 0.0)
+    assert torch.equal(greedy.argmax(-1), logits.argmax(-1)) and torch.equal(greedy.sum(-1), torch.ones(4))
+
+
+def test_predicted_speedup_formula():
+    """Leviathan et al. Theorem 3.8: (1 - a^(g+1)) / ((1 - a)(g c + 1))."""
+    a, g, c = 0.8, 4, 0.1
+    assert predicted_speedup(a, g, c) == pytest.approx((1 - a ** 5) / ((1 - a) * (g * c + 1)))
+    assert predicted_speedup(1.0, g, c) == pytest.approx(5 / 1.4)
+    assert predicted_speedup(0.0, g, 0.0) == pytest.approx(1.0)
+
+
+def test_different_tokenizers_are_refused():
+    a = Tokenizer.train(["the cat sat on the mat " * 20], 300)
+    b = Tokenizer.train(["a dog ran in the park " * 20], 300)
+    check_same_tokenizer(a, a)
+    with pytest.raises(ValueError, match="different tokenizers.*token id"):
+        check_same_tokenizer(a, b)
+
+
+def test_cache_too_small_is_a_clear_error():
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(tiny(0), PROMPT, 500)
+    assert math.isfinite(len(generate(tiny(0), PROMPT, 1)))
