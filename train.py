@@ -105,9 +105,10 @@ def log(*args):
 
 
 def all_sum(values, device):
-    """Sum a list of floats over processes."""
+    """Sum a list of floats over processes (a no-op in one process without a process group, as in eval.py)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    if dist.is_initialized():
+        dist.all_reduce(t)
     return t.tolist()
 
 
@@ -219,8 +220,8 @@ def evaluate(model, val, seq_len, micro_batch_size, token_bytes, device, max_win
     total nats / ln 2 / total UTF-8 bytes of the predicted tokens (special tokens, zero bytes, excluded from both):
     unlike loss per token it does not depend on the tokenizer, so models with different tokenizers compare fairly.
     Windows are dealt round-robin to processes; every process runs the same number of forward passes (FSDP needs
-    all of them in each collective), padding with weight-0 rows."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    all of them in each collective), padding with weight-0 rows. Also runs without a process group (eval.py)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     token_bytes = torch.as_tensor(token_bytes, device=device)
     results = {}
     for name, tokens in val.items():

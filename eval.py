@@ -1,0 +1,365 @@
+"""Evaluate every stage side by side: does the model know the domain now, and has it kept its general ability?
+
+    python eval.py out/base out/telco out/telco-sft --domain telco
+    python eval.py out/base out/telco out/telco-sft --domain telco --draft out/telco-draft    # speculative QA
+
+For each model (an HF directory), on the domain and on the general corpus:
+  - bits per byte and perplexity on data/<d>/val (bpb is tokenizer-independent: models with different tokenizers
+    compare fairly);
+  - multiple choice from data/<d>/eval/mcq.jsonl, scored as lm-eval-harness scores it: acc and acc_norm;
+  - greedy answers to data/<d>/eval/qa.jsonl (chat-rendered for chat models), scored with ROUGE-1 and BLEU-4,
+    as SOAEsV2 reports them.
+The first model is the baseline for general retention: a later model's general score over the baseline's (the
+number SOAEsV2 reports as 99.8 %). One markdown table, also saved as JSON.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import corpus_files, render_chat, tokenize_corpus
+from speculative import (check_same_tokenizer, generate, is_chat_model, load, speculative_generate, stop_id)
+from train import evaluate
+
+# -----------------------------------------------------------------------------
+# BLEU-4 (Papineni et al. 2002), as sacrebleu computes corpus BLEU with its defaults
+
+
+def tokenize_13a(line):
+    """sacrebleu's default "13a" tokenizer (mteval-v13a.pl): split off punctuation and symbols, periods and commas
+    unless inside a number, and a dash after a digit."""
+    line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    if "&" in line:
+        line = line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+    line = re.sub(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])", r" \1 ", f" {line} ")
+    line = re.sub(r"([^0-9])([\.,])", r"\1 \2 ", line)
+    line = re.sub(r"([\.,])([^0-9])", r" \1 \2", line)
+    line = re.sub(r"([0-9])(-)", r"\1 \2 ", line)
+    return line.split()
+
+
+def ngrams(tokens, n):
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def bleu4(hyps, refs):
+    """Corpus BLEU-4 in 0..100 with one reference per hypothesis: clipped n-gram matches and n-gram counts summed
+    over the corpus, geometric mean of the four precisions, brevity penalty exp(1 - r/c) when the output is
+    shorter than the references. A zero precision is smoothed as in mteval ("exp"): the k-th zero counts as
+    1 / (2^k * total). Equals sacrebleu.corpus_bleu(hyps, [refs]).score."""
+    if len(hyps) != len(refs):
+        raise ValueError(f"bleu4: {len(hyps)} hypotheses but {len(refs)} references")
+    correct, total, sys_len, ref_len = [0] * 4, [0] * 4, 0, 0
+    for hyp, ref in zip(hyps, refs):
+        h, r = tokenize_13a(hyp.rstrip()), tokenize_13a(ref.rstrip())
+        sys_len, ref_len = sys_len + len(h), ref_len + len(r)
+        for n in range(1, 5):
+            hn, rn = ngrams(h, n), ngrams(r, n)
+            correct[n - 1] += sum(min(c, rn[g]) for g, c in hn.items())
+            total[n - 1] += max(len(h) - n + 1, 0)
+    if not any(correct):
+        return 0.0
+    brevity = 1.0 if sys_len >= ref_len else (math.exp(1 - ref_len / sys_len) if sys_len else 0.0)
+    log_precision, zeros = 0.0, 0
+    for c, t in zip(correct, total):
+        if t == 0:  # no n-grams this long at all: sacrebleu stops adding precisions, leaving log(0)
+            return 0.0
+        if c == 0:
+            zeros += 1
+            log_precision += math.log(100.0 / (2 ** zeros * t))
+        else:
+            log_precision += math.log(100.0 * c / t)
+    return brevity * math.exp(log_precision / 4)
+
+
+# -----------------------------------------------------------------------------
+# ROUGE-1 (Lin 2004), as rouge_score computes it without stemming, plus CJK
+
+# CJK ideographs, kana and Hangul: each character is a token, as Chinese and Korean ROUGE implementations count them
+# (rouge_score keeps only [a-z0-9] runs, so it would score such text as empty)
+CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+ROUGE_TOKEN = re.compile(rf"[a-z0-9]+|[{CJK}]")
+
+
+def rouge_tokens(text):
+    """rouge_score's tokenizer: lowercase, runs of [a-z0-9] (everything else separates); and CJK characters."""
+    return ROUGE_TOKEN.findall(text.lower())
+
+
+def rouge1(hyps, refs):
+    """Mean ROUGE-1 F1 in 0..100: unigram overlap (clipped counts) between each hypothesis and its reference,
+    F1 of precision overlap/|hyp| and recall overlap/|ref|."""
+    if len(hyps) != len(refs):
+        raise ValueError(f"rouge1: {len(hyps)} hypotheses but {len(refs)} references")
+    scores = []
+    for hyp, ref in zip(hyps, refs):
+        h, r = Counter(rouge_tokens(hyp)), Counter(rouge_tokens(ref))
+        overlap = sum((h & r).values())
+        precision, recall = overlap / max(sum(h.values()), 1), overlap / max(sum(r.values()), 1)
+        scores.append(2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0)
+    return 100.0 * sum(scores) / max(len(scores), 1)
+
+
+# -----------------------------------------------------------------------------
+# Eval files
+
+
+def read_jsonl(path, check):
+    """Rows of a .jsonl eval file; check(row) returns what is wrong with a row, or None. Errors name file:line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            problem = check(row) if isinstance(row, dict) else "expected a JSON object"
+            if problem:
+                raise ValueError(f"{path}:{lineno}: {problem}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def check_mcq(row):
+    if not isinstance(row.get("question"), str):
+        return 'expected {"question": <string>, "choices": [<string>, ...], "answer": <index>}'
+    choices = row.get("choices")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        return '"choices" must be a list of at least 2 non-empty strings'
+    if not isinstance(row.get("answer"), int) or not 0 <= row["answer"] < len(choices):
+        return f'"answer" must be an index into the {len(choices)} choices, got {row.get("answer")!r}'
+
+
+def check_qa(row):
+    if not isinstance(row.get("reference"), str):
+        return 'expected {"prompt": <string> or "messages": [...], "reference": <string>}'
+    if not isinstance(row.get("prompt"), str) and not isinstance(row.get("messages"), list):
+        return 'expected a "prompt" string or a "messages" list'
+
+
+# -----------------------------------------------------------------------------
+# Multiple choice, the lm-eval-harness way
+
+
+def encode_pair(tokenizer, context, continuation):
+    """lm-eval's split: trailing spaces of the context move to the continuation, the whole string is encoded, and
+    the continuation is what follows the context's own encoding (so BPE merges are those of the full text)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole, ctx = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    if not ctx:  # lm-eval conditions an empty context on the end-of-text token
+        return [tokenizer.eos_id], whole
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def loglikelihoods(model, pairs, batch_size=16):
+    """log P(continuation | context) for each (context ids, continuation ids) pair, batched (right-padded, the
+    padding never read), contexts cut from the left to the model's context length as lm-eval does."""
+    device, max_len = model.lm_head.weight.device, model.config.max_seq_len
+    results = [0.0] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))  # similar lengths
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        rows = [(pairs[i][0] + pairs[i][1])[-(max_len + 1):][:-1] for i in idx]
+        width = max(len(r) for r in rows)
+        x = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+        logprobs = F.log_softmax(model(x).float(), dim=-1)
+        for row, i, r in zip(logprobs, idx, rows):
+            cont = pairs[i][1]
+            positions = torch.arange(len(r) - len(cont), len(r), device=device)
+            results[i] = row[positions, torch.tensor(cont, device=device)].sum().item()
+    return results
+
+
+def multiple_choice(model, tokenizer, rows, batch_size=16):
+    """acc: the choice with the highest log-likelihood of " " + choice after the question is the answer; acc_norm:
+    the same with each log-likelihood divided by the choice's length in characters (lm-eval's acc_norm)."""
+    pairs = [encode_pair(tokenizer, r["question"], " " + c) for r in rows for c in r["choices"]]
+    scores = iter(loglikelihoods(model, pairs, batch_size))
+    acc = acc_norm = 0
+    for r in rows:
+        ll = [next(scores) for _ in r["choices"]]
+        acc += max(range(len(ll)), key=lambda i: ll[i]) == r["answer"]
+        acc_norm += max(range(len(ll)), key=lambda i: ll[i] / len(r["choices"][i])) == r["answer"]
+    return {"acc": acc / len(rows), "acc_norm": acc_norm / len(rows)}
+
+
+# -----------------------------------------------------------------------------
+# Generation: greedy answers, ROUGE-1 and BLEU-4
+
+
+def qa_prompt(model, tokenizer, row):
+    """Chat models get the conversation chat-rendered; base models a plain "Question: ...\\nAnswer:" prompt."""
+    messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+    if is_chat_model(model, tokenizer):
+        return render_chat(tokenizer, messages, add_generation_prompt=True)[0]
+    question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    return bos + tokenizer.encode(f"Question: {question}\nAnswer:")
+
+
+def answer_text(model, tokenizer, ids):
+    """Decoded answer. A base model does not know when to stop: its answer ends at the first line break."""
+    eos = stop_id(model, tokenizer)
+    text = tokenizer.decode([t for t in ids if t != eos])
+    return text.strip() if is_chat_model(model, tokenizer) else text.strip().split("\n")[0].strip()
+
+
+def qa(model, tokenizer, rows, max_new_tokens, draft=None, gamma=4, desc="qa"):
+    """Greedy answers (speculative with a draft: identical text, faster) scored against the references."""
+    hyps, accepted = [], []
+    for row in tqdm(rows, desc=desc, unit="q", leave=False):
+        ids = qa_prompt(model, tokenizer, row)
+        max_new = min(max_new_tokens, model.config.max_seq_len - len(ids) - gamma - 1)
+        if draft is None:
+            new = generate(model, ids, max_new, eos_id=stop_id(model, tokenizer))
+        else:
+            new, stats = speculative_generate(model, draft, ids, max_new, gamma=gamma,
+                                              eos_id=stop_id(model, tokenizer))
+            accepted.append(stats["acceptance_rate"])
+        hyps.append(answer_text(model, tokenizer, new))
+    refs = [r["reference"] for r in rows]
+    result = {"rouge1": rouge1(hyps, refs), "bleu4": bleu4(hyps, refs)}
+    if accepted:
+        result["acceptance_rate"] = sum(accepted) / len(accepted)
+    return result, hyps
+
+
+# -----------------------------------------------------------------------------
+# One model, then the side-by-side report
+
+
+def eval_model(path, args, tasks, draft=None):
+    """Every metric of one model: {"bpb/<d>": ..., "ppl/<d>": ..., "mcq_acc_norm/<d>": ..., ...}."""
+    device = torch.device(args.device)
+    model, tokenizer = load(path, device)
+    if draft is not None:
+        check_same_tokenizer(tokenizer, draft[1], a_name=f"model {path}", b_name=f"--draft {args.draft}")
+    metrics, answers = {}, {}
+    val = {d: tokenize_corpus(tokenizer, args.data_root, d, "val") for d in tasks}
+    for key, value in evaluate(model, val, min(args.seq_len, model.config.max_seq_len), args.batch_size,
+                               tokenizer.token_byte_lengths(), device, max_windows=10 ** 9).items():
+        kind, d = key.split("/")
+        if kind == "bpb":
+            metrics[f"bpb/{d}"] = value
+        else:
+            metrics[f"ppl/{d}"] = math.exp(value)  # per token: depends on the tokenizer, unlike bpb
+    for d, files in tasks.items():
+        if "mcq" in files:
+            for k, v in multiple_choice(model, tokenizer, files["mcq"], args.batch_size).items():
+                metrics[f"mcq_{k}/{d}"] = v
+        if "qa" in files:
+            rows = files["qa"][:args.limit] if args.limit else files["qa"]
+            result, hyps = qa(model, tokenizer, rows, args.max_new_tokens, draft and draft[0], args.gamma,
+                              desc=f"{Path(path).name} qa/{d}")
+            metrics.update({f"{k}/{d}": v for k, v in result.items()})
+            answers[d] = hyps
+    return metrics, answers
+
+
+def load_tasks(args):
+    """{domain: {"mcq": rows, "qa": rows}} for --domain and --general; the domain must have eval files."""
+    tasks = {}
+    for d in dict.fromkeys([args.domain, args.general]):
+        corpus_files(args.data_root, d, "val")  # a clear error for an unknown domain or a missing val split
+        folder = Path(args.data_root) / d / "eval"
+        found = {name: folder / f"{name}.jsonl" for name in ("mcq", "qa") if (folder / f"{name}.jsonl").is_file()}
+        if d == args.domain and not found:
+            raise FileNotFoundError(f"{folder}/: no mcq.jsonl or qa.jsonl (see DESIGN.md for their rows)")
+        tasks[d] = {name: read_jsonl(path, check_mcq if name == "mcq" else check_qa) for name, path in found.items()}
+    return tasks
+
+
+LABELS = {"bpb": "bpb (lower is better)", "ppl": "perplexity / token", "mcq_acc": "MCQ acc",
+          "mcq_acc_norm": "MCQ acc_norm", "rouge1": "ROUGE-1", "bleu4": "BLEU-4",
+          "acceptance_rate": "draft acceptance rate", "retention_bpb": "general retention, bpb",
+          "retention_mcq": "general retention, MCQ acc_norm"}
+
+
+def add_retention(results, general):
+    """Retention of general ability relative to the first model: its general bpb over the model's (lower bpb is
+    better) and the model's general acc_norm over its. 100 %: nothing forgotten."""
+    base = next(iter(results.values()))
+    for m in results.values():
+        if f"bpb/{general}" in base:
+            m[f"retention_bpb/{general}"] = base[f"bpb/{general}"] / m[f"bpb/{general}"]
+        if base.get(f"mcq_acc_norm/{general}"):
+            m[f"retention_mcq/{general}"] = m[f"mcq_acc_norm/{general}"] / base[f"mcq_acc_norm/{general}"]
+
+
+def markdown_table(results):
+    names = list(results)
+    keys = list(dict.fromkeys(k for m in results.values() for k in m))
+    keys.sort(key=lambda k: (k.split("/")[1], list(LABELS).index(k.split("/")[0])))
+    lines = ["| metric | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for key in keys:
+        kind, d = key.split("/")
+        cells = []
+        for n in names:
+            v = results[n].get(key)
+            cells.append("" if v is None else f"{v:.2%}" if kind.startswith(("retention", "mcq", "acceptance"))
+                         else f"{v:.4f}" if kind == "bpb" else f"{v:.2f}")
+        lines.append(f"| {d}: {LABELS[kind]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("models", nargs="+", help="HF directories; the first is the baseline for retention")
+    p.add_argument("--domain", required=True, help="the domain: data/<domain>/val and data/<domain>/eval/")
+    p.add_argument("--general", default="general", help="the general corpus whose retention is measured")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--draft", help="HF directory of a draft model: QA answers by speculative decoding")
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--limit", type=int, help="score only the first N QA rows (quick runs)")
+    p.add_argument("--seq-len", type=int, default=512, help="window for bpb")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="report prefix: writes <out>.md and <out>.json (default: out/eval-<domain>)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        tasks = load_tasks(args)
+        for path in args.models + ([args.draft] if args.draft else []):
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise FileNotFoundError(f"{path}: not an HF model directory (no config.json)")
+        draft = load(args.draft, torch.device(args.device)) if args.draft else None
+        results, answers = {}, {}
+        for path in tqdm(args.models, desc="models", unit="model"):
+            results[path], answers[path] = eval_model(path, args, tasks, draft)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    add_retention(results, args.general)
+    table = markdown_table(results)
+    print(table)
+    out = Path(args.out or os.path.join("out", f"eval-{args.domain}"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
+    out.with_suffix(".json").write_text(json.dumps({"metrics": results, "answers": answers}, indent=2,
+                                                   ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"\nwritten: {out.with_suffix('.md')}, {out.with_suffix('.json')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""eval.py against the references: BLEU-4 equals sacrebleu's corpus BLEU, ROUGE-1 equals rouge_score (and counts
+CJK characters), multiple-choice log-likelihoods equal a direct computation with the transformers model, and the
+command line writes one side-by-side report with general retention."""
+import json
+import os
+import shutil
+
+import pytest
+import sacrebleu
+import torch
+import transformers
+from rouge_score import rouge_scorer
+
+import eval as ev
+from data import Tokenizer
+from model import Transformer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+HYPS = [
+    "The cat sat on the mat.",
+    "A 5G core uses service-based interfaces, e.g. HTTP/2 & JSON.",
+    "It costs $3.50 per GB; 1,000 users pay 3-4 times more.",
+    "no overlap at all",
+    "VoLTE calls go over IMS!",
+    "",
+    "Roaming zones: EU, US and \"rest of world\" (ROW).",
+    "Line one-\nline two &amp; three &lt;4&gt;",
+]
+REFS = [
+    "The cat is sitting on the mat.",
+    "The 5G core (5GC) uses service based interfaces over HTTP/2 with JSON.",
+    "It costs $3.50 per gigabyte; 1,000 users pay 3-4 times as much.",
+    "something else entirely",
+    "VoLTE calls are carried by the IMS core.",
+    "An empty answer still counts towards the reference length.",
+    "Roaming zones are the EU, the US and the rest of the world.",
+    "Line two & three <4>",
+]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, len(HYPS)])
+def test_bleu4_equals_sacrebleu(n):
+    hyps, refs = HYPS[:n], REFS[:n]
+    assert ev.bleu4(hyps, refs) == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-9)
+
+
+def test_bleu4_edge_cases_equal_sacrebleu():
+    for hyps, refs in [(["a b"], ["a b c d e"]), ([""], ["a b"]), (["x y z w v"], ["x y z w v"]),
+                       (["one two three four five six"], ["one two three four five seven"]),
+                       (["tiny"], ["tiny"]), (["3.14 - 2,5 x-ray 10-20"], ["3.14 - 2,5 x-ray 10-20 ok"])]:
+        assert ev.bleu4(hyps, refs) == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-9)
+
+
+def test_rouge1_equals_rouge_score_on_english():
+    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False)
+    expected = 100 * sum(scorer.score(r, h)["rouge1"].fmeasure for h, r in zip(HYPS, REFS)) / len(HYPS)
+    assert ev.rouge1(HYPS, REFS) == pytest.approx(expected, abs=1e-9)
+
+
+def test_rouge1_counts_cjk_characters():
+    # hyp 전화 요금제 -> 전 화 요 금 제 (5 tokens); ref 요금제 변경 -> 요 금 제 변 경 (5); overlap 3: F1 = 0.6
+    assert ev.rouge1(["전화 요금제"], ["요금제 변경"]) == pytest.approx(60.0)
+    # Chinese: hyp 电信网络 (4), ref 电信网 (3): P = 3/4, R = 1, F1 = 6/7; mixed with English tokens
+    assert ev.rouge1(["电信网络"], ["电信网"]) == pytest.approx(100 * 6 / 7)
+    assert ev.rouge1(["5G 网络 ok"], ["5g 网"]) == pytest.approx(100 * 2 * (2 / 4) * 1 / (2 / 4 + 1))
+
+
+# -----------------------------------------------------------------------------
+# Multiple choice
+
+MCQ = [
+    {"question": "The network element that authenticates subscribers in LTE is the",
+     "choices": ["MME", "eNodeB", "PGW", "billing system"], "answer": 0},
+    {"question": "A prepaid customer whose balance runs out", "choices": ["keeps full service",
+     "loses data until a top-up", "is ported away"], "answer": 1},
+    {"question": "Question: What does VoLTE carry?\nAnswer:", "choices": ["voice over LTE", "fax", "TV"],
+     "answer": 0},
+    {"question": "Trailing spaces move to the continuation   ", "choices": ["yes", "no"], "answer": 0},
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A trained tokenizer and a tiny random Llama checkpoint over it (transformers writes the weights)."""
+    path = tmp_path_factory.mktemp("ckpt")
+    texts = [open(os.path.join(REPO, "data", "telco", "train", f), encoding="utf-8").read()
+             for f in sorted(os.listdir(os.path.join(REPO, "data", "telco", "train")))[:12]]
+    tok = Tokenizer.train(texts, 400)
+    config = transformers.LlamaConfig(vocab_size=tok.n_vocab, hidden_size=48, intermediate_size=96,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, tie_word_embeddings=False,
+                                      eos_token_id=tok.eos_id, bos_token_id=None)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(("norm" in name) + 0.3 * torch.randn(p.shape))
+    hf.eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, hf
+
+
+def test_encode_pair_matches_hf_tokenizer(checkpoint):
+    path, _ = checkpoint
+    tok, hf_tok = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    for row in MCQ:
+        for choice in row["choices"]:
+            ctx, cont = ev.encode_pair(tok, row["question"], " " + choice)
+            context = row["question"].rstrip()  # lm-eval moves trailing spaces into the continuation
+            whole = hf_tok(row["question"] + " " + choice, add_special_tokens=False)["input_ids"]
+            assert ctx == hf_tok(context, add_special_tokens=False)["input_ids"]
+            assert ctx + cont == whole
+
+
+def test_multiple_choice_equals_direct_loglikelihoods(checkpoint):
+    path, hf = checkpoint
+    tok, hf_tok = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    model = Transformer.from_pretrained(path).eval()
+    pairs, direct = [], []
+    for row in MCQ:
+        for choice in row["choices"]:
+            pairs.append(ev.encode_pair(tok, row["question"], " " + choice))
+            ctx = hf_tok(row["question"].rstrip(), add_special_tokens=False)["input_ids"]
+            whole = hf_tok(row["question"] + " " + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logprobs = hf(torch.tensor([whole])).logits[0].log_softmax(-1)
+            direct.append(sum(logprobs[i - 1, whole[i]].item() for i in range(len(ctx), len(whole))))
+    ours = ev.loglikelihoods(model, pairs, batch_size=3)  # batches mix lengths: padding must not leak
+    assert ours == pytest.approx(direct, abs=1e-4)
+    scores = iter(direct)
+    acc = acc_norm = 0
+    for row in MCQ:
+        ll = [next(scores) for _ in row["choices"]]
+        acc += ll.index(max(ll)) == row["answer"]
+        normed = [x / len(c) for x, c in zip(ll, row["choices"])]
+        acc_norm += normed.index(max(normed)) == row["answer"]
+    assert ev.multiple_choice(model, tok, MCQ) == {"acc": acc / len(MCQ), "acc_norm": acc_norm / len(MCQ)}
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+def write_data(root):
+    for domain in ("telco", "general"):
+        for split in ("train", "val"):
+            src = os.path.join(REPO, "data", domain, split)
+            os.makedirs(root / domain / split)
+            for f in sorted(os.listdir(src))[:2]:
+                shutil.copy(os.path.join(src, f), root / domain / split / f)
+        os.makedirs(root / domain / "eval")
+        (root / domain / "eval" / "mcq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MCQ))
+    (root / "telco" / "eval" / "qa.jsonl").write_text(
+        json.dumps({"prompt": "What is VoLTE?", "reference": "Voice over LTE, carried by IMS."}) + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "What is an MME?"}],
+                      "reference": "The LTE core's control-plane node."}) + "\n")
+
+
+def test_cli_report_with_retention(checkpoint, tmp_path):
+    path, _ = checkpoint
+    chat = tmp_path / "chat"  # the same weights declared a chat model: it stops at <|im_end|>
+    shutil.copytree(path, chat)
+    config = json.loads((chat / "config.json").read_text())
+    tok = Tokenizer.from_pretrained(path)
+    config["eos_token_id"] = [tok.eos_id, tok.special_tokens["<|im_end|>"]]
+    (chat / "config.json").write_text(json.dumps(config))
+    write_data(tmp_path / "data")
+    out = tmp_path / "report"
+    ev.main([str(path), str(chat), "--domain", "telco", "--data-root", str(tmp_path / "data"),
+             "--max-new-tokens", "8", "--out", str(out), "--draft", str(path)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    base, adapted = report["metrics"][str(path)], report["metrics"][str(chat)]
+    assert base["retention_bpb/general"] == 1.0 and base["retention_mcq/general"] == 1.0
+    assert adapted["bpb/telco"] == pytest.approx(base["bpb/telco"])  # same weights, same bpb
+    assert {"bpb/telco", "ppl/telco", "mcq_acc/telco", "mcq_acc_norm/telco", "rouge1/telco", "bleu4/telco",
+            "bpb/general", "mcq_acc_norm/general"} <= set(base)
+    assert base["acceptance_rate/telco"] == 1.0  # the draft is the model itself
+    assert "telco: ROUGE-1" in out.with_suffix(".md").read_text()
+    # the chat model's prompt is chat-rendered; the base model's is plain text
+    model = Transformer.from_pretrained(chat)
+    assert ev.qa_prompt(model, tok, {"prompt": "hi"})[-3:] == tok.encode("assistant\n")[-3:]
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"question": "q", "choices": ["a", "b"]}', r"mcq.jsonl:2: \"answer\" must be an index"),
+    ('{"question": "q", "choices": "ab", "answer": 0}', r"mcq.jsonl:2: \"choices\" must be a list"),
+    ("not json", r"mcq.jsonl:2: not valid JSON"),
+])
+def test_malformed_eval_file_names_file_and_line(checkpoint, tmp_path, line, message):
+    path, _ = checkpoint
+    write_data(tmp_path / "data")
+    mcq = tmp_path / "data" / "telco" / "eval" / "mcq.jsonl"
+    mcq.write_text(json.dumps(MCQ[0]) + "\n" + line + "\n")
+    with pytest.raises(SystemExit, match=message):
+        ev.main([str(path), "--domain", "telco", "--data-root", str(tmp_path / "data")])
+
+
+def test_missing_eval_files_are_a_clear_error(checkpoint, tmp_path):
+    path, _ = checkpoint
+    write_data(tmp_path / "data")
+    shutil.rmtree(tmp_path / "data" / "telco" / "eval")
+    with pytest.raises(SystemExit, match=r"telco/eval/: no mcq.jsonl or qa.jsonl"):
+        ev.main([str(path), "--domain", "telco", "--data-root", str(tmp_path / "data")])
