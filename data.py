@@ -718,3 +718,84 @@ def read_conversations(path):
     if not rows:
         raise ValueError(f"{path}: no conversations")
     return rows
+
+
+# -----------------------------------------------------------------------------
+# SFT batches: a curriculum of stages
+#
+# SOAEsV2's domain-progressive SFT trains stage by stage (weakly related conversations first, expert domain data
+# last), each stage for its own epochs. A conversation is one row, right-padded to the longest row of its batch:
+# padding sits after the real tokens, so causal attention never lets a conversation see another one, and its
+# labels are IGNORE, so it carries no loss. To keep padding small, rows are sorted by length inside shuffled pools
+# of a few batches ("length bucketing") and the batches of a pool are then shuffled again.
+
+IGNORE = -100  # the label of an untrained position (F.cross_entropy's ignore_index)
+
+
+def sft_row(tokenizer, messages, seq_len):
+    """(ids, labels) for one conversation: labels are the next token where the mask trains it, else IGNORE;
+    cut to seq_len + 1 tokens (returns the row and whether it was cut)."""
+    ids, mask = render_chat(tokenizer, messages)
+    labels = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
+    cut = len(ids) > seq_len + 1
+    return ids[:seq_len + 1], labels[:seq_len], cut
+
+
+class Curriculum:
+    """The batches of an SFT run. stages: [(name, rows, epochs)] with rows [(ids, labels)]. Step s's global batch
+    is a pure function of (seed, s): batch(s) -> int64 [batch_size, 2, width] (ids[:-1] and labels, stacked), so a
+    resumed run sees exactly the batches it would have seen. single_stage=True pools every stage's epochs into one
+    shuffled stage: SOAEsV2's ablation baseline (the same examples, no order)."""
+
+    def __init__(self, stages, batch_size, seed, single_stage=False, pool_batches=8, pad_id=0):
+        self.batch_size, self.pad_id = batch_size, pad_id
+        rng = np.random.default_rng(seed)
+        plan = []  # per stage: the row order over all its epochs
+        for name, rows, epochs in stages:
+            order = np.concatenate([rng.permutation(len(rows)) for _ in range(epochs)])
+            plan.append((name, rows, order))
+        if single_stage:
+            rows = [r for _, rs, order in plan for r in (rs[i] for i in order)]
+            plan = [("+".join(name for name, _, _ in plan), rows, rng.permutation(len(rows)))]
+        self.stages, self.batches = [], []  # stages: (name, first step, number of steps)
+        for name, rows, order in plan:
+            steps = math.ceil(len(order) / batch_size)
+            order = np.concatenate([order, order[:steps * batch_size - len(order)]])  # fill the last batch
+            self.stages.append((name, len(self.batches), steps))
+            pool = pool_batches * batch_size
+            for p0 in range(0, len(order), pool):
+                chunk = sorted(order[p0:p0 + pool], key=lambda i: len(rows[i][0]))  # bucket by length
+                batches = [[rows[i] for i in chunk[b:b + batch_size]] for b in range(0, len(chunk), batch_size)]
+                self.batches += [batches[j] for j in rng.permutation(len(batches))]
+        self.n_trained = [sum(sum(t != IGNORE for t in labels) for _, labels in b) for b in self.batches]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def stage_of(self, step):
+        """(index, name, first step, steps) of the stage this step belongs to."""
+        for k, (name, first, steps) in enumerate(self.stages):
+            if step < first + steps:
+                return k, name, first, steps
+        raise IndexError(f"step {step} is past the curriculum's {len(self)} steps")
+
+    def padding(self):
+        """Fraction of the batches' positions that are padding (what bucketing keeps small)."""
+        real = sum(len(labels) for b in self.batches for _, labels in b)
+        total = sum(max(len(labels) for _, labels in b) * len(b) for b in self.batches)
+        return 1 - real / total
+
+    def batch(self, step):
+        return pad_rows(self.batches[step], self.pad_id)
+
+
+def pad_rows(rows, pad_id):
+    """[(ids, labels)] -> int64 [len(rows), 2, width]: inputs ids[:-1] and labels, right-padded (pad_id, IGNORE) to
+    the longest row."""
+    width = max(len(labels) for _, labels in rows)
+    out = np.full((len(rows), 2, width), IGNORE, dtype=np.int64)
+    out[:, 0] = pad_id
+    for r, (ids, labels) in enumerate(rows):
+        out[r, 0, :len(ids) - 1] = ids[:-1]
+        out[r, 1, :len(labels)] = labels
+    return out

@@ -382,9 +382,10 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=std)
         self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
 
-    def setup_cache(self, max_batch_size: int, max_seq_len: int):
-        """Allocate a static KV cache in every layer (in the model's dtype and device). Call before forward with
-        input_pos; call again to resize."""
+    def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype=None):
+        """Allocate a static KV cache in every layer (in the model's device, and its dtype unless a compute dtype is
+        given: FSDP's mixed precision computes in bf16 over fp32 weights). Call before forward with input_pos; call
+        again to resize."""
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.config.max_seq_len}")
         w = self.lm_head.weight
@@ -393,7 +394,8 @@ class Transformer(nn.Module):
         self.cache_masks = {}
         for i, block in enumerate(self.model.layers):
             attn = block.self_attn
-            attn.kv_cache = KVCache(max_batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim, w.dtype, w.device)
+            attn.kv_cache = KVCache(max_batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim, dtype or w.dtype,
+                                    w.device)
             if attn.window not in self.cache_masks:
                 self.cache_masks[attn.window] = causal if attn.window is None else causal.triu(-attn.window + 1)
 

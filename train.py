@@ -266,12 +266,13 @@ def causal_lm_loss(model, batch):
 
 
 def train_loop(model, optimizer, get_step, loss_fn, args, out, *, config, start_step=0, evaluate_fn=None,
-               tokens_per_step=0, device=torch.device("cpu")):
+               lr_fn=None, eval_steps=(), device=torch.device("cpu")):
     """Run optimizer steps start_step .. args.max_steps - 1. get_step(step) -> Step; loss_fn(model, micro_batch)
     -> summed loss over its trained tokens. The loss is normalised by the GLOBAL number of trained tokens (not per
     micro-batch, not per process), so the loss curve and the gradients are the same for any world size and any
-    gradient accumulation. Appends a row per step to <out>/metrics.jsonl; evaluates and checkpoints on schedule.
-    Returns the last evaluation."""
+    gradient accumulation. Appends a row per step to <out>/metrics.jsonl; evaluates every args.eval_every steps,
+    after the steps in eval_steps and at the end; checkpoints every args.save_every steps. lr_fn(step) replaces
+    the warmup + cosine of lr_at (sft.py: one schedule per curriculum stage). Returns the last evaluation."""
     rank = dist.get_rank()
     metrics_path = os.path.join(out, "metrics.jsonl")
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
@@ -280,11 +281,12 @@ def train_loop(model, optimizer, get_step, loss_fn, args, out, *, config, start_
     if last_eval:
         write_metrics(metrics_path, {"step": 0, **last_eval})
     last_ckpt = (checkpoint_dirs(out) or [None])[-1]
+    tokens = last_tokens(metrics_path)  # trained tokens so far (resumed runs: up to their checkpoint)
     bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="train",
                disable=rank != 0, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
-        lr = lr_at(step, args)
+        lr = lr_fn(step) if lr_fn else lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         data = get_step(step)
@@ -300,15 +302,18 @@ def train_loop(model, optimizer, get_step, loss_fn, args, out, *, config, start_
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value, = all_sum([loss_sum.item()], device)
+        tokens += data.n_trained
         if not math.isfinite(loss_value):
             where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
             raise FloatingPointError(f"loss is {loss_value} at step {step + 1}: stopping; {where}")
         dt = time.perf_counter() - t0
         row = {"step": step + 1, "loss": round(loss_value, 6), "lr": lr, "grad_norm": round(grad_norm.item(), 4),
-               "tokens": (step + 1) * tokens_per_step, "tokens_per_s": round(tokens_per_step / dt, 1)}
+               "tokens": tokens, "tokens_per_s": round(data.n_trained / dt, 1)}
         if peak:
-            row["mfu"] = round(config.flops_per_token(args.seq_len) * tokens_per_step / dt / (peak * dist.get_world_size()), 4)
-        if evaluate_fn and (step + 1 == args.max_steps or (args.eval_every and (step + 1) % args.eval_every == 0)):
+            flops = config.flops_per_token(args.seq_len) * data.n_trained / dt
+            row["mfu"] = round(flops / (peak * dist.get_world_size()), 4)
+        if evaluate_fn and (step + 1 == args.max_steps or step + 1 in eval_steps
+                            or (args.eval_every and (step + 1) % args.eval_every == 0)):
             last_eval = evaluate_fn()
             row.update(last_eval)
         write_metrics(metrics_path, row)
@@ -323,6 +328,14 @@ def write_metrics(path, row):
     if dist.get_rank() == 0:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def last_tokens(path):
+    """The "tokens" of the last metrics row (0 for a new run)."""
+    if not os.path.exists(path):
+        return 0
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    return next((r["tokens"] for r in reversed(rows) if "tokens" in r), 0)
 
 
 def truncate_metrics(path, step):
@@ -457,8 +470,7 @@ def run(args):
             f"{device.type}; data/{args.domain} with {args.replay_ratio:.0%} data/{args.replay_domain} replay; "
             f"{args.max_steps} steps of {args.batch_size} x {args.seq_len} tokens")
     final = train_loop(model, optimizer, get_step, causal_lm_loss, args, out, config=config,
-                       start_step=start_step, evaluate_fn=evaluate_fn,
-                       tokens_per_step=args.batch_size * args.seq_len, device=device)
+                       start_step=start_step, evaluate_fn=evaluate_fn, device=device)
     before = first_eval(out)
     export_hf(model, config, tokenizer, out, export_dtype)
     if rank == 0:

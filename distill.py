@@ -1,0 +1,333 @@
+"""
+KL logit distillation of a small draft model from the adapted target, so that speculative decoding accepts more of
+the draft's tokens (SOAEsV2's "distillation-enhanced speculative decoding"; DistillSpec, Zhou et al. 2023).
+
+    python distill.py --teacher out/telco-sft --student tiny --domain telco              # a new draft from a preset
+    python distill.py --teacher out/telco-sft --student out/draft --domain telco --data student --loss tvd
+    torchrun --nproc_per_node=2 distill.py --teacher out/telco-sft --student tiny --domain telco
+
+The student learns the teacher's next-token distributions (not just its argmax) on one of DistillSpec's data
+sources: --data text (the domain corpus), sft (the domain's SFT conversations, assistant turns), teacher
+(continuations the teacher samples for domain prompts, generated once) or student (on-policy: the student's own
+samples, regenerated every step, scored by the teacher). Speculative acceptance is 1 - TVD(p, q) per token
+(Leviathan et al. 2023, Corollary 3.6), so --loss tvd optimises acceptance directly; fkl is Hinton's KD.
+Before and after training it measures the student's acceptance rate as the teacher's draft on held-out prompts.
+The loop, checkpoints, resume and HF export are train.py's; speculative decoding is speculative.py's.
+"""
+import argparse
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data import (IGNORE, Tokenizer, WindowSampler, pad_rows, read_conversations, render_chat, sft_row,
+                  tokenize_corpus)
+from model import PRESETS, ModelConfig, Transformer
+from speculative import (check_same_tokenizer, cost_ratio, generate, is_chat_model, predicted_speedup,
+                         speculative_generate, stop_id)
+from train import (Step, check_batch_sizes, checkpoint_dirs, export_hf, load_checkpoint, log, make_optimizer,
+                   micro_batches_of, prepare_out, setup_distributed, shard_model, train_loop, truncate_metrics)
+
+LOSSES = ("fkl", "rkl", "jsd", "tvd")
+
+
+def distillation_loss(student_logits, teacher_logits, mask=None, kind="fkl", temperature=1.0):
+    """Mean over unmasked positions of a divergence between the teacher's distribution p and the student's q,
+    both softened by the temperature T:
+      fkl  KL(p || q) * T^2   forward KL, Hinton et al. 2015 (T^2 keeps gradients comparable across T)
+      rkl  KL(q || p)         reverse KL: mode-seeking, the student drops what it cannot fit
+      jsd  (KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2   (beta = 0.5)
+      tvd  sum |p - q| / 2    total variation: speculative acceptance is 1 - TVD
+    Logits [..., V]; a vocabulary padded past the other (Qwen pads to 64/128) is cut to the shared ids."""
+    if kind not in LOSSES:
+        raise ValueError(f"unknown distillation loss {kind!r}; choose from {', '.join(LOSSES)}")
+    V = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    log_q = F.log_softmax(student_logits[..., :V].float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits[..., :V].float() / temperature, dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    if kind == "fkl":
+        per_token = (p * (log_p - log_q)).sum(-1) * temperature ** 2
+    elif kind == "rkl":
+        per_token = (q * (log_q - log_p)).sum(-1)
+    elif kind == "jsd":
+        log_m = torch.log((p + q) / 2).clamp(min=torch.finfo(torch.float32).min)
+        per_token = ((p * (log_p - log_m)).sum(-1) + (q * (log_q - log_m)).sum(-1)) / 2
+    else:
+        per_token = (p - q).abs().sum(-1) / 2
+    if mask is None:
+        return per_token.mean()
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="HF directory of the target model (e.g. out/telco-sft)")
+    p.add_argument("--student", default="tiny", help="HF directory of the draft, or a preset (" +
+                   ", ".join(PRESETS) + ") for a new one on the teacher's tokenizer")
+    p.add_argument("--domain", default="telco")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--data", default="teacher", choices=["text", "sft", "teacher", "student"],
+                   help="what to distil on (DistillSpec): domain text, SFT conversations, teacher samples, or the "
+                   "student's own samples (on-policy)")
+    p.add_argument("--loss", default="fkl", choices=LOSSES)
+    p.add_argument("--temperature", type=float, default=1.0, help="softening of both distributions in the loss")
+    p.add_argument("--alpha", type=float, default=0.0, help="weight of cross-entropy on the data's tokens")
+    p.add_argument("--gen-tokens", type=int, default=64, help="teacher/student data: tokens generated per prompt")
+    p.add_argument("--gen-temperature", type=float, default=1.0, help="sampling temperature for generated data")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="base teachers: corpus prefix length as prompt")
+    p.add_argument("--out", default=None, help="output directory (default out/<domain>-draft)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-steps", type=int, default=60)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=1e-4)
+    p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--eval-every", type=int, default=20, help="steps between held-out distillation losses")
+    p.add_argument("--save-every", type=int, default=20)
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--accept-prompts", type=int, default=12, help="held-out prompts for the acceptance rate")
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round, for the acceptance measurement")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# Teacher and student
+
+
+def load_student(args, teacher, tokenizer, device):
+    """The draft: a new model of a preset shape on the teacher's tokenizer, or an HF checkpoint that must share it."""
+    if args.student in PRESETS:
+        tc = teacher.config
+        config = ModelConfig.from_preset(args.student, vocab_size=tc.vocab_size, max_seq_len=tc.max_seq_len,
+                                         bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id)
+        torch.manual_seed(args.seed)
+        student = Transformer(config)
+        student.init_weights()
+        return student.to(device)
+    if not os.path.isfile(os.path.join(args.student, "config.json")):
+        raise SystemExit(f"--student {args.student}: neither a preset ({', '.join(PRESETS)}) nor an HF directory")
+    check_same_tokenizer(tokenizer, Tokenizer.from_pretrained(args.student), f"teacher ({args.teacher})",
+                         f"student ({args.student})")
+    student = Transformer.from_pretrained(args.student, device=device, dtype=torch.float32)
+    student.config.eos_token_id = teacher.config.eos_token_id  # stop where the teacher stops
+    return student
+
+
+# -----------------------------------------------------------------------------
+# Prompts and data: every source becomes rows of (ids, labels), labels IGNORE where nothing is distilled
+
+
+def domain_prompts(tokenizer, teacher, args, split):
+    """Prompts from the domain: for a chat teacher, the user turns of data/<domain>/sft/[val/]*.jsonl rendered
+    with the assistant header; for a base teacher, the first --prompt-tokens tokens of corpus windows."""
+    folder = os.path.join(args.data_root, args.domain, "sft", *(["val"] if split == "val" else []))
+    if is_chat_model(teacher, tokenizer) and os.path.isdir(folder):
+        prompts = []
+        for name in sorted(f for f in os.listdir(folder) if f.endswith(".jsonl")):
+            for messages, _ in read_conversations(os.path.join(folder, name)):
+                first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+                prompts.append(render_chat(tokenizer, messages[:first], add_generation_prompt=True)[0])
+        return prompts
+    tokens = tokenize_corpus(tokenizer, args.data_root, args.domain, split)
+    n = (len(tokens) - 1) // args.seq_len
+    return [tokens[i * args.seq_len:i * args.seq_len + args.prompt_tokens].tolist() for i in range(n)]
+
+
+@torch.no_grad()
+def sample_rows(model, prompts, args, eos_id, dtype):
+    """(prompt + sampled continuation, labels on the continuation) per prompt. Fixed-length generation, cut at
+    eos afterwards: every process then runs the same number of forward passes, as FSDP's collectives need."""
+    model.setup_cache(1, model.config.max_seq_len, dtype=dtype)
+    rows = []
+    for prompt in prompts:
+        prompt = prompt[-(args.seq_len - args.gen_tokens):]
+        new = generate(model, prompt, args.gen_tokens, temperature=args.gen_temperature)
+        if eos_id in new:
+            new = new[:new.index(eos_id) + 1]
+        ids = prompt + new
+        rows.append((ids, [IGNORE] * (len(prompt) - 1) + new))
+    return rows
+
+
+def gather_rows(rows):
+    """Every process's rows, in rank order, on every process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return rows
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows)
+    return [r for part in parts for r in part]
+
+
+# -----------------------------------------------------------------------------
+# Acceptance rate of the student as the teacher's draft
+
+
+@torch.no_grad()
+def acceptance(teacher, student, tokenizer, prompts, args):
+    """Mean acceptance rate and tokens per target call of speculative decoding, greedy and at temperature 1, with
+    the speedup Leviathan et al. predict from them and the measured cost ratio c."""
+    eos = stop_id(teacher, tokenizer)
+    c = cost_ratio(teacher, student)
+    result = {"cost_ratio": c}
+    for temperature in (0.0, 1.0):
+        torch.manual_seed(args.seed)
+        accepted = rejected = 0
+        for prompt in prompts:
+            _, stats = speculative_generate(teacher, student, prompt, args.gen_tokens, gamma=args.gamma,
+                                            temperature=temperature, eos_id=eos)
+            accepted, rejected = accepted + stats["accepted"], rejected + stats["rejected"]
+        a = accepted / max(accepted + rejected, 1)
+        name = "greedy" if temperature == 0 else "T=1"
+        result[f"acceptance_{name}"] = a
+        result[f"predicted_speedup_{name}"] = predicted_speedup(a, args.gamma, c)
+    return result
+
+
+def acceptance_line(when, r, gamma):
+    return (f"{when}: acceptance rate greedy {r['acceptance_greedy']:.3f}, T=1 {r['acceptance_T=1']:.3f}; "
+            f"predicted speedup (gamma {gamma}, c {r['cost_ratio']:.3f}) {r['predicted_speedup_greedy']:.2f}x "
+            f"greedy, {r['predicted_speedup_T=1']:.2f}x at T=1")
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+
+def run(args):
+    rank, world, device = setup_distributed()
+    check_batch_sizes(args, world)
+    out = args.out or os.path.join("out", f"{args.domain}-draft")
+    if not os.path.isfile(os.path.join(args.teacher, "config.json")):
+        raise SystemExit(f"--teacher {args.teacher}: not an HF model directory")
+    dtype = torch.bfloat16 if (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) == "bfloat16" \
+        else torch.float32
+    tokenizer = Tokenizer.from_pretrained(args.teacher)
+    try:
+        teacher = Transformer.from_pretrained(args.teacher, device=device, dtype=dtype).eval().requires_grad_(False)
+        student = load_student(args, teacher, tokenizer, device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.seq_len > min(teacher.config.max_seq_len, student.config.max_seq_len):
+        raise SystemExit(f"--seq-len {args.seq_len} exceeds a model's context")
+    prepare_out(out, args.resume)
+    held_out = domain_prompts(tokenizer, teacher, args, "val")[:args.accept_prompts]
+    if rank == 0 and not args.resume:
+        before = acceptance(teacher, student, tokenizer, held_out, args)
+        log(acceptance_line("before distillation", before, args.gamma))
+    eos = stop_id(teacher, tokenizer)
+    pad_id = tokenizer.eos_id or 0
+
+    # The data, as (ids, labels) rows; the student's own samples are drawn inside get_step.
+    rng = np.random.default_rng(args.seed)
+    if args.data == "text":
+        windows = WindowSampler(tokenize_corpus(tokenizer, args.data_root, args.domain, "train"), args.seq_len,
+                                args.seed)
+    elif args.data == "sft":
+        folder = os.path.join(args.data_root, args.domain, "sft")
+        files = sorted(f for f in os.listdir(folder) if f.endswith(".jsonl")) if os.path.isdir(folder) else []
+        if not files:
+            raise SystemExit(f"--data sft: no conversations in {folder}/")
+        pool = [sft_row(tokenizer, m, args.seq_len)[:2] for f in files
+                for m, _ in read_conversations(os.path.join(folder, f))]
+    elif args.data == "teacher":  # DistillSpec's teacher-generated data: sampled once, before training
+        prompts = domain_prompts(tokenizer, teacher, args, "train")
+        log(f"sampling {args.gen_tokens}-token teacher continuations of {len(prompts)} domain prompts")
+        mine = prompts[rank::world] + prompts[:(-len(prompts)) % world][rank::world]  # equal counts per process
+        pool = gather_rows(sample_rows(teacher, mine, args, eos, dtype))
+    else:
+        prompts = domain_prompts(tokenizer, teacher, args, "train")
+
+    model = shard_model(student, device, dtype, compile=args.compile)
+    optimizer = make_optimizer(model, args, device)
+
+    def get_step(step):
+        if args.data == "text":
+            batch = windows.take(step * args.batch_size, args.batch_size)
+            batch = np.stack([batch[:, :-1], batch[:, 1:]], axis=1)
+        elif args.data == "student":  # on-policy: this process samples its share of the step's prompts
+            pick = np.random.default_rng([args.seed, step]).choice(len(prompts), args.batch_size)
+            per = args.batch_size // world
+            rows = gather_rows(sample_rows(model, [prompts[i] for i in pick[rank * per:(rank + 1) * per]], args,
+                                           eos, dtype))
+            batch = pad_rows(rows, pad_id)
+        else:
+            pick = np.random.default_rng([args.seed, step]).choice(len(pool), args.batch_size, replace=False)
+            batch = pad_rows([pool[i] for i in pick], pad_id)
+        batch = torch.from_numpy(batch).to(device)
+        n = int((batch[:, 1] != IGNORE).sum())
+        return Step(micro_batches_of(batch, args, rank, world), n_trained=n)
+
+    def loss_fn(model, batch):
+        """Summed over the distilled tokens (train_loop divides by their global count)."""
+        x, labels = batch[:, 0], batch[:, 1]
+        mask = labels != IGNORE
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        logits = model(x)
+        loss = distillation_loss(logits, teacher_logits, mask, args.loss, args.temperature) * mask.sum()
+        if args.alpha:
+            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                 reduction="sum")
+            loss = (1 - args.alpha) * loss + args.alpha * ce
+        return loss
+
+    val_rows = None
+
+    def evaluate_fn():
+        """Mean TVD to the teacher on held-out prompts' teacher greedy continuations (1 - TVD: the expected
+        acceptance of a draft token)."""
+        nonlocal val_rows
+        if val_rows is None:
+            val_rows = [(p + generate(teacher, p, args.gen_tokens), None) for p in held_out]
+            val_rows = [(ids, [IGNORE] * (len(ids) - args.gen_tokens - 1) + ids[-args.gen_tokens:])
+                        for ids, _ in val_rows]
+        batch = torch.from_numpy(pad_rows(val_rows, pad_id)).to(device)
+        with torch.no_grad():
+            x, mask = batch[:, 0], batch[:, 1] != IGNORE
+            tvd = distillation_loss(model(x), teacher(x), mask, "tvd").item()
+        return {f"tvd/{args.domain}": tvd}
+
+    start_step = 0
+    if args.resume:
+        path = checkpoint_dirs(out)[-1]
+        start_step = load_checkpoint(model, optimizer, path)
+        truncate_metrics(os.path.join(out, "metrics.jsonl"), start_step)
+        log(f"resumed from {path} at step {start_step}")
+    else:
+        log(f"distilling {args.teacher} ({teacher.config.num_params() / 1e6:.1f}M) into a "
+            f"{student.config.num_params() / 1e6:.1f}M student ({args.student}): {args.loss} loss on "
+            f"{args.data} data, {args.max_steps} steps of {args.batch_size} sequences")
+    train_loop(model, optimizer, get_step, loss_fn, args, out, config=student.config, start_step=start_step,
+               evaluate_fn=evaluate_fn, device=device)
+    export_hf(model, student.config, tokenizer, out, torch.float32)
+    if rank == 0:
+        draft = Transformer.from_pretrained(out, device=device).eval()
+        after = acceptance(teacher, draft, tokenizer, held_out, args)
+        log(acceptance_line("after distillation", after, args.gamma))
+    return out
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        run(args)
+    except FloatingPointError as e:
+        raise SystemExit(str(e)) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""
+Curriculum SFT, as SOAEsV2 does it after continual pretraining: supervised fine-tuning on conversations, stage by
+stage from weakly related data to expert-annotated domain data ("domain-progressive"), instead of all at once.
+
+    python sft.py --init-from out/telco --domain telco                 # stages: data/telco/sft/*.jsonl, by name
+    python sft.py --init-from out/telco --domain telco --epochs 1,1,2 --lr 1e-4,1e-4,5e-5
+    python sft.py --init-from out/telco --domain telco --single-stage --out out/telco-sft-single   # the ablation
+    torchrun --nproc_per_node=2 sft.py --init-from out/telco --domain telco
+
+Conversations are rendered in the checkpoint's own chat format (data.render_chat) and only the assistant turns are
+trained. Each stage has its own epochs and peak LR (warmup, then cosine to a tenth of it) and its validation loss is
+logged after it (data/<domain>/sft/val/<stage>.jsonl). The loop, checkpoints, resume and HF export are train.py's.
+The output is an HF chat model: its config lists the end-of-turn token as an eos, as instruct checkpoints do.
+"""
+import argparse
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data import IGNORE, Curriculum, Tokenizer, chat_format, end_of_turn_id, read_conversations, sft_row
+from model import Transformer
+from train import (Step, check_batch_sizes, checkpoint_dirs, export_hf, load_checkpoint, log, lr_at,
+                   make_optimizer, micro_batches_of, prepare_out, setup_distributed, shard_model, train_loop,
+                   truncate_metrics)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init-from", default=None, help="HF directory to fine-tune (default out/<domain>, the DACP "
+                   "model)")
+    p.add_argument("--domain", default="telco")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--stages", default=None, help="comma-separated .jsonl files, in curriculum order (default: "
+                   "data/<domain>/sft/*.jsonl in name order)")
+    p.add_argument("--epochs", default="2", help="epochs per stage: one value, or one per stage (1,1,2)")
+    p.add_argument("--lr", default="2e-4", help="peak LR per stage: one value, or one per stage")
+    p.add_argument("--warmup-steps", type=int, default=5, help="linear warmup at the start of each stage")
+    p.add_argument("--single-stage", action="store_true", help="shuffle all stages together (SOAEsV2's baseline)")
+    p.add_argument("--out", default=None, help="output directory (default out/<domain>-sft)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch, in conversations")
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512, help="longer conversations are cut to this many tokens")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validation passes (0: after each "
+                   "stage only)")
+    p.add_argument("--save-every", type=int, default=20)
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    return p.parse_args(argv)
+
+
+def stage_files(args):
+    if args.stages:
+        files = [Path(f) for f in args.stages.split(",")]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise SystemExit(f"--stages: not found: {', '.join(missing)}")
+        return files
+    folder = Path(args.data_root) / args.domain / "sft"
+    files = sorted(folder.glob("*.jsonl"))
+    if not files:
+        raise SystemExit(f"{folder}/: no .jsonl stages (rows {{\"messages\": [...]}}); or give --stages")
+    return files
+
+
+def per_stage(flag, value, n, kind):
+    """'1,1,2' -> [1, 1, 2]; a single value applies to every stage."""
+    try:
+        values = [kind(v) for v in value.split(",")]
+    except ValueError:
+        raise SystemExit(f"--{flag} {value!r}: expected numbers separated by commas") from None
+    if len(values) not in (1, n):
+        raise SystemExit(f"--{flag} {value!r}: give one value or one per stage ({n} stages)")
+    return values * n if len(values) == 1 else values
+
+
+def tokenize_stage(tokenizer, path, seq_len):
+    rows, cut = [], 0
+    for messages, where in read_conversations(path):
+        try:
+            ids, labels, was_cut = sft_row(tokenizer, messages, seq_len)
+        except ValueError as e:
+            raise SystemExit(f"{where}: {e}") from None
+        rows.append((ids, labels))
+        cut += was_cut
+    if cut:
+        log(f"{path}: {cut} of {len(rows)} conversations cut to --seq-len {seq_len} tokens")
+    return rows
+
+
+def sft_loss(model, batch):
+    """Summed cross-entropy over the trained (assistant) tokens of a [B, 2, T] batch of (ids, labels)."""
+    logits = model(batch[:, 0]).float()
+    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1].flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+@torch.no_grad()
+def val_losses(model, val, batch_size, device):
+    """Mean loss per trained token on each stage's val conversations. Every process runs every batch (the sets are
+    small), so FSDP's collectives line up without any bookkeeping."""
+    model.eval()
+    results = {}
+    for name, curriculum in val.items():
+        nats = count = 0.0
+        for step in range(len(curriculum)):
+            batch = torch.from_numpy(curriculum.batch(step)).to(device)
+            nats += sft_loss(model, batch).item()
+            count += curriculum.n_trained[step]
+        results[f"val/{name}"] = nats / max(count, 1)
+    model.train()
+    return results
+
+
+def run(args):
+    rank, world, device = setup_distributed()
+    check_batch_sizes(args, world)
+    init = args.init_from or os.path.join("out", args.domain)
+    out = args.out or os.path.join("out", f"{args.domain}-sft")
+    if not os.path.isfile(os.path.join(init, "config.json")):
+        raise SystemExit(f"--init-from {init}: not an HF model directory (run train.py --domain {args.domain} "
+                         "first, or give a checkpoint)")
+    tokenizer = Tokenizer.from_pretrained(init)
+    if chat_format(tokenizer) is None:
+        raise SystemExit(f"{init}: its tokenizer has no chat tokens (<|im_start|>/<|im_end|> or Llama-3's "
+                         "headers), so conversations cannot be rendered")
+
+    # The curriculum: stages in order, each with its epochs and LR; their val sets by the same file name.
+    files = stage_files(args)
+    epochs = per_stage("epochs", args.epochs, len(files), int)
+    lrs = per_stage("lr", args.lr, len(files), float)
+    stages = [(f.stem, tokenize_stage(tokenizer, f, args.seq_len), e) for f, e in zip(files, epochs)]
+    curriculum = Curriculum(stages, args.batch_size, args.seed, single_stage=args.single_stage,
+                            pad_id=tokenizer.eos_id or 0)
+    val = {}
+    for f in files:
+        vf = f.parent / "val" / f.name
+        if vf.is_file():
+            val[f.stem] = Curriculum([(f.stem, tokenize_stage(tokenizer, vf, args.seq_len), 1)], args.batch_size,
+                                     args.seed, pad_id=tokenizer.eos_id or 0)
+    if args.single_stage:
+        lrs = lrs[:1]
+    args.max_steps = len(curriculum)
+
+    def lr_fn(step):  # warmup then cosine to a tenth, restarted at each stage with its own peak
+        k, _, first, steps = curriculum.stage_of(step)
+        stage = SimpleNamespace(lr=lrs[k], min_lr=lrs[k] / 10, warmup_steps=min(args.warmup_steps, steps // 4),
+                                max_steps=steps)
+        return lr_at(step - first, stage)
+
+    def get_step(step):
+        k, name, first, steps = curriculum.stage_of(step)
+        if step == first or (args.resume and step == start_step):
+            log(f"stage {k + 1}/{len(curriculum.stages)} {name}: steps {first + 1}-{first + steps}, peak lr "
+                f"{lrs[k]:.1e}")
+        batch = torch.from_numpy(curriculum.batch(step)).to(device)
+        return Step(micro_batches_of(batch, args, rank, world), n_trained=curriculum.n_trained[step])
+
+    prepare_out(out, args.resume)
+    model = Transformer.from_pretrained(init, device=device, dtype=torch.float32)
+    config = model.config
+    export_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype, torch.float32)
+    dtype = torch.bfloat16 if (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) == "bfloat16" \
+        else torch.float32
+    model.activation_checkpointing = args.activation_checkpointing
+    model = shard_model(model, device, dtype, compile=args.compile)
+    optimizer = make_optimizer(model, SimpleNamespace(lr=lrs[0], weight_decay=args.weight_decay), device)
+    start_step = 0
+    if args.resume:
+        path = checkpoint_dirs(out)[-1]
+        start_step = load_checkpoint(model, optimizer, path)
+        truncate_metrics(os.path.join(out, "metrics.jsonl"), start_step)
+        log(f"resumed from {path} at step {start_step}")
+    else:
+        log(f"SFT of {init}: {len(curriculum.stages)} stage(s) "
+            f"{', '.join(f'{n} ({s} steps)' for n, _, s in curriculum.stages)}; {args.max_steps} steps of "
+            f"{args.batch_size} conversations; padding {curriculum.padding():.1%} of positions")
+    eval_steps = {first + steps for _, first, steps in curriculum.stages}
+    train_loop(model, optimizer, get_step, sft_loss, args, out, config=config, start_step=start_step,
+               evaluate_fn=(lambda: val_losses(model, val, device=device, batch_size=args.batch_size))
+               if val else None, lr_fn=lr_fn, eval_steps=eval_steps, device=device)
+
+    # A chat model stops at the end of its turn: list <|im_end|> / <|eot_id|> among the eos ids (as Qwen2.5-Instruct
+    # and Llama-3-Instruct configs do), so transformers, vLLM and our speculative.py stop there.
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    config.eos_token_id = [e for e in eos if e is not None] + [end_of_turn_id(tokenizer)]
+    config.eos_token_id = list(dict.fromkeys(config.eos_token_id))
+    export_hf(model, config, tokenizer, out, export_dtype)
+    if rank == 0:
+        print(stage_table(os.path.join(out, "metrics.jsonl"), curriculum))
+    return out
+
+
+def stage_table(metrics_path, curriculum):
+    """Each stage's val loss before SFT and after each stage: the curriculum's effect, stage by stage."""
+    rows = [json.loads(line) for line in open(metrics_path)]
+    evals = {r["step"]: r for r in rows if any(k.startswith("val/") for k in r)}
+    names = sorted({k[4:] for r in evals.values() for k in r if k.startswith("val/")})
+    if not names:
+        return ""
+    points = [("before", 0)] + [(f"after {n}", first + steps) for n, first, steps in curriculum.stages]
+    lines = ["", "| val loss (nats/token) | " + " | ".join(p for p, _ in points) + " |",
+             "| --- |" + " --- |" * len(points)]
+    for n in names:
+        cells = [f"{evals[s][f'val/{n}']:.4f}" if s in evals and f"val/{n}" in evals[s] else "" for _, s in points]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        run(args)
+    except FloatingPointError as e:
+        raise SystemExit(str(e)) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

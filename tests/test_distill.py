@@ -1,0 +1,126 @@
+"""distill.py: each distillation loss equals its formula (and is 0 for identical distributions), 1 - TVD is the
+speculative acceptance probability, a few distillation steps bring a tiny student closer to its teacher, and a
+student with another tokenizer is refused."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from data import Tokenizer
+from distill import LOSSES, distillation_loss
+from model import ModelConfig, Transformer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def reference(kind, s_logits, t_logits, mask, T):
+    """The formulas, written out with numpy in float64, position by position."""
+    values = []
+    for s, t in zip(s_logits.reshape(-1, s_logits.shape[-1]), t_logits.reshape(-1, t_logits.shape[-1])):
+        q, p = softmax(s / T), softmax(t / T)
+        m = (p + q) / 2
+        values.append({"fkl": T ** 2 * np.sum(p * np.log(p / q)), "rkl": np.sum(q * np.log(q / p)),
+                       "jsd": 0.5 * np.sum(p * np.log(p / m)) + 0.5 * np.sum(q * np.log(q / m)),
+                       "tvd": 0.5 * np.sum(np.abs(p - q))}[kind])
+    values, mask = np.array(values), mask.reshape(-1)
+    return (values * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_losses_equal_their_formulas(kind, temperature):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g) * 2, torch.randn(2, 5, 11, generator=g) * 2
+    mask = torch.rand(2, 5, generator=g) < 0.6
+    ours = distillation_loss(s, t, mask, kind, temperature).item()
+    expected = reference(kind, s.double().numpy(), t.double().numpy(), mask.double().numpy(), temperature)
+    assert ours == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert distillation_loss(t, t, mask, kind, temperature).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_padded_vocabulary_is_cut_to_the_shared_ids():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(3, 10, generator=g), torch.randn(3, 10, generator=g)
+    padded = torch.cat([s, torch.randn(3, 6, generator=g)], -1)  # e.g. Qwen's embedding padded to 64 / 128
+    assert distillation_loss(padded, t, kind="fkl").item() == pytest.approx(distillation_loss(s, t).item())
+
+
+def test_one_minus_tvd_is_the_acceptance_probability():
+    """Leviathan et al. Corollary 3.6: P(accept) = sum_x min(p(x), q(x)) = 1 - TVD(p, q)."""
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(7, 13, generator=g), torch.randn(7, 13, generator=g)
+    p, q = t.softmax(-1), s.softmax(-1)
+    accept = torch.minimum(p, q).sum(-1).mean()
+    assert 1 - distillation_loss(s, t, kind="tvd").item() == pytest.approx(accept.item(), abs=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# distill.py end to end
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A small teacher, pretrained for a few steps by train.py on a slice of the telco corpus: its distributions
+    have the structure (word frequencies, common continuations) that a new student can pick up in a few steps."""
+    root = tmp_path_factory.mktemp("distill")
+    src = os.path.join(REPO, "data", "telco")
+    for split, n in (("train", 6), ("val", 2)):
+        os.makedirs(root / "data" / "telco" / split)
+        for f in sorted(os.listdir(os.path.join(src, split)))[:n]:
+            (root / "data" / "telco" / split / f).write_text(open(os.path.join(src, split, f)).read())
+    texts = [open(root / "data" / "telco" / "train" / f).read() for f in os.listdir(root / "data" / "telco" / "train")]
+    tok = Tokenizer.train(texts, 400)
+    tok.save_pretrained(root / "tokenizer")
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), "--domain", "telco", "--replay-domain", "telco",
+           "--replay-ratio", "0", "--data-root", str(root / "data"), "--init-from", "tiny", "--tokenizer",
+           str(root / "tokenizer"), "--out", str(root / "teacher"), "--seq-len", "64", "--batch-size", "8",
+           "--micro-batch-size", "8", "--max-steps", "25", "--lr", "3e-3", "--warmup-steps", "3",
+           "--eval-every", "0", "--save-every", "0"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, tok
+
+
+def run_distill(root, out, *extra):
+    cmd = [sys.executable, os.path.join(REPO, "distill.py"), "--teacher", str(root / "teacher"), "--domain",
+           "telco", "--data-root", str(root / "data"), "--out", str(out), "--batch-size", "4",
+           "--micro-batch-size", "4", "--seq-len", "64", "--gen-tokens", "16", "--prompt-tokens", "8",
+           "--accept-prompts", "2", "--eval-every", "0", "--save-every", "0", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
+
+
+@pytest.mark.parametrize("data,loss", [("text", "fkl"), ("teacher", "tvd"), ("student", "jsd")])
+def test_a_few_steps_lower_tvd_to_the_teacher(teacher, data, loss):
+    root, _ = teacher
+    out = root / f"draft-{data}"
+    result = run_distill(root, out, "--student", "tiny", "--data", data, "--loss", loss, "--max-steps", "10",
+                         "--lr", "3e-3", "--warmup-steps", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    tvd = [r["tvd/telco"] for r in rows if "tvd/telco" in r]
+    assert len(tvd) == 2 and tvd[1] < tvd[0] - 0.02, tvd
+    assert "before distillation: acceptance rate" in result.stderr + result.stdout
+    assert "after distillation: acceptance rate" in result.stderr + result.stdout
+    assert Transformer.from_pretrained(out).config.vocab_size == Tokenizer.from_pretrained(out).n_vocab
+
+
+def test_student_with_another_tokenizer_is_refused(teacher, tmp_path):
+    root, _ = teacher
+    other = Tokenizer.train(["completely different words for another vocabulary " * 30], 300)
+    torch.manual_seed(0)
+    student = Transformer(ModelConfig.from_preset("tiny", vocab_size=other.n_vocab, n_layers=1))
+    student.save_pretrained(tmp_path / "student")
+    other.save_pretrained(tmp_path / "student")
+    result = run_distill(root, tmp_path / "out", "--student", str(tmp_path / "student"), "--max-steps", "1")
+    assert result.returncode != 0
+    assert "different tokenizers" in result.stderr and "they must share one" in result.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -1,0 +1,220 @@
+"""Chat rendering and curriculum SFT: render_chat gives apply_chat_template's ids for a ChatML and a Llama-3
+tokenizer, the mask covers exactly the assistant turns, the curriculum keeps its stages in order (or pools them with
+--single-stage), and sft.py turns a checkpoint into an HF chat model that transformers loads."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from data import IGNORE, Curriculum, Tokenizer, read_conversations, render_chat
+from model import ModelConfig, Transformer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Meta's Llama-3 (3.0) chat template: each message trimmed, bos before the first.
+LLAMA3_TEMPLATE = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+                   "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+                   "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful telco assistant."},
+    {"role": "user", "content": "Why is my data slow after 20 GB?\n"},
+    {"role": "assistant", "content": "Your plan throttles to 1 Mbps after its fair-use allowance."},
+    {"role": "user", "content": "  Can I buy more?  "},
+    {"role": "assistant", "content": "\nYes: a 5 GB add-on restores full speed until the bill date.\n\n"},
+]
+
+
+def corpus_texts(n=15):
+    folder = os.path.join(REPO, "data", "telco", "train")
+    return [open(os.path.join(folder, f), encoding="utf-8").read() for f in sorted(os.listdir(folder))[:n]]
+
+
+@pytest.fixture(scope="module")
+def chatml(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chatml")
+    Tokenizer.train(corpus_texts(), 500).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    """A Llama-3-style tokenizer: header and end-of-turn special tokens, bos, and Llama-3's template."""
+    path = tmp_path_factory.mktemp("llama3")
+    Tokenizer.train(corpus_texts(), 500, special_tokens=LLAMA3_SPECIALS).save_pretrained(path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.update(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=LLAMA3_TEMPLATE)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+def hf_ids(path, messages, add_generation_prompt=False):
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    return list(hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+                ["input_ids"])
+
+
+@pytest.mark.parametrize("fmt", ["chatml", "llama3"])
+@pytest.mark.parametrize("n_messages,generation_prompt", [(5, False), (3, False), (2, True), (4, True)])
+def test_render_chat_equals_apply_chat_template(fmt, n_messages, generation_prompt, request):
+    path = request.getfixturevalue(fmt)
+    tok = Tokenizer.from_pretrained(path)
+    messages = MESSAGES[:n_messages]
+    ids, mask = render_chat(tok, messages, add_generation_prompt=generation_prompt)
+    assert ids == hf_ids(path, messages, generation_prompt)
+    assert len(mask) == len(ids)
+
+
+@pytest.mark.parametrize("fmt,end", [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>")])
+def test_mask_is_exactly_the_assistant_turns(fmt, end, request):
+    tok = Tokenizer.from_pretrained(request.getfixturevalue(fmt))
+    messages = [m if m["role"] != "assistant" else {**m, "content": m["content"].strip()} for m in MESSAGES]
+    ids, mask = render_chat(tok, messages)
+    trained = [i for i, m in zip(ids, mask) if m]
+    expected = [t for m in messages if m["role"] == "assistant"
+                for t in tok.encode(m["content"]) + [tok.special_tokens[end]]]
+    assert trained == expected
+    # contiguous spans: one per assistant turn, each ending on the end-of-turn token
+    spans = [i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1])]
+    assert len(spans) == 2
+
+
+def test_bad_conversations_name_file_and_line(tmp_path):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    for row, message in [({"messages": [{"role": "robot", "content": "x"}]}, "role 'robot'"),
+                         ({"messages": [{"role": "user", "content": "x"}]}, "no assistant message"),
+                         ({"messages": [{"role": "user", "content": ["x"]}, {"role": "assistant", "content": "y"}]},
+                          "content must be a string"),
+                         ({"text": "x"}, 'expected a row {"messages"')]:
+        path = tmp_path / "stage.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=rf"stage.jsonl:2: .*{message}"):
+            read_conversations(path)
+
+
+# -----------------------------------------------------------------------------
+# The curriculum
+
+
+def rows(stage, n):
+    """Rows whose ids identify their stage and index: ids = [stage, i, ...] of varying length."""
+    return [([stage, i, 7] + [7] * (i % 5), [IGNORE] + [i] * (1 + i % 5)) for i in range(n)]
+
+
+def test_curriculum_keeps_stages_in_order_with_their_epochs():
+    stages = [("a", rows(0, 20), 1), ("b", rows(1, 12), 2), ("c", rows(2, 8), 3)]
+    cur = Curriculum(stages, batch_size=4, seed=0)
+    assert [(n, s) for n, _, s in cur.stages] == [("a", 5), ("b", 6), ("c", 6)]
+    seen = {}
+    for step in range(len(cur)):
+        k, name, _, _ = cur.stage_of(step)
+        batch = cur.batch(step)
+        assert set(batch[:, 0, 0].tolist()) == {k}  # a batch holds only its own stage's rows
+        for i in batch[:, 0, 1].tolist():
+            seen[k, i] = seen.get((k, i), 0) + 1
+    assert all(seen[0, i] == 1 for i in range(20))
+    assert all(seen[1, i] == 2 for i in range(12))
+    assert all(seen[2, i] == 3 for i in range(8))
+
+
+def test_single_stage_pools_the_same_examples():
+    stages = [("a", rows(0, 20), 1), ("b", rows(1, 12), 2), ("c", rows(2, 8), 3)]
+    cur = Curriculum(stages, batch_size=4, seed=0, single_stage=True)
+    assert len(cur.stages) == 1 and len(cur) == 17  # 20 + 24 + 24 = 68 rows
+    firsts = [set(cur.batch(s)[:, 0, 0].tolist()) for s in range(len(cur))]
+    assert set().union(*firsts[:4]) > {0}  # stages mixed from the start
+    counts = np.bincount(np.concatenate([cur.batch(s)[:, 0, 0] for s in range(len(cur))]))
+    assert counts.tolist() == [20, 24, 24]
+
+
+def test_batches_pad_without_loss_and_are_reproducible():
+    stages = [("a", rows(0, 30), 2)]
+    a, b = Curriculum(stages, 8, seed=3), Curriculum(stages, 8, seed=3)
+    for s in range(len(a)):
+        assert np.array_equal(a.batch(s), b.batch(s))
+        batch = a.batch(s)
+        assert a.n_trained[s] == int((batch[:, 1] != IGNORE).sum())
+    assert a.padding() < Curriculum(stages, 8, seed=3, pool_batches=1).padding() + 1e-9
+
+
+def test_sft_loss_trains_only_labelled_tokens():
+    from sft import sft_loss
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
+                                    hidden_dim=32, max_seq_len=32))
+    model.init_weights()
+    ids = torch.randint(0, 50, (3, 10))
+    labels = torch.randint(0, 50, (3, 10)).masked_fill(torch.rand(3, 10) < 0.5, IGNORE)
+    logits = model(ids)
+    keep = labels != IGNORE
+    expected = -F.log_softmax(logits, -1)[keep].gather(-1, labels[keep][:, None]).sum()
+    torch.testing.assert_close(sft_loss(model, torch.stack([ids, labels], 1)), expected)
+
+
+# -----------------------------------------------------------------------------
+# sft.py end to end
+
+
+@pytest.fixture(scope="module")
+def sft_setup(tmp_path_factory, chatml):
+    """A tiny base model on the ChatML tokenizer, and a domain with three small stages and their val sets."""
+    root = tmp_path_factory.mktemp("sft")
+    torch.manual_seed(0)
+    tok = Tokenizer.from_pretrained(chatml)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=tok.n_vocab, n_layers=2, dim=64, n_heads=4,
+                                                n_kv_heads=2, hidden_dim=128, eos_token_id=tok.eos_id))
+    model.init_weights()
+    model.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    src = os.path.join(REPO, "data", "telco", "sft")
+    for name in sorted(f for f in os.listdir(src) if f.endswith(".jsonl")):
+        for sub, n in (("", 12), ("val", 4)):
+            os.makedirs(root / "data" / "telco" / "sft" / sub, exist_ok=True)
+            lines = open(os.path.join(src, sub, name), encoding="utf-8").read().splitlines()[:n]
+            (root / "data" / "telco" / "sft" / sub / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def run_sft(root, out, *extra):
+    cmd = [sys.executable, os.path.join(REPO, "sft.py"), "--init-from", str(root / "base"), "--domain", "telco",
+           "--data-root", str(root / "data"), "--out", str(out), "--batch-size", "4", "--micro-batch-size", "2",
+           "--seq-len", "128", "--epochs", "1", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
+
+
+def test_sft_cli_writes_a_chat_model(sft_setup):
+    out = sft_setup / "out-sft"
+    result = run_sft(sft_setup, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    evals = [r for r in rows if "val/3_expert" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6, 9]  # before, and after each 3-step stage
+    assert rows[-1]["step"] == 9 and all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert "| 3_expert |" in result.stdout  # the per-stage table
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in hf.config.eos_token_id
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    ids = torch.tensor([render_chat(Tokenizer.from_pretrained(out), MESSAGES[:2], True)[0]])
+    ours = Transformer.from_pretrained(out)(ids)
+    torch.testing.assert_close(ours, hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_sft_single_stage_and_bad_flags(sft_setup):
+    out = sft_setup / "out-single"
+    result = run_sft(sft_setup, out, "--single-stage")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1_general+2_telco+3_expert (9 steps)" in result.stderr + result.stdout
+    bad = run_sft(sft_setup, sft_setup / "out-bad", "--epochs", "1,2")
+    assert bad.returncode != 0 and "--epochs '1,2': give one value or one per stage (3 stages)" in bad.stderr
+    shutil.rmtree(sft_setup / "out-bad", ignore_errors=True)
