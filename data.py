@@ -472,6 +472,22 @@ def corpus_files(data_root, domain, split):
     return files
 
 
+def read_jsonl(path):
+    """Yield ("file:line", row) for each non-blank line of a .jsonl file; a line that is not a JSON object is an
+    error naming its file and line (callers check the row's keys and name the place the same way)."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object")
+            yield f"{path}:{lineno}", row
+
+
 def read_documents(files):
     """Yield the documents of these files one at a time (never the whole corpus in memory)."""
     for path in files:
@@ -479,17 +495,10 @@ def read_documents(files):
             with open(path, encoding="utf-8") as f:
                 yield f.read()
             continue
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ValueError(f'{path}:{lineno}: expected a row {{"text": <string>}}')
-                yield row["text"]
+        for where, row in read_jsonl(path):
+            if not isinstance(row.get("text"), str):
+                raise ValueError(f'{where}: expected a row {{"text": <string>}}')
+            yield row["text"]
 
 
 def tokenize_corpus(tokenizer, data_root, domain, split, batch_bytes=8 << 20):
@@ -697,24 +706,16 @@ def read_conversations(path):
     """The conversations of a .jsonl file, [(messages, "file:line"), ...]; a malformed row is an error naming its
     file and line (SFT rows need at least one assistant turn: nothing else is trained)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "messages" not in row:
-                raise ValueError(f'{where}: expected a row {{"messages": [...]}}')
-            try:
-                check_messages(row["messages"])
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            if not any(m["role"] == "assistant" for m in row["messages"]):
-                raise ValueError(f"{where}: no assistant message, so nothing to train on")
-            rows.append((row["messages"], where))
+    for where, row in read_jsonl(path):
+        if "messages" not in row:
+            raise ValueError(f'{where}: expected a row {{"messages": [...]}}')
+        try:
+            check_messages(row["messages"])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if not any(m["role"] == "assistant" for m in row["messages"]):
+            raise ValueError(f"{where}: no assistant message, so nothing to train on")
+        rows.append((row["messages"], where))
     if not rows:
         raise ValueError(f"{path}: no conversations")
     return rows

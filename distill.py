@@ -16,7 +16,6 @@ The loop, checkpoints, resume and HF export are train.py's; speculative decoding
 """
 import argparse
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -28,8 +27,8 @@ from data import (IGNORE, Tokenizer, WindowSampler, pad_rows, read_conversations
 from model import PRESETS, ModelConfig, Transformer
 from speculative import (check_same_tokenizer, cost_ratio, generate, is_chat_model, predicted_speedup,
                          speculative_generate, stop_id)
-from train import (Step, check_batch_sizes, checkpoint_dirs, export_hf, load_checkpoint, log, make_optimizer,
-                   micro_batches_of, prepare_out, setup_distributed, shard_model, train_loop, truncate_metrics)
+from train import (Step, check_batch_sizes, compute_dtype, export_hf, launch, log, make_optimizer,
+                   micro_batches_of, prepare_out, resume, setup_distributed, shard_model, train_loop)
 
 LOSSES = ("fkl", "rkl", "jsd", "tvd")
 
@@ -210,8 +209,7 @@ def run(args):
     out = args.out or os.path.join("out", f"{args.domain}-draft")
     if not os.path.isfile(os.path.join(args.teacher, "config.json")):
         raise SystemExit(f"--teacher {args.teacher}: not an HF model directory")
-    dtype = torch.bfloat16 if (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) == "bfloat16" \
-        else torch.float32
+    dtype = compute_dtype(args, device)
     tokenizer = Tokenizer.from_pretrained(args.teacher)
     try:
         teacher = Transformer.from_pretrained(args.teacher, device=device, dtype=dtype).eval().requires_grad_(False)
@@ -229,7 +227,6 @@ def run(args):
     pad_id = tokenizer.eos_id or 0
 
     # The data, as (ids, labels) rows; the student's own samples are drawn inside get_step.
-    rng = np.random.default_rng(args.seed)
     if args.data == "text":
         windows = WindowSampler(tokenize_corpus(tokenizer, args.data_root, args.domain, "train"), args.seq_len,
                                 args.seed)
@@ -298,13 +295,8 @@ def run(args):
             tvd = distillation_loss(model(x), teacher(x), mask, "tvd").item()
         return {f"tvd/{args.domain}": tvd}
 
-    start_step = 0
-    if args.resume:
-        path = checkpoint_dirs(out)[-1]
-        start_step = load_checkpoint(model, optimizer, path)
-        truncate_metrics(os.path.join(out, "metrics.jsonl"), start_step)
-        log(f"resumed from {path} at step {start_step}")
-    else:
+    start_step = resume(model, optimizer, out) if args.resume else 0
+    if not args.resume:
         log(f"distilling {args.teacher} ({teacher.config.num_params() / 1e6:.1f}M) into a "
             f"{student.config.num_params() / 1e6:.1f}M student ({args.student}): {args.loss} loss on "
             f"{args.data} data, {args.max_steps} steps of {args.batch_size} sequences")
@@ -319,14 +311,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = get_args(argv)
-    try:
-        run(args)
-    except FloatingPointError as e:
-        raise SystemExit(str(e)) from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    launch(run, get_args(argv))
 
 
 if __name__ == "__main__":

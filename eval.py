@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import corpus_files, render_chat, tokenize_corpus
+from data import corpus_files, read_jsonl, render_chat, tokenize_corpus
 from speculative import (check_same_tokenizer, generate, is_chat_model, load, speculative_generate, stop_id)
 from train import evaluate
 
@@ -112,23 +112,14 @@ def rouge1(hyps, refs):
 # Eval files
 
 
-def read_jsonl(path, check):
+def read_eval_file(path, check):
     """Rows of a .jsonl eval file; check(row) returns what is wrong with a row, or None. Errors name file:line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            problem = check(row) if isinstance(row, dict) else "expected a JSON object"
-            if problem:
-                raise ValueError(f"{path}:{lineno}: {problem}")
-            rows.append(row)
+    for where, row in read_jsonl(path):
+        problem = check(row)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
@@ -282,7 +273,8 @@ def load_tasks(args):
         found = {name: folder / f"{name}.jsonl" for name in ("mcq", "qa") if (folder / f"{name}.jsonl").is_file()}
         if d == args.domain and not found:
             raise FileNotFoundError(f"{folder}/: no mcq.jsonl or qa.jsonl (see DESIGN.md for their rows)")
-        tasks[d] = {name: read_jsonl(path, check_mcq if name == "mcq" else check_qa) for name, path in found.items()}
+        tasks[d] = {name: read_eval_file(str(path), check_mcq if name == "mcq" else check_qa)
+                    for name, path in found.items()}
     return tasks
 
 
@@ -303,10 +295,10 @@ def add_retention(results, general):
             m[f"retention_mcq/{general}"] = m[f"mcq_acc_norm/{general}"] / base[f"mcq_acc_norm/{general}"]
 
 
-def markdown_table(results):
+def markdown_table(results, domains):
     names = list(results)
     keys = list(dict.fromkeys(k for m in results.values() for k in m))
-    keys.sort(key=lambda k: (k.split("/")[1], list(LABELS).index(k.split("/")[0])))
+    keys.sort(key=lambda k: (domains.index(k.split("/")[1]), list(LABELS).index(k.split("/")[0])))
     lines = ["| metric | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     for key in keys:
         kind, d = key.split("/")
@@ -351,7 +343,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     add_retention(results, args.general)
-    table = markdown_table(results)
+    table = markdown_table(results, list(tasks))
     print(table)
     out = Path(args.out or os.path.join("out", f"eval-{args.domain}"))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,14 +19,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import IGNORE, Curriculum, Tokenizer, chat_format, end_of_turn_id, read_conversations, sft_row
 from model import Transformer
-from train import (Step, check_batch_sizes, checkpoint_dirs, export_hf, load_checkpoint, log, lr_at,
-                   make_optimizer, micro_batches_of, prepare_out, setup_distributed, shard_model, train_loop,
-                   truncate_metrics)
+from train import (Step, check_batch_sizes, compute_dtype, export_hf, launch, log, lr_at, make_optimizer,
+                   micro_batches_of, prepare_out, resume, setup_distributed, shard_model, train_loop)
 
 
 def get_args(argv=None):
@@ -169,18 +167,12 @@ def run(args):
     model = Transformer.from_pretrained(init, device=device, dtype=torch.float32)
     config = model.config
     export_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype, torch.float32)
-    dtype = torch.bfloat16 if (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) == "bfloat16" \
-        else torch.float32
+    dtype = compute_dtype(args, device)
     model.activation_checkpointing = args.activation_checkpointing
     model = shard_model(model, device, dtype, compile=args.compile)
     optimizer = make_optimizer(model, SimpleNamespace(lr=lrs[0], weight_decay=args.weight_decay), device)
-    start_step = 0
-    if args.resume:
-        path = checkpoint_dirs(out)[-1]
-        start_step = load_checkpoint(model, optimizer, path)
-        truncate_metrics(os.path.join(out, "metrics.jsonl"), start_step)
-        log(f"resumed from {path} at step {start_step}")
-    else:
+    start_step = resume(model, optimizer, out) if args.resume else 0
+    if not args.resume:
         log(f"SFT of {init}: {len(curriculum.stages)} stage(s) "
             f"{', '.join(f'{n} ({s} steps)' for n, _, s in curriculum.stages)}; {args.max_steps} steps of "
             f"{args.batch_size} conversations; padding {curriculum.padding():.1%} of positions")
@@ -217,14 +209,7 @@ def stage_table(metrics_path, curriculum):
 
 
 def main(argv=None):
-    args = get_args(argv)
-    try:
-        run(args)
-    except FloatingPointError as e:
-        raise SystemExit(str(e)) from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    launch(run, get_args(argv))
 
 
 if __name__ == "__main__":

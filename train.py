@@ -137,6 +137,12 @@ def shard_model(model, device, dtype, compile=False):
     return model
 
 
+def compute_dtype(args, device):
+    """--dtype, by default bf16 on GPU and fp32 on CPU (where bf16 matmuls are slow)."""
+    return torch.bfloat16 if (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) == "bfloat16" \
+        else torch.float32
+
+
 def make_optimizer(model, args, device):
     """AdamW; no weight decay on norms and biases (1-D tensors)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -185,6 +191,16 @@ def save_checkpoint(model, optimizer, out, step, keep):
             shutil.rmtree(old)
     dist.barrier()
     return path
+
+
+def resume(model, optimizer, out):
+    """Continue the run in <out> from its newest checkpoint; metrics rows written after it are dropped (they are
+    about to be redone). Returns the step to start from."""
+    path = checkpoint_dirs(out)[-1]
+    step = load_checkpoint(model, optimizer, path)
+    truncate_metrics(os.path.join(out, "metrics.jsonl"), step)
+    log(f"resumed from {path} at step {step}")
+    return step
 
 
 def load_checkpoint(model, optimizer, path):
@@ -431,8 +447,7 @@ def run(args):
         raise SystemExit(f"--seq-len {args.seq_len} exceeds the model's context ({config.max_seq_len} tokens)")
     export_dtype = model.lm_head.weight.dtype if args.init_from in PRESETS else \
         {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype, torch.float32)
-    dtype = torch.bfloat16 if (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) == "bfloat16" \
-        else torch.float32
+    dtype = compute_dtype(args, device)
     model.activation_checkpointing = args.activation_checkpointing
     model = shard_model(model, device, dtype, compile=args.compile)
     optimizer = make_optimizer(model, args, device)
@@ -459,13 +474,8 @@ def run(args):
     def evaluate_fn():
         return evaluate(model, val, args.seq_len, args.micro_batch_size, token_bytes, device, args.eval_windows)
 
-    start_step = 0
-    if args.resume:
-        path = checkpoint_dirs(out)[-1]
-        start_step = load_checkpoint(model, optimizer, path)
-        truncate_metrics(os.path.join(out, "metrics.jsonl"), start_step)
-        log(f"resumed from {path} at step {start_step}")
-    else:
+    start_step = resume(model, optimizer, out) if args.resume else 0
+    if not args.resume:
         log(f"training {config.num_params() / 1e6:.1f}M parameters from {args.init_from}; {world} process(es) on "
             f"{device.type}; data/{args.domain} with {args.replay_ratio:.0%} data/{args.replay_domain} replay; "
             f"{args.max_steps} steps of {args.batch_size} x {args.seq_len} tokens")
@@ -498,15 +508,19 @@ def summary_table(before, after, domain, replay):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    args = get_args(argv)
+def launch(run, args):
+    """Run a training command (train.py, sft.py, distill.py) and leave the process group cleanly."""
     try:
-        run(args)
+        return run(args)
     except FloatingPointError as e:  # a diverged run: say which step and which checkpoint is good, no traceback
         raise SystemExit(str(e)) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv=None):
+    launch(run, get_args(argv))
 
 
 if __name__ == "__main__":
