@@ -218,3 +218,21 @@ def test_sft_single_stage_and_bad_flags(sft_setup):
     bad = run_sft(sft_setup, sft_setup / "out-bad", "--epochs", "1,2")
     assert bad.returncode != 0 and "--epochs '1,2': give one value or one per stage (3 stages)" in bad.stderr
     shutil.rmtree(sft_setup / "out-bad", ignore_errors=True)
+
+
+def test_sft_resumes_mid_curriculum(sft_setup):
+    """Resuming from the step-6 checkpoint (stage 3 of 3) redoes steps 7-9 with the same losses."""
+    out = sft_setup / "out-resume"
+    first = run_sft(sft_setup, out, "--save-every", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    losses = {r["step"]: r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r}
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+    again = run_sft(sft_setup, out, "--save-every", "3", "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    printed = again.stdout + again.stderr
+    assert "resumed from" in printed and "stage 3/3 3_expert" in printed
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 10))  # rows after step 6 were redone once
+    for r in rows:
+        if "loss" in r and r["step"] > 6:
+            assert r["loss"] == pytest.approx(losses[r["step"]], abs=1e-5)
