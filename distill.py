@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from data import (IGNORE, Tokenizer, WindowSampler, pad_rows, read_conversations, render_chat, sft_row,
                   tokenize_corpus)
 from model import PRESETS, ModelConfig, Transformer
-from speculative import (check_same_tokenizer, cost_ratio, generate, is_chat_model, predicted_speedup,
-                         speculative_generate, stop_id)
+from speculative import (check_same_tokenizer, cost_ratio, generate, is_chat_model, pooled_stats,
+                         predicted_speedup, speculative_generate, stop_id)
 from train import (Step, check_batch_sizes, compute_dtype, export_hf, launch, log, make_optimizer,
                    micro_batches_of, prepare_out, resume, setup_distributed, shard_model, train_loop)
 
@@ -154,9 +154,13 @@ def sample_rows(model, prompts, args, eos_id, dtype):
         new = generate(model, prompt, args.gen_tokens, temperature=args.gen_temperature)
         if eos_id in new:
             new = new[:new.index(eos_id) + 1]
-        ids = prompt + new
-        rows.append((ids, [IGNORE] * (len(prompt) - 1) + new))
+        rows.append(continuation_row(prompt, new))
     return rows
+
+
+def continuation_row(prompt, new):
+    """(ids, labels) distilling only the generated tokens: the labels of the prompt's positions are IGNORE."""
+    return prompt + new, [IGNORE] * (len(prompt) - 1) + new
 
 
 def gather_rows(rows):
@@ -181,12 +185,9 @@ def acceptance(teacher, student, tokenizer, prompts, args):
     result = {"cost_ratio": c}
     for temperature in (0.0, 1.0):
         torch.manual_seed(args.seed)
-        accepted = rejected = 0
-        for prompt in prompts:
-            _, stats = speculative_generate(teacher, student, prompt, args.gen_tokens, gamma=args.gamma,
-                                            temperature=temperature, eos_id=eos)
-            accepted, rejected = accepted + stats["accepted"], rejected + stats["rejected"]
-        a = accepted / max(accepted + rejected, 1)
+        runs = [speculative_generate(teacher, student, prompt, args.gen_tokens, gamma=args.gamma,
+                                     temperature=temperature, eos_id=eos)[1] for prompt in prompts]
+        a = pooled_stats(runs, args.gamma)["acceptance_rate"]
         name = "greedy" if temperature == 0 else "T=1"
         result[f"acceptance_{name}"] = a
         result[f"predicted_speedup_{name}"] = predicted_speedup(a, args.gamma, c)
@@ -286,9 +287,7 @@ def run(args):
         acceptance of a draft token)."""
         nonlocal val_rows
         if val_rows is None:
-            val_rows = [(p + generate(teacher, p, args.gen_tokens), None) for p in held_out]
-            val_rows = [(ids, [IGNORE] * (len(ids) - args.gen_tokens - 1) + ids[-args.gen_tokens:])
-                        for ids, _ in val_rows]
+            val_rows = [continuation_row(p, generate(teacher, p, args.gen_tokens)) for p in held_out]
         batch = torch.from_numpy(pad_rows(val_rows, pad_id)).to(device)
         with torch.no_grad():
             x, mask = batch[:, 0], batch[:, 1] != IGNORE

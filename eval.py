@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import corpus_files, read_jsonl, render_chat, tokenize_corpus
-from speculative import (check_same_tokenizer, generate, is_chat_model, load, speculative_generate, stop_id)
+from speculative import (check_same_tokenizer, generate, is_chat_model, load, pooled_stats, prompt_ids,
+                         speculative_generate, stop_id)
 from train import evaluate
 
 # -----------------------------------------------------------------------------
@@ -201,8 +202,7 @@ def qa_prompt(model, tokenizer, row):
     if is_chat_model(model, tokenizer):
         return render_chat(tokenizer, messages, add_generation_prompt=True)[0]
     question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    return bos + tokenizer.encode(f"Question: {question}\nAnswer:")
+    return prompt_ids(model, tokenizer, f"Question: {question}\nAnswer:", chat=False)
 
 
 def answer_text(model, tokenizer, ids):
@@ -214,7 +214,7 @@ def answer_text(model, tokenizer, ids):
 
 def qa(model, tokenizer, rows, max_new_tokens, draft=None, gamma=4, desc="qa"):
     """Greedy answers (speculative with a draft: identical text, faster) scored against the references."""
-    hyps, accepted = [], []
+    hyps, runs = [], []
     for row in tqdm(rows, desc=desc, unit="q", leave=False):
         ids = qa_prompt(model, tokenizer, row)
         max_new = min(max_new_tokens, model.config.max_seq_len - len(ids) - gamma - 1)
@@ -223,12 +223,12 @@ def qa(model, tokenizer, rows, max_new_tokens, draft=None, gamma=4, desc="qa"):
         else:
             new, stats = speculative_generate(model, draft, ids, max_new, gamma=gamma,
                                               eos_id=stop_id(model, tokenizer))
-            accepted.append(stats["acceptance_rate"])
+            runs.append(stats)
         hyps.append(answer_text(model, tokenizer, new))
     refs = [r["reference"] for r in rows]
     result = {"rouge1": rouge1(hyps, refs), "bleu4": bleu4(hyps, refs)}
-    if accepted:
-        result["acceptance_rate"] = sum(accepted) / len(accepted)
+    if runs:
+        result["acceptance_rate"] = pooled_stats(runs, gamma)["acceptance_rate"]
     return result, hyps
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from data import IGNORE, Curriculum, Tokenizer, chat_format, end_of_turn_id, read_conversations, sft_row
-from model import Transformer
+from model import DTYPES, Transformer
 from train import (Step, check_batch_sizes, compute_dtype, export_hf, launch, log, lr_at, make_optimizer,
                    micro_batches_of, prepare_out, resume, setup_distributed, shard_model, train_loop)
 
@@ -84,11 +84,8 @@ def per_stage(flag, value, n, kind):
 
 def tokenize_stage(tokenizer, path, seq_len):
     rows, cut = [], 0
-    for messages, where in read_conversations(path):
-        try:
-            ids, labels, was_cut = sft_row(tokenizer, messages, seq_len)
-        except ValueError as e:
-            raise SystemExit(f"{where}: {e}") from None
+    for messages, _ in read_conversations(path):
+        ids, labels, was_cut = sft_row(tokenizer, messages, seq_len)
         rows.append((ids, labels))
         cut += was_cut
     if cut:
@@ -166,7 +163,7 @@ def run(args):
     prepare_out(out, args.resume)
     model = Transformer.from_pretrained(init, device=device, dtype=torch.float32)
     config = model.config
-    export_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype, torch.float32)
+    export_dtype = DTYPES.get(config.dtype, torch.float32)
     dtype = compute_dtype(args, device)
     model.activation_checkpointing = args.activation_checkpointing
     model = shard_model(model, device, dtype, compile=args.compile)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import Tokenizer, end_of_turn_id, render_chat
+from data import Tokenizer, end_of_turn_id, read_jsonl, render_chat
 from model import Transformer
 
 # -----------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def speculative_generate(target, draft, prompt_ids, max_new_tokens, gamma=4, tem
         target(prompt[None, :-1], torch.arange(T - 1, device=device))
         draft(prompt[None, :-1], torch.arange(T - 1, device=device))
     stats = dict(gamma=gamma, rounds=0, target_calls=1 if T > 1 else 0, draft_calls=1 if T > 1 else 0,
-                 drafted=0, accepted=0, rejected=0)
+                 accepted=0, rejected=0)
     out = []
     pos = T - 1                  # position of the last accepted token (the first the target reads this round)
     last = prompt[-1:]           # that token
@@ -199,7 +199,6 @@ def speculative_generate(target, draft, prompt_ids, max_new_tokens, gamma=4, tem
         stats["rounds"] += 1
         stats["target_calls"] += 1
         stats["draft_calls"] += gamma
-        stats["drafted"] += gamma
         stats["accepted"] += n
         stats["rejected"] += n < gamma
         out += new
@@ -223,6 +222,13 @@ def finish_stats(stats):
     stats["acceptance_rate"] = stats["accepted"] / tested if tested else 0.0
     stats["mean_accepted_tokens"] = (stats["accepted"] + stats["rounds"]) / max(stats["rounds"], 1)
     return stats
+
+
+def pooled_stats(runs, gamma):
+    """The stats of several speculative_generate calls as one: counts summed, rates over all of them (so a long
+    answer weighs by its drafts, not as one vote)."""
+    counts = ("rounds", "target_calls", "draft_calls", "accepted", "rejected")
+    return finish_stats(dict(gamma=gamma, **{k: sum(r[k] for r in runs) for k in counts}))
 
 
 def predicted_speedup(alpha, gamma, c):
@@ -334,8 +340,7 @@ def bench_prompts(args):
     path = Path(args.prompts)
     if not path.is_file():
         raise SystemExit(f"--bench: {path} not found; give --prompt or --prompts FILE")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    prompts = [r["prompt"] for r in rows if isinstance(r, dict) and isinstance(r.get("prompt"), str)]
+    prompts = [r["prompt"] for _, r in read_jsonl(path) if isinstance(r.get("prompt"), str)]
     if not prompts:
         raise SystemExit(f"--bench: {path} has no rows with a 'prompt' string")
     return prompts[:args.n_prompts]
@@ -360,8 +365,7 @@ def bench(args, target, draft, tokenizer, device):
     generate(target, prompts[0], 8, **kw)
     speculative_generate(target, draft, prompts[0], 8, gamma=args.gamma, **kw)
     ar_tokens = ar_time = sp_tokens = sp_time = 0
-    totals = dict(accepted=0, rejected=0, rounds=0, target_calls=0, draft_calls=0)
-    same = 0
+    runs, same = [], 0
     for ids in tqdm(prompts, desc="decoding", unit="prompt"):
         torch.manual_seed(args.seed)
         a, t = timed(lambda: generate(target, ids, args.max_new_tokens, **kw), device)
@@ -371,9 +375,8 @@ def bench(args, target, draft, tokenizer, device):
                                                         gamma=args.gamma, **kw), device)
         sp_tokens, sp_time = sp_tokens + len(s), sp_time + t
         same += a == s
-        for k in totals:
-            totals[k] += st[k]
-    stats = finish_stats(dict(totals, gamma=args.gamma))
+        runs.append(st)
+    stats = pooled_stats(runs, args.gamma)
     c = cost_ratio(target, draft)
     result = dict(prompts=len(prompts), gamma=args.gamma, temperature=args.temperature,
                   autoregressive_tokens_per_s=ar_tokens / ar_time, speculative_tokens_per_s=sp_tokens / sp_time,
@@ -406,15 +409,15 @@ def main(argv=None):
         if args.draft:
             draft, draft_tokenizer = load(args.draft, device, dtype)
             check_same_tokenizer(tokenizer, draft_tokenizer)
-    except (FileNotFoundError, ValueError) as e:
+        if args.compile:
+            compile_decoding()
+        if args.bench:
+            if draft is None:
+                raise SystemExit("--bench compares with speculative decoding: give --draft")
+            bench(args, target, draft, tokenizer, device)
+            return
+    except (FileNotFoundError, ValueError) as e:  # includes a malformed --prompts row, named by file:line
         raise SystemExit(f"error: {e}")
-    if args.compile:
-        compile_decoding()
-    if args.bench:
-        if draft is None:
-            raise SystemExit("--bench compares with speculative decoding: give --draft")
-        bench(args, target, draft, tokenizer, device)
-        return
     if not args.prompt:
         raise SystemExit("give --prompt TEXT (or --bench)")
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=stop_id(target, tokenizer))

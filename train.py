@@ -32,7 +32,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from data import ReplayMixture, Tokenizer, corpus_files, find_domains, read_documents, tokenize_corpus
-from model import PRESETS, ModelConfig, Transformer
+from model import DTYPES, PRESETS, ModelConfig, Transformer
 
 # Peak dense bf16 tensor FLOP/s, for MFU (Chowdhery et al. 2022): achieved model FLOP/s over this.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -445,8 +445,7 @@ def run(args):
                          f"vocab_size is {config.vocab_size}")
     if args.seq_len > config.max_seq_len:
         raise SystemExit(f"--seq-len {args.seq_len} exceeds the model's context ({config.max_seq_len} tokens)")
-    export_dtype = model.lm_head.weight.dtype if args.init_from in PRESETS else \
-        {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype, torch.float32)
+    export_dtype = model.lm_head.weight.dtype if args.init_from in PRESETS else DTYPES.get(config.dtype, torch.float32)
     dtype = compute_dtype(args, device)
     model.activation_checkpointing = args.activation_checkpointing
     model = shard_model(model, device, dtype, compile=args.compile)
