@@ -170,9 +170,13 @@ def run(args):
     optimizer = make_optimizer(model, SimpleNamespace(lr=lrs[0], weight_decay=args.weight_decay), device)
     start_step = resume(model, optimizer, out) if args.resume else 0
     if not args.resume:
+        lengths = [len(labels) for _, rows, _ in stages for _, labels in rows]
+        unbucketed = Curriculum(stages, args.batch_size, args.seed, single_stage=args.single_stage, pool_batches=1)
         log(f"SFT of {init}: {len(curriculum.stages)} stage(s) "
             f"{', '.join(f'{n} ({s} steps)' for n, _, s in curriculum.stages)}; {args.max_steps} steps of "
-            f"{args.batch_size} conversations; padding {curriculum.padding():.1%} of positions")
+            f"{args.batch_size} conversations of {sum(lengths) / len(lengths):.0f} tokens on average "
+            f"({min(lengths)}-{max(lengths)}); padding {curriculum.padding():.1%} of positions "
+            f"({unbucketed.padding():.1%} without length bucketing)")
     eval_steps = {first + steps for _, first, steps in curriculum.stages}
     train_loop(model, optimizer, get_step, sft_loss, args, out, config=config, start_step=start_step,
                evaluate_fn=(lambda: val_losses(model, val, device=device, batch_size=args.batch_size))
