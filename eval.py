@@ -256,8 +256,7 @@ def eval_model(path, args, tasks, draft=None):
             for k, v in multiple_choice(model, tokenizer, files["mcq"], args.batch_size).items():
                 metrics[f"mcq_{k}/{d}"] = v
         if "qa" in files:
-            rows = files["qa"][:args.limit] if args.limit else files["qa"]
-            result, hyps = qa(model, tokenizer, rows, args.max_new_tokens, draft and draft[0], args.gamma,
+            result, hyps = qa(model, tokenizer, files["qa"], args.max_new_tokens, draft and draft[0], args.gamma,
                               desc=f"{Path(path).name} qa/{d}")
             metrics.update({f"{k}/{d}": v for k, v in result.items()})
             answers[d] = hyps
@@ -273,7 +272,7 @@ def load_tasks(args):
         found = {name: folder / f"{name}.jsonl" for name in ("mcq", "qa") if (folder / f"{name}.jsonl").is_file()}
         if d == args.domain and not found:
             raise FileNotFoundError(f"{folder}/: no mcq.jsonl or qa.jsonl (see DESIGN.md for their rows)")
-        tasks[d] = {name: read_eval_file(str(path), check_mcq if name == "mcq" else check_qa)
+        tasks[d] = {name: read_eval_file(str(path), check_mcq if name == "mcq" else check_qa)[:args.limit]
                     for name, path in found.items()}
     return tasks
 
@@ -321,7 +320,7 @@ def get_args(argv=None):
     p.add_argument("--draft", help="HF directory of a draft model: QA answers by speculative decoding")
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--limit", type=int, help="score only the first N QA rows (quick runs)")
+    p.add_argument("--limit", type=int, help="score only the first N rows of each eval file (quick runs)")
     p.add_argument("--seq-len", type=int, default=512, help="window for bpb")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,69 @@
+"""The workshop end to end (workshop.sh) with every knob turned down: each stage's output directory loads in
+transformers with our logits and tokenizer ids, and every stage left its metrics and reports. About a minute and a
+half on 2 CPU cores; skip it locally with `pytest -m "not pipeline"`."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+import transformers
+
+from data import Tokenizer
+from model import Transformer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.pipeline
+
+
+@pytest.fixture(scope="module")
+def workshop(tmp_path_factory):
+    out = tmp_path_factory.mktemp("workshop")
+    knobs = dict(OUT=str(out), DOMAIN="finance", TARGET="tiny", DRAFT="tiny", BASE_STEPS="4", DACP_STEPS="4",
+                 SFT_EPOCHS="1", DISTILL_STEPS="3", GEN_TOKENS="8", EVAL_LIMIT="3", BENCH_PROMPTS="2")
+    proc = subprocess.run(["bash", os.path.join(REPO, "workshop.sh")], env={**os.environ, **knobs},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+@pytest.mark.parametrize("stage", ["base", "finance", "finance-sft", "finance-draft"])
+def test_every_stage_is_an_hf_model_with_its_metrics(workshop, stage):
+    out, _ = workshop
+    path = os.path.join(out, stage)
+    rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+    assert rows[-1]["step"] == max(r["step"] for r in rows) and all("loss" in r for r in rows if r["step"] > 0)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = Transformer.from_pretrained(path, dtype=torch.float32).eval()
+    text = "The customer asked why the invoice changed after the rate moved."
+    ids = Tokenizer.from_pretrained(path).encode(text)
+    assert ids == transformers.AutoTokenizer.from_pretrained(path)(text, add_special_tokens=False)["input_ids"]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_reports_are_written(workshop):
+    out, stdout = workshop
+    report = json.load(open(os.path.join(out, "eval-finance.json")))
+    assert "finance" in json.dumps(report) and "general" in json.dumps(report)
+    table = open(os.path.join(out, "eval-finance.md")).read()
+    for stage in ("base", "finance", "finance-sft"):
+        assert os.path.join(out, stage) in table or stage in table
+    bench = json.load(open(os.path.join(out, "speculative-finance.json")))
+    same, total = bench["identical_outputs"].split("/")  # greedy speculative decoding = the target's greedy
+    assert same == total == "2"
+    assert stdout.count("\n+ ") == 6  # the six stages' commands, each printed before it ran
+
+
+def test_a_second_run_skips_the_finished_stages(workshop):
+    out, _ = workshop
+    before = open(os.path.join(out, "base", "metrics.jsonl")).read()
+    knobs = dict(OUT=str(out), DOMAIN="finance", TARGET="tiny", DRAFT="tiny", EVAL_LIMIT="3", BENCH_PROMPTS="1")
+    proc = subprocess.run(["bash", os.path.join(REPO, "workshop.sh")], env={**os.environ, **knobs},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("is already there: skipping") == 4
+    assert open(os.path.join(out, "base", "metrics.jsonl")).read() == before
