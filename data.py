@@ -259,14 +259,14 @@ class Tokenizer:
         return self.enc.n_vocab
 
     def encode(self, text):
-        if self.nfc:
-            text = unicodedata.normalize("NFC", text)
-        return self.enc.encode_ordinary(text)
+        return self.enc.encode_ordinary(self.normalize(text))
 
     def encode_batch(self, texts):
-        if self.nfc:
-            texts = [unicodedata.normalize("NFC", t) for t in texts]
-        return self.enc.encode_ordinary_batch(list(texts))  # on tiktoken's thread pool
+        return self.enc.encode_ordinary_batch([self.normalize(t) for t in texts])  # on tiktoken's thread pool
+
+    def normalize(self, text):
+        """NFC, where the tokenizer.json asks for it. ASCII text is already NFC, and str.isascii() is O(1)."""
+        return unicodedata.normalize("NFC", text) if self.nfc and not text.isascii() else text
 
     @property
     def fingerprint(self):

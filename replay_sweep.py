@@ -28,6 +28,7 @@ def get_args(argv=None):
     p.add_argument("--ratios", default=RATIOS, help="comma-separated replay ratios")
     p.add_argument("--out", default=os.path.join("out", "replay-sweep"), help="one run per ratio in here")
     args, train_argv = p.parse_known_args(argv)
+    args.train_argv = train_argv
     for flag in ("--replay-ratio", "--out", "--resume"):
         if any(a == flag or a.startswith(flag + "=") for a in train_argv):
             p.error(f"{flag} is set by the sweep for each run")
@@ -37,7 +38,7 @@ def get_args(argv=None):
         p.error(f"--ratios {args.ratios!r}: expected comma-separated numbers such as {RATIOS}")
     if any(not 0 <= r < 1 for r in args.ratios):
         p.error(f"--ratios {args.ratios}: each must be in [0, 1) (1 would leave no domain data)")
-    return args, train_argv
+    return args
 
 
 def read_run(out):
@@ -49,14 +50,14 @@ def read_run(out):
     return (evals[0], evals[-1]) if len(evals) >= 2 else None
 
 
-def sweep(args, train_argv):
+def sweep(args):
     results = []
     for ratio in args.ratios:
         out = os.path.join(args.out, f"replay-{ratio:g}")
         done = read_run(out)
         if done is None:
             resume = ["--resume"] if train.checkpoint_dirs(out) else []
-            run_args = train.get_args(train_argv + ["--replay-ratio", str(ratio), "--out", out] + resume)
+            run_args = train.get_args(args.train_argv + ["--replay-ratio", str(ratio), "--out", out] + resume)
             train.log(f"\n=== replay ratio {ratio:g}: {out}")
             train.run(run_args)
             done = read_run(out) if dist.get_rank() == 0 else ({}, {})
@@ -105,11 +106,11 @@ def plot(results, domain, general, path):
 
 
 def main(argv=None):
-    args, train_argv = get_args(argv)
-    results = train.launch(lambda a: sweep(*a), (args, train_argv))
+    args = get_args(argv)
+    results = train.launch(sweep, args)
     if int(os.environ.get("RANK", 0)) != 0:
         return
-    probe = train.get_args(train_argv)
+    probe = train.get_args(args.train_argv)
     domain, general = probe.domain, probe.replay_domain
     report = table(results, domain, general)
     prefix = os.path.join(args.out, "replay-sweep")

@@ -38,6 +38,14 @@ from model import DTYPES, PRESETS, ModelConfig, Transformer
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 
 
+def by_gpu_name(table, device):
+    """The value of a {GPU name substring: value} table for this device; None on a CPU or an unlisted GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in table.items() if k in name), None)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--domain", default="telco", help="the domain corpus: data/<domain>/")
@@ -291,8 +299,7 @@ def train_loop(model, optimizer, get_step, loss_fn, args, out, *, config, start_
     the warmup + cosine of lr_at (sft.py: one schedule per curriculum stage). Returns the last evaluation."""
     rank = dist.get_rank()
     metrics_path = os.path.join(out, "metrics.jsonl")
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()),
-                None)
+    peak = by_gpu_name(PEAK_FLOPS, device)
     last_eval = evaluate_fn() if evaluate_fn and start_step == 0 else {}
     if last_eval:
         write_metrics(metrics_path, {"step": 0, **last_eval})
@@ -475,9 +482,11 @@ def run(args):
 
     start_step = resume(model, optimizer, out) if args.resume else 0
     if not args.resume:
+        replay = (f" with {args.replay_ratio:.0%} data/{args.replay_domain} replay"
+                  if args.replay_ratio and args.replay_domain != args.domain else "")
         log(f"training {config.num_params() / 1e6:.1f}M parameters from {args.init_from}; {world} process(es) on "
-            f"{device.type}; data/{args.domain} with {args.replay_ratio:.0%} data/{args.replay_domain} replay; "
-            f"{args.max_steps} steps of {args.batch_size} x {args.seq_len} tokens")
+            f"{device.type}; data/{args.domain}{replay}; {args.max_steps} steps of {args.batch_size} x "
+            f"{args.seq_len} tokens")
     final = train_loop(model, optimizer, get_step, causal_lm_loss, args, out, config=config,
                        start_step=start_step, evaluate_fn=evaluate_fn, device=device)
     before = first_eval(out)

@@ -4,6 +4,7 @@ half on 2 CPU cores; skip it locally with `pytest -m "not pipeline"`."""
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,3 +68,26 @@ def test_a_second_run_skips_the_finished_stages(workshop):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("is already there: skipping") == 4
     assert open(os.path.join(out, "base", "metrics.jsonl")).read() == before
+
+
+def test_replay_sweep_from_the_workshop_base(workshop, tmp_path):
+    """replay_sweep.py: one DACP run per ratio from the same base, and a table whose retention is general bpb
+    before / after, read back from each run's metrics.jsonl. A second call reuses the finished runs."""
+    out, _ = workshop
+    cmd = [sys.executable, os.path.join(REPO, "replay_sweep.py"), "--ratios", "0,0.5", "--out", str(tmp_path),
+           "--init-from", os.path.join(out, "base"), "--domain", "finance", "--max-steps", "2", "--eval-every", "0",
+           "--batch-size", "4", "--micro-batch-size", "4", "--seq-len", "64"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = open(tmp_path / "replay-sweep.md").read().splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["base (before DACP)", "0", "0.5"]
+    for ratio, line in zip(["0", "0.5"], table[3:]):
+        rows = [json.loads(r) for r in open(tmp_path / f"replay-{ratio}" / "metrics.jsonl")]
+        evals = [r for r in rows if "bpb/general" in r]
+        retention = evals[0]["bpb/general"] / evals[-1]["bpb/general"]
+        assert line.split("|")[4].strip() == f"{retention:.2%}"
+        assert line.split("|")[3].strip() == f"{evals[-1]['bpb/general']:.4f}"
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("reusing the finished run") + \
+        again.stderr.count("reusing the finished run") == 2
+    assert open(tmp_path / "replay-sweep.md").read().splitlines() == table

@@ -1,0 +1,378 @@
+"""
+Benchmarks of this codebase against the reference implementations people would otherwise use. Each pair runs side
+by side in one process on the same inputs, first checks that both compute the same thing, and the table gives the
+ratio ours / theirs of the throughput (above 1: ours is faster).
+
+1. train     forward + backward + AdamW of model.Transformer vs transformers' AutoModelForCausalLM of the same
+             config (config.to_hf()) holding the same weights, on the same batch, SDPA attention on both
+2. decode    greedy speculative.generate vs transformers' generate, and speculative_generate vs transformers'
+             assisted generation: same target and draft, same prompts, same number of new tokens
+3. tokenize  data.Tokenizer.encode vs the raw tiktoken Encoding inside it vs HF tokenizers on the same
+             tokenizer.json, one string and batched
+
+    python bench.py                                  # all three: 1-2 min on a 2-core CPU
+    python bench.py --only train --preset 135m --vocab-size 49152 --batch-size 8 --seq-len 1024
+    python bench.py --only decode --target out/qwen-telco-sft --draft out/qwen-telco-draft --max-new-tokens 256
+    python bench.py --json out/bench.json            # every number, as JSON
+
+On a GPU the defaults grow (the 360m preset, 8 x 2048 tokens per step), training runs under bf16 autocast over fp32
+weights (as HF Trainer's bf16=True does), decoding with bf16 weights, both eager and torch.compile'd, with MFU and
+the fraction of the memory-bandwidth limit. Besides tests/, this is the one file that imports transformers and
+tokenizers: they are what we are measured against.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from types import SimpleNamespace
+
+import tiktoken
+import tokenizers
+import torch
+import torch.nn.functional as F
+import transformers
+
+import speculative
+from data import Tokenizer, corpus_files, find_domains, read_documents
+from model import PRESETS, ModelConfig, Transformer
+from speculative import (bench_prompts, check_same_tokenizer, generate, load, pooled_stats, prompt_ids,
+                         speculative_generate, timed)
+from train import PEAK_FLOPS, by_gpu_name, make_optimizer
+
+# HBM bandwidth in bytes/s, by a substring of torch.cuda.get_device_name(); the first match wins, so the specific
+# names come first. Decoding at batch 1 reads every weight once per token: bandwidth / weight bytes is its limit.
+BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.039e12,
+             "A100 80GB PCIe": 1.935e12, "A100": 1.555e12, "L40S": 0.864e12, "A10G": 0.6e12, "4090": 1.008e12}
+PIPELINE = "bash workshop.sh makes out/workshop/telco-sft and out/workshop/telco-draft (see the README)"
+
+
+def machine(device):
+    cpu = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                transformers=transformers.__version__, tokenizers=tokenizers.__version__,
+                tiktoken=tiktoken.__version__,
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+
+
+def row(what, ours, theirs, notes):
+    return dict(what=what, ours=ours, theirs=theirs, ratio=ours / theirs, notes=notes)
+
+
+# -----------------------------------------------------------------------------
+# 1. Training step
+
+
+def lm_loss(logits, y):
+    """Mean next-token cross-entropy in fp32, the same function on both models' logits."""
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+def train_step(forward, optimizer, x, y, autocast_dtype):
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = lm_loss(forward(x), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def bench_train(args, device):
+    if args.model:
+        ours = Transformer.from_pretrained(args.model, device=device, dtype=torch.float32)
+    else:
+        torch.manual_seed(0)
+        ours = Transformer(ModelConfig.from_preset(args.preset, vocab_size=args.vocab_size)).to(device)
+        ours.init_weights()
+    config = ours.config
+    # theirs: transformers' own class for our config, holding a copy of our weights (module names are HF's)
+    hf_config = transformers.AutoConfig.for_model(**config.to_hf())
+    theirs = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32,
+                                                           attn_implementation="sdpa").to(device)
+    theirs.load_state_dict(ours.state_dict())
+    ours.train()
+    theirs.train()
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=g).to(device)
+    x, y = batch[:, :-1], batch[:, 1:]
+
+    # Apples to apples: the same loss from both, in fp32, before any step. use_cache=False: transformers would
+    # otherwise fill a KV cache in every training forward, which no one wants when training.
+    with torch.no_grad():
+        loss_ours = lm_loss(ours(x), y).item()
+        loss_theirs = lm_loss(theirs(input_ids=x, use_cache=False).logits, y).item()
+    loss_diff = abs(loss_ours - loss_theirs)
+    print(f"[train] {type(theirs).__name__}, {config.num_params() / 1e6:.1f}M parameters: loss ours "
+          f"{loss_ours:.6f}, theirs {loss_theirs:.6f}, |diff| {loss_diff:.1e}"
+          f"{'' if loss_diff < 1e-3 else '  MISMATCH: the two models do not compute the same thing'}", flush=True)
+
+    # the same AdamW (train.py's: no decay on norms and biases; fused on GPU) over each model's own parameters
+    hp = SimpleNamespace(lr=3e-4, weight_decay=0.1)
+    opt_ours, opt_theirs = make_optimizer(ours, hp, device), make_optimizer(theirs, hp, device)
+    autocast = torch.bfloat16 if args.dtype == "bfloat16" else None
+    precision = "bf16 autocast, fp32 weights" if autocast else "fp32"
+    peak = by_gpu_name(PEAK_FLOPS, device)
+    tokens = args.batch_size * args.seq_len
+    result = dict(model=type(theirs).__name__, params=config.num_params(), batch_size=args.batch_size,
+                  seq_len=args.seq_len, precision=precision, loss_ours=loss_ours, loss_theirs=loss_theirs,
+                  loss_match=loss_diff < 1e-3, runs={})
+    rows = []
+    for compiled in ([False, True] if args.compile else [False]):
+        fwd_ours = torch.compile(ours) if compiled else ours
+        fwd_hf = torch.compile(theirs) if compiled else theirs
+
+        def fwd_theirs(x):  # transformers returns an output object that holds the logits
+            return fwd_hf(input_ids=x, use_cache=False).logits
+        times_ours, times_theirs = [], []
+        for i in range(args.warmup + args.steps):  # interleaved, so a busy moment on the machine hits both
+            last_ours, t_ours = timed(lambda: train_step(fwd_ours, opt_ours, x, y, autocast), device)
+            last_theirs, t_theirs = timed(lambda: train_step(fwd_theirs, opt_theirs, x, y, autocast), device)
+            if i >= args.warmup:  # warm-up: allocator, kernels, compilation
+                times_ours.append(t_ours)
+                times_theirs.append(t_theirs)
+            print(f"[train] {'compiled' if compiled else 'eager'} step {i + 1}/{args.warmup + args.steps}: "
+                  f"{t_ours * 1e3:.0f} ms ours, {t_theirs * 1e3:.0f} ms theirs", flush=True)
+        step_ours, step_theirs = statistics.median(times_ours), statistics.median(times_theirs)
+        mode = "compiled" if compiled else "eager"
+        run = dict(step_s_ours=step_ours, step_s_theirs=step_theirs, time_ratio=step_ours / step_theirs,
+                   tokens_per_s_ours=tokens / step_ours, tokens_per_s_theirs=tokens / step_theirs,
+                   last_loss_ours=last_ours.item(), last_loss_theirs=last_theirs.item())
+        notes = (f"{type(theirs).__name__}, sdpa; median ms/step {step_ours * 1e3:.1f} vs {step_theirs * 1e3:.1f}; "
+                 f"loss at step 1 {loss_ours:.4f} vs {loss_theirs:.4f}, at step {args.warmup + args.steps} "
+                 f"{run['last_loss_ours']:.4f} vs {run['last_loss_theirs']:.4f}")
+        if peak:  # MFU (Chowdhery et al. 2022): model FLOP/s over the GPU's peak, same FLOPs count for both
+            flops = config.flops_per_token(args.seq_len)
+            run.update(mfu_ours=flops * run["tokens_per_s_ours"] / peak,
+                       mfu_theirs=flops * run["tokens_per_s_theirs"] / peak)
+            notes += f"; MFU {run['mfu_ours']:.1%} vs {run['mfu_theirs']:.1%}"
+        result["runs"][mode] = run
+        rows.append(row(f"train step, tokens/s ({args.batch_size}x{args.seq_len}, {precision}, {mode})",
+                        run["tokens_per_s_ours"], run["tokens_per_s_theirs"], notes))
+    return result, rows
+
+
+# -----------------------------------------------------------------------------
+# 2. Decoding
+
+
+def load_hf(path, device, dtype, gamma=None):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()
+    # No stopping at eos on either side, so both write exactly max_new_tokens. Set on the model's own
+    # generation_config: a None passed to generate() is filled back in from it.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0  # batch 1: never used, but generate() wants one
+    if gamma is not None:  # as the assistant: always gamma drafts per round, as speculative_generate does
+        model.generation_config.num_assistant_tokens = gamma
+        model.generation_config.num_assistant_tokens_schedule = "constant"
+        model.generation_config.assistant_confidence_threshold = 0.0  # no early exit on low draft confidence
+    return model
+
+
+def hf_generate(model, ids, max_new_tokens, **kwargs):
+    idx = torch.tensor([ids], device=model.device)
+    out = model.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=max_new_tokens,
+                         **kwargs)
+    return out[0, len(ids):].tolist()
+
+
+def time_decoding(ours_fn, theirs_fn, prompts, device):
+    """Each prompt through ours then theirs (interleaved); total new tokens / total time for each."""
+    longest = max(prompts, key=len)
+    ours_fn(longest)  # warm-up: KV caches at full size, kernels, compilation
+    theirs_fn(longest)
+    n_ours = n_theirs = t_ours = t_theirs = same = 0
+    for ids in prompts:
+        a, t = timed(lambda: ours_fn(ids), device)
+        n_ours, t_ours = n_ours + len(a), t_ours + t
+        b, t = timed(lambda: theirs_fn(ids), device)
+        n_theirs, t_theirs = n_theirs + len(b), t_theirs + t
+        same += a == b
+    return dict(tokens_per_s_ours=n_ours / t_ours, tokens_per_s_theirs=n_theirs / t_theirs, tokens_ours=n_ours,
+                tokens_theirs=n_theirs, identical=same, prompts=len(prompts))
+
+
+def bench_decode(args, device):
+    for flag, path in (("--target", args.target), ("--draft", args.draft)):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise SystemExit(f"{flag} {path}: no HF model directory there (no config.json); {PIPELINE}")
+    dtype = getattr(torch, args.dtype)
+    target, tokenizer = load(args.target, device, dtype)
+    draft, draft_tokenizer = load(args.draft, device, dtype)
+    check_same_tokenizer(tokenizer, draft_tokenizer)
+    target_hf, draft_hf = load_hf(args.target, device, dtype), load_hf(args.draft, device, dtype, args.gamma)
+    prompts = [prompt_ids(target, tokenizer, p) for p in bench_prompts(args)]
+    N = args.max_new_tokens
+    # bytes of weights one decoding step reads: every matmul weight and the lm_head, not the embedding table
+    # (one row is looked up) unless it IS the lm_head (tied). KV-cache reads are left out: short contexts.
+    weight_bytes = target.config.num_params(embedding=target.config.tie_embeddings) * dtype.itemsize
+    bandwidth = by_gpu_name(BANDWIDTH, device)
+    result, rows = dict(dtype=args.dtype, max_new_tokens=N, gamma=args.gamma, weight_bytes=weight_bytes), []
+    for compiled in ([False, True] if args.compile else [False]):
+        mode = "compiled" if compiled else "eager"
+        hf_kwargs = {}
+        if compiled:
+            speculative.compile_decoding()  # ours: the decode step compiled (CUDA graphs on GPU)
+            hf_kwargs = dict(cache_implementation="static")  # theirs: transformers compiles a static cache on GPU
+        print(f"[decode] {mode}: {len(prompts)} prompts x {N} new tokens, plain greedy", flush=True)
+        plain = time_decoding(lambda ids: generate(target, ids, N),
+                              lambda ids: hf_generate(target_hf, ids, N, **hf_kwargs), prompts, device)
+        print(f"[decode] {mode}: speculative, gamma {args.gamma}", flush=True)
+        runs = []
+
+        def ours_speculative(ids):
+            out, stats = speculative_generate(target, draft, ids, N, gamma=args.gamma)
+            runs.append(stats)
+            return out
+        # transformers refuses assisted generation with a static cache: theirs stays eager, dynamic cache
+        spec = time_decoding(ours_speculative, lambda ids: hf_generate(target_hf, ids, N, assistant_model=draft_hf),
+                             prompts, device)
+        spec.update(acceptance_rate=pooled_stats(runs[1:], args.gamma)["acceptance_rate"])
+        for name, r in (("greedy decoding", plain), (f"speculative greedy, gamma {args.gamma}", spec)):
+            notes = f"identical outputs {r['identical']}/{r['prompts']}; {r['prompts']} prompts x {N} tokens"
+            if name.startswith("speculative"):
+                notes += (f"; acceptance {r['acceptance_rate']:.3f}; theirs: assisted generation "
+                          f"(num_assistant_tokens={args.gamma}, constant), whose greedy output is also the target's "
+                          f"greedy output{' (eager: no static cache for assisted generation)' if compiled else ''}")
+            if bandwidth:  # above 100 % is possible for speculative decoding: one weight read, several tokens
+                limit = bandwidth / weight_bytes
+                r.update(bandwidth_fraction_ours=r["tokens_per_s_ours"] / limit,
+                         bandwidth_fraction_theirs=r["tokens_per_s_theirs"] / limit)
+                notes += (f"; of the bandwidth limit ({limit:,.0f} tokens/s): {r['bandwidth_fraction_ours']:.1%} "
+                          f"vs {r['bandwidth_fraction_theirs']:.1%}")
+            rows.append(row(f"{name}, tokens/s ({args.dtype}, {mode})", r["tokens_per_s_ours"],
+                            r["tokens_per_s_theirs"], notes))
+        result[mode] = dict(plain=plain, speculative=spec)
+    return result, rows
+
+
+# -----------------------------------------------------------------------------
+# 3. Tokenisation
+
+
+def bench_tokenize(args):
+    path = args.tokenizer or args.target
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise SystemExit(f"--tokenizer {path}: no tokenizer.json there; {PIPELINE}")
+    ours = Tokenizer.from_pretrained(path)
+    theirs = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    docs = [doc for domain in find_domains(args.data_root)
+            for doc in read_documents(corpus_files(args.data_root, domain, "train"))]
+    if not docs:
+        raise SystemExit(f"--data-root {args.data_root}: no corpus found (expected <domain>/train/*.txt)")
+    size = sum(len(d.encode()) for d in docs)
+    docs = docs * math.ceil(args.tokenize_mb * 1e6 / size)  # repeated up to the size asked for
+    text = "\n\n".join(docs)
+    mb = len(text.encode()) / 1e6
+    print(f"[tokenize] {mb:.1f} MB: {len(docs)} documents of data/*/train", flush=True)
+    result, rows = dict(megabytes=mb, documents=len(docs), nfc=ours.nfc), []
+    one = (lambda: ours.encode(text), lambda: ours.enc.encode_ordinary(text),
+           lambda: theirs.encode(text, add_special_tokens=False).ids)
+    batched = (lambda: ours.encode_batch(docs), lambda: ours.enc.encode_ordinary_batch(docs),
+               lambda: [e.ids for e in theirs.encode_batch(docs, add_special_tokens=False)])
+    for mode, fns in (("1 string", one), (f"batch of {len(docs)} documents", batched)):
+        ids, secs = [], []
+        for fn in fns:  # ours, raw tiktoken, HF tokenizers; the median of --repeats encodes of the same text
+            runs = [timed(fn, torch.device("cpu")) for _ in range(args.repeats)]
+            ids.append(runs[0][0])
+            secs.append(statistics.median(t for _, t in runs))
+        ours_mb, tik_mb, hf_mb = (mb / s for s in secs)
+        equal = ids[0] == ids[1] == ids[2]
+        result[mode] = dict(mb_per_s_ours=ours_mb, mb_per_s_tiktoken=tik_mb, mb_per_s_hf=hf_mb, ids_equal=equal)
+        notes = (f"ids equal (ours, tiktoken, HF): {'yes' if equal else 'NO'}; "
+                 f"{'one thread' if mode == '1 string' else 'tiktoken thread pool vs HF rayon pool'}")
+        rows.append(row(f"tokenize {mode}, MB/s: ours vs raw tiktoken", ours_mb, tik_mb,
+                        notes + ("; ours also NFC-normalises" if ours.nfc else "")))
+        rows.append(row(f"tokenize {mode}, MB/s: ours vs HF tokenizers", ours_mb, hf_mb, notes))
+    return result, rows
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="train,decode,tokenize", help="comma-separated sections to run")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="also time torch.compile'd models (default: on GPU)")
+    p.add_argument("--json", help="write every number to this JSON file")
+    g = p.add_argument_group("train")
+    g.add_argument("--model", help="an HF directory to take the model from (default: --preset)")
+    g.add_argument("--preset", choices=list(PRESETS), help="default: small on CPU, 360m on GPU")
+    g.add_argument("--vocab-size", type=int, help="with --preset; default: 4096 on CPU, 49152 on GPU")
+    g.add_argument("--batch-size", type=int, help="default: 4 on CPU, 8 on GPU")
+    g.add_argument("--seq-len", type=int, help="default: 256 on CPU, 2048 on GPU")
+    g.add_argument("--steps", type=int, default=8, help="timed steps (the median is reported)")
+    g.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    g = p.add_argument_group("decode")
+    g.add_argument("--target", default="out/workshop/telco-sft", help="HF directory of the target model")
+    g.add_argument("--draft", default="out/workshop/telco-draft", help="HF directory of the draft model")
+    g.add_argument("--prompt", action="append", help="prompt text (repeat for several; default: --prompts)")
+    g.add_argument("--prompts", default="data/telco/eval/qa.jsonl", help="a .jsonl with a 'prompt' per row")
+    g.add_argument("--n-prompts", type=int, default=4)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--gamma", type=int, default=4, help="draft tokens per round, both sides")
+    g = p.add_argument_group("tokenize")
+    g.add_argument("--tokenizer", help="HF directory with tokenizer.json (default: --target)")
+    g.add_argument("--data-root", default="data", help="the text: every <domain>/train/ here, concatenated")
+    g.add_argument("--tokenize-mb", type=float, default=2.0, help="the text, repeated up to this many MB")
+    g.add_argument("--repeats", type=int, default=3, help="timed encodes of the text (the median is reported)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    sections = args.only.split(",")
+    if set(sections) - {"train", "decode", "tokenize"}:
+        raise SystemExit(f"--only {args.only}: sections are train, decode, tokenize")
+    # defaults sized for the device: a 2-3 minute run on a laptop CPU, a model worth measuring on a GPU
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.compile = gpu if args.compile is None else args.compile
+    args.preset = args.preset or ("360m" if gpu else "small")
+    args.vocab_size = args.vocab_size or (49152 if gpu else 4096)
+    args.batch_size = args.batch_size or (8 if gpu else 4)
+    args.seq_len = args.seq_len or (2048 if gpu else 256)
+    transformers.logging.set_verbosity_error()  # its deprecation notes from inside assisted generation
+    transformers.logging.disable_progress_bar()
+    info = machine(device)
+    header = (f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
+              f"GPU: {info['gpu'] or 'none'}; torch {info['torch']}, transformers {info['transformers']}, "
+              f"tokenizers {info['tokenizers']}, tiktoken {info['tiktoken']}")
+    print(header, flush=True)
+    results, rows = dict(machine=info, args=vars(args)), []
+    wall = {}
+    for name in sections:
+        t0 = time.perf_counter()
+        if name == "train":
+            results[name], new_rows = bench_train(args, device)
+        elif name == "decode":
+            results[name], new_rows = bench_decode(args, device)
+        else:
+            results[name], new_rows = bench_tokenize(args)
+        rows += new_rows
+        wall[name] = time.perf_counter() - t0
+    results["rows"], results["wall_s"] = rows, wall
+    print(f"\n{header}\nwall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in wall.items()))
+    print("\nratio = ours / theirs of the throughput: above 1, ours is faster\n")
+    print("| what | ours | theirs | ratio | notes |\n| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['what']} | {r['ours']:,.1f} | {r['theirs']:,.1f} | {r['ratio']:.2f}x | {r['notes']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
