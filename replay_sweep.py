@@ -51,6 +51,7 @@ def read_run(out):
 
 
 def sweep(args):
+    train.setup_distributed()  # one process group for all the runs (train.run reuses it)
     results = []
     for ratio in args.ratios:
         out = os.path.join(args.out, f"replay-{ratio:g}")
