@@ -231,11 +231,12 @@ def pooled_stats(runs, gamma):
     return finish_stats(dict(gamma=gamma, **{k: sum(r[k] for r in runs) for k in counts}))
 
 
-def predicted_speedup(alpha, gamma, c):
+def predicted_speedup(alpha, gamma, c, verify=1.0):
     """Leviathan et al. 2023, Theorem 3.8: expected walltime improvement (1 - a^(g+1)) / ((1 - a)(g c + 1)), with
-    c the cost of a draft forward pass relative to the target's (their eq. 1 over the cost of a round)."""
+    c the cost of a draft forward pass relative to the target's (their eq. 1 over the cost of a round). verify is
+    the cost of the target's pass over g + 1 tokens relative to a one-token pass, 1 in the theorem."""
     tokens = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
-    return tokens / (gamma * c + 1)
+    return tokens / (gamma * c + verify)
 
 
 # -----------------------------------------------------------------------------
@@ -285,23 +286,33 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def step_time(model, n_tokens=1, steps=32):
+    """Seconds per cached forward pass over n_tokens: 1 is the decode step that decoding repeats, gamma + 1 the
+    target's verification pass (called as speculative_generate calls them)."""
+    device = model.lm_head.weight.device
+    ensure_cache(model, steps + n_tokens + 8)
+    forward = (lambda x, pos: model_forward(model, x, pos)) if n_tokens == 1 else model
+    tokens = torch.zeros(1, n_tokens, dtype=torch.long, device=device)
+    for _ in range(3):  # warm up (and compile)
+        forward(tokens, torch.arange(n_tokens, device=device))
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        forward(tokens, torch.arange(i, i + n_tokens, device=device))
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
 def cost_ratio(target, draft, steps=32):
-    """c: the time of one draft decode step over one target decode step (Leviathan et al.'s cost coefficient),
-    measured on the cached one-token forward pass that decoding repeats."""
-    times = []
-    for model in (target, draft):
-        device = model.lm_head.weight.device
-        ensure_cache(model, steps + 8)
-        token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        for _ in range(3):  # warm up (and compile)
-            model_forward(model, token, torch.tensor([0], device=device))
-        sync(device)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            model_forward(model, token, torch.tensor([i], device=device))
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times[1] / times[0]
+    """c: the time of one draft decode step over one target decode step (Leviathan et al.'s cost coefficient)."""
+    return step_time(draft, 1, steps) / step_time(target, 1, steps)
+
+
+def verify_cost(target, gamma, steps=32):
+    """The time of the target's pass over gamma + 1 tokens over its one-token step. Leviathan et al. take it as 1:
+    decoding is memory-bound, so reading the weights once costs the same for 1 or gamma + 1 tokens. That holds on
+    a GPU; on a CPU the matmuls of a small model are compute-bound and it is well above 1."""
+    return step_time(target, gamma + 1, steps) / step_time(target, 1, steps)
 
 
 # -----------------------------------------------------------------------------
@@ -377,12 +388,13 @@ def bench(args, target, draft, tokenizer, device):
         same += a == s
         runs.append(st)
     stats = pooled_stats(runs, args.gamma)
-    c = cost_ratio(target, draft)
+    a, c, v = stats["acceptance_rate"], cost_ratio(target, draft), verify_cost(target, args.gamma)
     result = dict(prompts=len(prompts), gamma=args.gamma, temperature=args.temperature,
                   autoregressive_tokens_per_s=ar_tokens / ar_time, speculative_tokens_per_s=sp_tokens / sp_time,
                   measured_speedup=(sp_tokens / sp_time) / (ar_tokens / ar_time),
-                  acceptance_rate=stats["acceptance_rate"], mean_accepted_tokens=stats["mean_accepted_tokens"],
-                  cost_ratio=c, predicted_speedup=predicted_speedup(stats["acceptance_rate"], args.gamma, c),
+                  acceptance_rate=a, mean_accepted_tokens=stats["mean_accepted_tokens"], cost_ratio=c,
+                  predicted_speedup=predicted_speedup(a, args.gamma, c), verify_cost=v,
+                  predicted_speedup_measured_verify=predicted_speedup(a, args.gamma, c, v),
                   identical_outputs=f"{same}/{len(prompts)}", device=str(device))
     print(f"| decoding | tokens/s |\n| --- | --- |\n"
           f"| autoregressive (target) | {result['autoregressive_tokens_per_s']:.1f} |\n"
@@ -391,6 +403,8 @@ def bench(args, target, draft, tokenizer, device):
           f"target call, draft/target cost c = {c:.3f}")
     print(f"speedup: measured {result['measured_speedup']:.2f}x, predicted {result['predicted_speedup']:.2f}x "
           f"(measured/predicted = {result['measured_speedup'] / result['predicted_speedup']:.0%})")
+    print(f"the target's pass over gamma + 1 = {args.gamma + 1} tokens costs {v:.2f} one-token steps (the theorem "
+          f"takes 1); with it the prediction is {result['predicted_speedup_measured_verify']:.2f}x")
     if args.temperature == 0:
         print(f"greedy outputs identical to autoregressive decoding: {result['identical_outputs']}")
     if args.json:

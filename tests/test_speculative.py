@@ -146,6 +146,8 @@ def test_predicted_speedup_formula():
     assert predicted_speedup(a, g, c) == pytest.approx((1 - a ** 5) / ((1 - a) * (g * c + 1)))
     assert predicted_speedup(1.0, g, c) == pytest.approx(5 / 1.4)
     assert predicted_speedup(0.0, g, 0.0) == pytest.approx(1.0)
+    # with a verification pass that costs v one-token steps instead of 1: a round costs g c + v
+    assert predicted_speedup(a, g, c, 1.6) == pytest.approx((1 - a ** 5) / ((1 - a) * (g * c + 1.6)))
 
 
 def test_different_tokenizers_are_refused():
