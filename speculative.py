@@ -286,33 +286,37 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def step_time(model, n_tokens=1, steps=32):
+def step_time(model, n_tokens=1, steps=16, repeats=5):
     """Seconds per cached forward pass over n_tokens: 1 is the decode step that decoding repeats, gamma + 1 the
-    target's verification pass (called as speculative_generate calls them)."""
+    target's verification pass (called as speculative_generate calls them). The median of `repeats` timings of
+    `steps` passes: on a busy machine a single timing can be off by a third."""
     device = model.lm_head.weight.device
     ensure_cache(model, steps + n_tokens + 8)
     forward = (lambda x, pos: model_forward(model, x, pos)) if n_tokens == 1 else model
     tokens = torch.zeros(1, n_tokens, dtype=torch.long, device=device)
     for _ in range(3):  # warm up (and compile)
         forward(tokens, torch.arange(n_tokens, device=device))
-    sync(device)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        forward(tokens, torch.arange(i, i + n_tokens, device=device))
-    sync(device)
-    return (time.perf_counter() - t0) / steps
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            forward(tokens, torch.arange(i, i + n_tokens, device=device))
+        sync(device)
+        times.append((time.perf_counter() - t0) / steps)
+    return sorted(times)[len(times) // 2]
 
 
-def cost_ratio(target, draft, steps=32):
+def cost_ratio(target, draft):
     """c: the time of one draft decode step over one target decode step (Leviathan et al.'s cost coefficient)."""
-    return step_time(draft, 1, steps) / step_time(target, 1, steps)
+    return step_time(draft) / step_time(target)
 
 
-def verify_cost(target, gamma, steps=32):
+def verify_cost(target, gamma):
     """The time of the target's pass over gamma + 1 tokens over its one-token step. Leviathan et al. take it as 1:
     decoding is memory-bound, so reading the weights once costs the same for 1 or gamma + 1 tokens. That holds on
     a GPU; on a CPU the matmuls of a small model are compute-bound and it is well above 1."""
-    return step_time(target, gamma + 1, steps) / step_time(target, 1, steps)
+    return step_time(target, gamma + 1) / step_time(target)
 
 
 # -----------------------------------------------------------------------------
