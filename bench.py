@@ -287,7 +287,7 @@ def bench_tokenize(args):
         notes = (f"ids equal (ours, tiktoken, HF): {'yes' if equal else 'NO'}; "
                  f"{'one thread' if mode == '1 string' else 'tiktoken thread pool vs HF rayon pool'}")
         rows.append(row(f"tokenize {mode}, MB/s: ours vs raw tiktoken", ours_mb, tik_mb,
-                        notes + ("; ours also NFC-normalises" if ours.nfc else "")))
+                        notes + ("; ours also NFC-normalises non-ASCII text" if ours.nfc else "")))
         rows.append(row(f"tokenize {mode}, MB/s: ours vs HF tokenizers", ours_mb, hf_mb, notes))
     return result, rows
 

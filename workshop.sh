@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The workshop: the whole recipe on the sample data, each stage taking the previous stage's HF directory.
 #
-#   bash workshop.sh                      # about 30 minutes on a 2-core CPU; writes out/workshop/
+#   bash workshop.sh                      # about 20 minutes on a 2-core CPU; writes out/workshop/
 #   DOMAIN=finance bash workshop.sh       # the same on the finance sample corpus
 #
 # Each `run` line below is one stage's ordinary command, printed before it runs (the README walks through them).
