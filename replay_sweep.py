@@ -92,7 +92,8 @@ def plot(results, domain, general, path):
     fig, ax = plt.subplots(figsize=(5, 4))
     base = results[0][1]
     ax.scatter([base[f"bpb/{domain}"]], [base[f"bpb/{general}"]], marker="x", color="gray")
-    ax.annotate("base", (base[f"bpb/{domain}"], base[f"bpb/{general}"]))
+    ax.annotate("base", (base[f"bpb/{domain}"], base[f"bpb/{general}"]), textcoords="offset points",
+                xytext=(-10, 8))
     xs = [after[f"bpb/{domain}"] for _, _, after in results]
     ys = [after[f"bpb/{general}"] for _, _, after in results]
     ax.plot(xs, ys, "o-")
