@@ -38,8 +38,8 @@ import transformers
 import speculative
 from data import Tokenizer, corpus_files, find_domains, read_documents
 from model import PRESETS, ModelConfig, Transformer
-from speculative import (bench_prompts, check_same_tokenizer, generate, load, pooled_stats, prompt_ids,
-                         speculative_generate, timed)
+from speculative import (bench_prompts, check_same_tokenizer, compare_decoders, generate, load, pooled_stats,
+                         prompt_ids, speculative_generate, timed)
 from train import PEAK_FLOPS, by_gpu_name, make_optimizer
 
 # HBM bandwidth in bytes/s, by a substring of torch.cuda.get_device_name(); the first match wins, so the specific
@@ -182,17 +182,8 @@ def hf_generate(model, ids, max_new_tokens, **kwargs):
 
 
 def time_decoding(ours_fn, theirs_fn, prompts, device):
-    """Each prompt through ours then theirs (interleaved); total new tokens / total time for each."""
-    longest = max(prompts, key=len)
-    ours_fn(longest)  # warm-up: KV caches at full size, kernels, compilation
-    theirs_fn(longest)
-    n_ours = n_theirs = t_ours = t_theirs = same = 0
-    for ids in prompts:
-        a, t = timed(lambda: ours_fn(ids), device)
-        n_ours, t_ours = n_ours + len(a), t_ours + t
-        b, t = timed(lambda: theirs_fn(ids), device)
-        n_theirs, t_theirs = n_theirs + len(b), t_theirs + t
-        same += a == b
+    """Each prompt through ours then theirs (speculative.compare_decoders); tokens/s of each."""
+    (n_ours, t_ours), (n_theirs, t_theirs), same = compare_decoders(ours_fn, theirs_fn, prompts, device)
     return dict(tokens_per_s_ours=n_ours / t_ours, tokens_per_s_theirs=n_theirs / t_theirs, tokens_ours=n_ours,
                 tokens_theirs=n_theirs, identical=same, prompts=len(prompts))
 

@@ -43,10 +43,10 @@ def get_args(argv=None):
 
 def read_run(out):
     """(eval before, eval after) from a finished run's metrics.jsonl, or None if the run is not finished."""
-    path = os.path.join(out, "metrics.jsonl")
-    if not os.path.exists(os.path.join(out, "config.json")) or not os.path.exists(path):
+    if not os.path.exists(os.path.join(out, "config.json")):
         return None
-    evals = [row for row in map(json.loads, open(path)) if any(k.startswith("bpb/") for k in row)]
+    evals = [row for row in train.read_metrics(os.path.join(out, "metrics.jsonl"))
+             if any(k.startswith("bpb/") for k in row)]
     return (evals[0], evals[-1]) if len(evals) >= 2 else None
 
 

@@ -13,7 +13,6 @@ logged after it (data/<domain>/sft/val/<stage>.jsonl). The loop, checkpoints, re
 The output is an HF chat model: its config lists the end-of-turn token as an eos, as instruct checkpoints do.
 """
 import argparse
-import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from data import IGNORE, Curriculum, Tokenizer, chat_format, end_of_turn_id, read_conversations, sft_row
 from model import DTYPES, Transformer
 from train import (Step, check_batch_sizes, compute_dtype, export_hf, launch, log, lr_at, make_optimizer,
-                   micro_batches_of, prepare_out, resume, setup_distributed, shard_model, train_loop)
+                   micro_batches_of, prepare_out, read_metrics, resume, setup_distributed, shard_model, train_loop)
 
 
 def get_args(argv=None):
@@ -195,8 +194,7 @@ def run(args):
 
 def stage_table(metrics_path, curriculum):
     """Each stage's val loss before SFT and after each stage: the curriculum's effect, stage by stage."""
-    rows = [json.loads(line) for line in open(metrics_path)]
-    evals = {r["step"]: r for r in rows if any(k.startswith("val/") for k in r)}
+    evals = {r["step"]: r for r in read_metrics(metrics_path) if any(k.startswith("val/") for k in r)}
     names = sorted({k[4:] for r in evals.values() for k in r if k.startswith("val/")})
     if not names:
         return ""

@@ -18,6 +18,7 @@ never erased, it is just overwritten by the next round, and the causal mask hide
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -286,6 +287,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed(fn, device):
+    """(fn(), its wall time in seconds), waiting for the GPU before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    sync(device)
+    return result, time.perf_counter() - t0
+
+
 def step_time(model, n_tokens=1, steps=16, repeats=5):
     """Seconds per cached forward pass over n_tokens: 1 is the decode step that decoding repeats, gamma + 1 the
     target's verification pass (called as speculative_generate calls them). The median of `repeats` timings of
@@ -296,15 +306,9 @@ def step_time(model, n_tokens=1, steps=16, repeats=5):
     tokens = torch.zeros(1, n_tokens, dtype=torch.long, device=device)
     for _ in range(3):  # warm up (and compile)
         forward(tokens, torch.arange(n_tokens, device=device))
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            forward(tokens, torch.arange(i, i + n_tokens, device=device))
-        sync(device)
-        times.append((time.perf_counter() - t0) / steps)
-    return sorted(times)[len(times) // 2]
+    times = [timed(lambda: [forward(tokens, torch.arange(i, i + n_tokens, device=device)) for i in range(steps)],
+                   device)[1] / steps for _ in range(repeats)]
+    return statistics.median(times)
 
 
 def cost_ratio(target, draft):
@@ -317,6 +321,24 @@ def verify_cost(target, gamma):
     decoding is memory-bound, so reading the weights once costs the same for 1 or gamma + 1 tokens. That holds on
     a GPU; on a CPU the matmuls of a small model are compute-bound and it is well above 1."""
     return step_time(target, gamma + 1) / step_time(target)
+
+
+def compare_decoders(decode_a, decode_b, prompts, device):
+    """Decode every prompt with decode_a and decode_b (each: prompt ids -> new token ids), interleaved so that a
+    busy moment on the machine hits both, after one untimed warm-up of each on the longest prompt (caches at full
+    size, kernels, compilation). Returns (tokens, seconds) of each and the number of identical outputs."""
+    from tqdm import tqdm
+    longest = max(prompts, key=len)
+    decode_a(longest)
+    decode_b(longest)
+    n_a = n_b = t_a = t_b = same = 0
+    for ids in tqdm(prompts, desc="decoding", unit="prompt"):
+        a, t = timed(lambda: decode_a(ids), device)
+        n_a, t_a = n_a + len(a), t_a + t
+        b, t = timed(lambda: decode_b(ids), device)
+        n_b, t_b = n_b + len(b), t_b + t
+        same += a == b
+    return (n_a, t_a), (n_b, t_b), same
 
 
 # -----------------------------------------------------------------------------
@@ -361,37 +383,24 @@ def bench_prompts(args):
     return prompts[:args.n_prompts]
 
 
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    result = fn()
-    sync(device)
-    return result, time.perf_counter() - t0
-
-
 def bench(args, target, draft, tokenizer, device):
     """Autoregressive then speculative decoding of the same prompts: tokens/s for both, measured speedup, and the
     speedup Leviathan et al. predict from the measured acceptance rate and cost ratio."""
-    from tqdm import tqdm
     prompts = [prompt_ids(target, tokenizer, p, not args.no_chat) for p in bench_prompts(args)]
-    eos = stop_id(target, tokenizer)
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=eos)
-    # warm-up: caches, kernels, compilation
-    generate(target, prompts[0], 8, **kw)
-    speculative_generate(target, draft, prompts[0], 8, gamma=args.gamma, **kw)
-    ar_tokens = ar_time = sp_tokens = sp_time = 0
-    runs, same = [], 0
-    for ids in tqdm(prompts, desc="decoding", unit="prompt"):
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=stop_id(target, tokenizer))
+    runs = []
+
+    def autoregressive(ids):
         torch.manual_seed(args.seed)
-        a, t = timed(lambda: generate(target, ids, args.max_new_tokens, **kw), device)
-        ar_tokens, ar_time = ar_tokens + len(a), ar_time + t
+        return generate(target, ids, args.max_new_tokens, **kw)
+
+    def speculative(ids):
         torch.manual_seed(args.seed)
-        (s, st), t = timed(lambda: speculative_generate(target, draft, ids, args.max_new_tokens,
-                                                        gamma=args.gamma, **kw), device)
-        sp_tokens, sp_time = sp_tokens + len(s), sp_time + t
-        same += a == s
-        runs.append(st)
-    stats = pooled_stats(runs, args.gamma)
+        new, stats = speculative_generate(target, draft, ids, args.max_new_tokens, gamma=args.gamma, **kw)
+        runs.append(stats)
+        return new
+    (ar_tokens, ar_time), (sp_tokens, sp_time), same = compare_decoders(autoregressive, speculative, prompts, device)
+    stats = pooled_stats(runs[1:], args.gamma)  # runs[0] is the warm-up
     a, c, v = stats["acceptance_rate"], cost_ratio(target, draft), verify_cost(target, args.gamma)
     result = dict(prompts=len(prompts), gamma=args.gamma, temperature=args.temperature,
                   autoregressive_tokens_per_s=ar_tokens / ar_time, speculative_tokens_per_s=sp_tokens / sp_time,

@@ -353,12 +353,17 @@ def write_metrics(path, row):
             f.write(json.dumps(row) + "\n")
 
 
+def read_metrics(path):
+    """The rows of a metrics.jsonl, oldest first (none for a run not started yet)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def last_tokens(path):
     """The "tokens" of the last metrics row (0 for a new run)."""
-    if not os.path.exists(path):
-        return 0
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    return next((r["tokens"] for r in reversed(rows) if "tokens" in r), 0)
+    return next((r["tokens"] for r in reversed(read_metrics(path)) if "tokens" in r), 0)
 
 
 def truncate_metrics(path, step):
