@@ -27,7 +27,6 @@ import os
 import platform
 import statistics
 import time
-from types import SimpleNamespace
 
 import tiktoken
 import tokenizers
@@ -36,10 +35,12 @@ import torch.nn.functional as F
 import transformers
 
 import speculative
-from data import Tokenizer, corpus_files, find_domains, read_documents
-from model import PRESETS, ModelConfig, Transformer
+from data import corpus_files, find_domains, read_documents
+from files import write_atomic
+from model import PRESETS, ModelConfig, Transformer, to_dtype
 from speculative import (bench_prompts, check_same_tokenizer, compare_decoders, generate, load, pooled_stats,
                          prompt_ids, speculative_generate, timed)
+from tokenizer import Tokenizer
 from train import PEAK_FLOPS, by_gpu_name, make_optimizer
 
 # HBM bandwidth in bytes/s, by a substring of torch.cuda.get_device_name(); the first match wins, so the specific
@@ -112,8 +113,9 @@ def bench_train(args, device):
           f"{'' if loss_diff < 1e-3 else '  MISMATCH: the two models do not compute the same thing'}", flush=True)
 
     # the same AdamW (train.py's: no decay on norms and biases; fused on GPU) over each model's own parameters
-    hp = SimpleNamespace(lr=3e-4, weight_decay=0.1)
-    opt_ours, opt_theirs = make_optimizer(ours, hp, device), make_optimizer(theirs, hp, device)
+    opt_ours, opt_theirs = make_optimizer(ours, 0.1, device), make_optimizer(theirs, 0.1, device)
+    for group in opt_ours.param_groups + opt_theirs.param_groups:
+        group["lr"] = 3e-4  # (train_loop sets it at every step)
     autocast = torch.bfloat16 if args.dtype == "bfloat16" else None
     precision = "bf16 autocast, fp32 weights" if autocast else "fp32"
     peak = by_gpu_name(PEAK_FLOPS, device)
@@ -192,7 +194,7 @@ def bench_decode(args, device):
     for flag, path in (("--target", args.target), ("--draft", args.draft)):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise SystemExit(f"{flag} {path}: no HF model directory there (no config.json); {PIPELINE}")
-    dtype = getattr(torch, args.dtype)
+    dtype = to_dtype(args.dtype)
     target, tokenizer = load(args.target, device, dtype)
     draft, draft_tokenizer = load(args.draft, device, dtype)
     check_same_tokenizer(tokenizer, draft_tokenizer)
@@ -359,9 +361,7 @@ def main(argv=None):
     for r in rows:
         print(f"| {r['what']} | {r['ours']:,.1f} | {r['theirs']:,.1f} | {r['ratio']:.2f}x | {r['notes']} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
+        write_atomic(args.json, json.dumps(results, indent=2) + "\n")
     return results
 
 

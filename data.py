@@ -1,453 +1,24 @@
-"""Data for DACP: the tokenizer; later sections below it: corpus -> token shards, the replay-mixed token stream,
-chat rendering with a loss mask, and SFT batches.
-
-The tokenizer is tiktoken under the hood. A checkpoint's tokenizer.json (byte-level BPE in the GPT-2, Llama-3, Qwen2
-or SmolLM2 style) becomes a tiktoken Encoding that gives the same ids as HF tokenizers; anything tiktoken cannot
-reproduce exactly is refused, with an error naming the file and the field. Tokenizer.train is a small byte-level
-BPE trainer for from-scratch models, and save_pretrained writes files that transformers loads with the same ids.
+"""Data for DACP, in the order the pipeline uses it: corpus -> token shards, the replay-mixed token stream, chat
+rendering with a loss mask, and SFT batches. The tokenizer is tokenizer.py's (re-exported: data.Tokenizer).
 """
 import hashlib
-import heapq
 import itertools
 import json
 import math
 import os
-import re
-import unicodedata
-from collections import Counter, defaultdict
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import tiktoken
 from tqdm import tqdm
 
-# -----------------------------------------------------------------------------
-# Tokenizer
-
-# GPT-2's split regex: HF ByteLevel(use_regex=true) uses exactly this one (so does tiktoken's "gpt2").
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-# SmolLM2's Sequence[Digits(individual_digits), ByteLevel(use_regex)] as one regex. HF first cuts out every digit on
-# its own, then runs the GPT-2 regex on each piece in between. So a digit is always alone (`\p{N}`, no leading space),
-# and a whitespace run right before a digit ends its piece, where GPT-2's `\s+(?!\S)` takes all of it; on unsplit
-# text `\s+(?!\S)` would leave the last space out ("a  1": HF gives "a", "  ", "1", not "a", " ", " ", "1"). Hence
-# `\s+(?=\p{N})` before it.
-SMOLLM2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
-
-# Llama-3's split regex (tiktoken's cl100k_base without possessive quantifiers); what Tokenizer.train saves.
-LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-
-# The trainer splits text with Python's `re`, which has no \p{L} / \p{N}, so this approximates LLAMA3_PATTERN: a
-# letter is a word character that is not a decimal digit or "_", a number is a decimal digit. That only changes which
-# merges are learned, never whether encode() matches HF: encoding always splits with the exact saved pattern.
-TRAIN_SPLIT = re.compile(r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[^\r\n\w]|_)?[^\W\d_]+|\d{1,3}"""
-                         r"""| ?(?:[^\s\w]|_)+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
-
-# A trained tokenizer's special tokens: the first is end-of-text, the document separator (eos); the ChatML pair
-# delimits chat turns (Qwen2.5's simple template below, and render_chat).
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-CHATML_TEMPLATE = (r"{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                   r"'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-                   r"{% endif %}")
-# The files save_pretrained copies from a checkpoint's directory (config.json etc. are model.py's business).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def bytes_to_unicode():
-    """GPT-2's byte -> printable character table (openai/gpt-2 encoder.py), the alphabet byte-level BPE vocabularies
-    are written in: printable Latin-1 bytes stand for themselves, the other 68 become U+0100.. ("Ġ" is a space)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(shifted)}}
-
-
-BYTE_TO_CHAR = bytes_to_unicode()
-_UNBYTE = str.maketrans({c: chr(b) for b, c in BYTE_TO_CHAR.items()})  # to Latin-1, one char per byte: C speed
-
-
-def token_to_bytes(s):
-    return s.translate(_UNBYTE).encode("latin-1")  # "Ġthe" -> b" the"
-
-
-def bytes_to_token(b):
-    return "".join(BYTE_TO_CHAR[x] for x in b)  # b" the" -> "Ġthe"
-
-
-# ---- reading tokenizer.json: everything tiktoken cannot reproduce exactly is refused
-
-
-def _read_json(file):
-    if not file.is_file():
-        return {}
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-
-
-def _check_bpe_model(model, file):
-    kind = model.get("type", "BPE" if "merges" in model else None)  # very old files leave the type out
-    if kind != "BPE":
-        raise ValueError(f"{file}: model.type is {kind!r}; only byte-level 'BPE' is supported "
-                         "(Unigram / SentencePiece, WordPiece and WordLevel tokenizers cannot be run by tiktoken)")
-    for field in ["byte_fallback", "continuing_subword_prefix", "end_of_word_suffix", "dropout"]:
-        if model.get(field):  # SentencePiece's <0xNN> fallback, word-piece affixes, random merge dropout
-            raise ValueError(f"{file}: model.{field} is {model[field]!r}; tiktoken's byte-level BPE has no such "
-                             "thing, so ids would differ from HF")
-    if not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
-        raise ValueError(f"{file}: model.vocab (a dict) and model.merges (a list) are required for BPE")
-
-
-def _uses_nfc(normalizer, file):
-    """Null or NFC (alone, or in a Sequence as Qwen2 has it); NFC is applied in Python before tiktoken sees text."""
-    if normalizer is None:
-        return False
-    steps = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer]
-    kinds = [s.get("type") for s in steps]
-    if any(k != "NFC" for k in kinds):
-        raise ValueError(f"{file}: normalizer {kinds} is not supported; only null or NFC")
-    return bool(kinds)
-
-
-def _split_pattern(pre, file):
-    """The tiktoken split regex that does what the tokenizer.json pre_tokenizer does."""
-    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") if s else None for s in steps]
-    byte_level = steps[-1] if kinds[-1:] == ["ByteLevel"] else {}
-    if byte_level.get("add_prefix_space"):
-        raise ValueError(f"{file}: pre_tokenizer ByteLevel.add_prefix_space is true (a space is put before the "
-                         "text); tiktoken does not do that, so ids would differ from HF")
-    use_regex = byte_level.get("use_regex", True)  # files from before the option existed always used the regex
-    if kinds == ["ByteLevel"] and use_regex:
-        return GPT2_PATTERN
-    if kinds == ["Split", "ByteLevel"] and not use_regex:
-        split = steps[0]
-        if "Regex" in split.get("pattern", {}) and split.get("behavior") == "Isolated" and not split.get("invert"):
-            return split["pattern"]["Regex"]
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and use_regex:
-        return SMOLLM2_PATTERN
-    raise ValueError(f"{file}: pre_tokenizer {json.dumps(pre)[:300]} is not supported. Supported: "
-                     "ByteLevel(use_regex=true) (GPT-2); Sequence[Split(Regex, behavior=Isolated, invert=false), "
-                     "ByteLevel(use_regex=false)] (Llama-3, Qwen2); Sequence[Digits(individual_digits=true), "
-                     "ByteLevel(use_regex=true)] (SmolLM2); all with add_prefix_space=false")
-
-
-def _mergeable_ranks(model, added, file):
-    """tiktoken's mergeable ranks: each vocab token's bytes -> its id (added tokens become special tokens instead)."""
-    tokens = [s for s in model["vocab"] if s not in added]  # GPT-2 has <|endoftext|> in both; it is special here
-    strays = set("".join(tokens)) - set(BYTE_TO_CHAR.values())
-    if strays:
-        raise ValueError(f"{file}: model.vocab has characters outside GPT-2's byte-to-unicode alphabet "
-                         f"{sorted(strays)[:5]}; this is not a byte-level BPE vocabulary")
-    ranks = {token_to_bytes(s): model["vocab"][s] for s in tokens}
-    ids = set(ranks.values())
-    if len(ids) != len(ranks):
-        raise ValueError(f"{file}: model.vocab gives the same id to two tokens")
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
-        raise ValueError(f"{file}: model.vocab lacks {len(missing)} of the 256 single-byte tokens (e.g. byte "
-                         f"0x{missing[0]:02x}, written {BYTE_TO_CHAR[missing[0]]!r}); byte-level BPE needs all of "
-                         "them so that any text can be encoded")
-    for s, i in added.items():
-        if i in ids:
-            raise ValueError(f"{file}: added_tokens {s!r} has id {i}, which model.vocab gives to another token")
-    return ranks
-
-
-def _check_merges(model, ranks, file):
-    """HF applies merges in merge-list order; tiktoken merges the adjacent pair whose concatenation has the lowest
-    id. They agree when every merge yields the concatenation of its parts, that token is in the vocab, and merged ids
-    never go down along the list. They may repeat, and a part may have a higher id than the result: Llama-3's list
-    (converted from tiktoken by transformers) holds every split of every token. With ignore_merges false HF emits
-    only tokens some merge produces, while tiktoken looks a whole piece up first, so all must be produced."""
-    vocab = model["vocab"]
-    pairs = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]  # "a b" (older files) or ["a", "b"]
-    ids = [vocab.get(p[0] + p[1], -1) if len(p) == 2 and p[0] in vocab and p[1] in vocab else -1 for p in pairs]
-    bad = np.flatnonzero(np.diff(ids, prepend=0) < 0)  # a step down; a broken merge (-1) is one too
-    if len(bad):
-        n = bad[0]
-        raise ValueError(f"{file}: model.merges[{n}] {model['merges'][n]!r}: "
-                         f"{_merge_problem(pairs[n], vocab, ids[n - 1] if n else 0)}")
-    if not model.get("ignore_merges", False):
-        produced = set(ids)
-        for token, i in ranks.items():
-            if len(token) > 1 and i not in produced:
-                raise ValueError(f"{file}: model.vocab token {bytes_to_token(token)!r} (id {i}) is produced by no "
-                                 "merge and model.ignore_merges is false, so HF never emits it but tiktoken would")
-
-
-def _merge_problem(parts, vocab, prev):
-    if len(parts) != 2:
-        return "not two tokens"
-    for part in parts:
-        if part not in vocab:
-            return f"{part!r} is not in model.vocab"
-    merged = "".join(parts)
-    if merged not in vocab:
-        return f"the merged token {merged!r} is not in model.vocab"
-    return (f"yields id {vocab[merged]} after a merge that yields id {prev}; the merge order disagrees with the "
-            "vocab ids, which tiktoken uses as merge ranks")
-
-
-# ---- BPE training helpers
-
-
-def _pop_most_frequent(heap, pair_count):
-    """Pop the pair with the highest current count off the lazy heap (None when no pairs are left)."""
-    while heap:
-        neg, pair = heapq.heappop(heap)
-        count = pair_count.get(pair, 0)
-        if count == -neg:
-            return pair
-        if count > 0:  # stale: the pair got rarer since it was pushed; put it back at its true count
-            heapq.heappush(heap, (-count, pair))
-    return None
-
-
-def _merge(word, pair, new_id, f, pair_count):
-    """Replace each occurrence of pair in word, left to right, by new_id ("aaa" with (a, a) -> [aa, a]), and move
-    the counts of the neighbouring pairs (f per occurrence): (left, a) becomes (left, new), (b, right) becomes
-    (new, right). The left neighbour is read from the output, so back-to-back merges ("abab") come out right.
-    Returns the new word and the pairs with new_id it made."""
-    a, b = pair
-    out, born, i, n = [], [], 0, len(word)
-    while i < n:
-        if i + 1 < n and word[i] == a and word[i + 1] == b:
-            if out:
-                pair_count[out[-1], a] -= f
-                pair_count[out[-1], new_id] += f
-                born.append((out[-1], new_id))
-            if i + 2 < n:
-                pair_count[b, word[i + 2]] -= f
-                pair_count[new_id, word[i + 2]] += f
-                born.append((new_id, word[i + 2]))
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return out, born
-
-
-def _write_atomic(file, data):
-    """Write to a temporary name, then rename, so a crash never leaves a half-written file behind."""
-    tmp = file.with_name(f"{file.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, file)
-
-
-class Tokenizer:
-    """Byte-level BPE on tiktoken: encode(text) -> ids, adding no BOS/EOS and reading special-token strings in the
-    text as plain text (so data can't inject control tokens); decode(ids) -> text."""
-
-    def __init__(self, mergeable_ranks, special_tokens, pattern, *, nfc=False, eos_id=None, bos_id=None,
-                 chat_template=None, merges=None, source=None, name="bpe"):
-        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
-                                     special_tokens=special_tokens)
-        self.mergeable_ranks = mergeable_ranks  # bytes -> id
-        self.special_tokens = special_tokens  # str -> id, e.g. {"<|im_start|>": 151644}, for render_chat
-        self.pattern, self.nfc = pattern, nfc
-        self.eos_id, self.bos_id = eos_id, bos_id
-        self.chat_template = chat_template  # the checkpoint's Jinja chat template, or None
-        self.merges = merges  # [(id_a, id_b), ...] in merge order, for a trained tokenizer
-        self.source = source  # the HF directory it was loaded from, whose files save_pretrained copies
-
-    @property
-    def n_vocab(self):
-        return self.enc.n_vocab
-
-    def encode(self, text):
-        return self.enc.encode_ordinary(self.normalize(text))
-
-    def encode_batch(self, texts):
-        return self.enc.encode_ordinary_batch([self.normalize(t) for t in texts])  # on tiktoken's thread pool
-
-    def normalize(self, text):
-        """NFC, where the tokenizer.json asks for it. ASCII text is already NFC, and str.isascii() is O(1)."""
-        return unicodedata.normalize("NFC", text) if self.nfc and not text.isascii() else text
-
-    @property
-    def fingerprint(self):
-        """A hash of everything that decides the ids: token shards cached under one tokenizer are not reused by
-        another."""
-        h = hashlib.sha256(f"{self.pattern}\0{self.nfc}\0{self.eos_id}\0{self.bos_id}\0".encode())
-        for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
-            h.update(rank.to_bytes(4, "little") + token)
-        h.update(json.dumps(sorted(self.special_tokens.items())).encode())
-        return h.hexdigest()
-
-    def token_byte_lengths(self):
-        """UTF-8 bytes each id stands for, as an int array [n_vocab] (special tokens: 0), for bits per byte."""
-        lengths = np.zeros(self.n_vocab, dtype=np.int64)
-        for token, rank in self.mergeable_ranks.items():
-            lengths[rank] = len(token)
-        return lengths
-
-    def decode(self, ids):
-        return self.enc.decode(ids)  # a cut multi-byte char becomes U+FFFD, as in HF's ByteLevel decoder
-
-    @classmethod
-    def from_pretrained(cls, path):
-        """An HF tokenizer directory: tokenizer.json, and optionally tokenizer_config.json and generation_config.json
-        (eos / bos, chat template)."""
-        path = Path(path)
-        file = path / "tokenizer.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: not found; Tokenizer.from_pretrained needs an HF tokenizer directory "
-                                    "with a tokenizer.json holding a byte-level BPE")
-        spec = _read_json(file)
-        model = spec.get("model")
-        if not isinstance(model, dict):
-            raise ValueError(f"{file}: no 'model' object")
-        _check_bpe_model(model, file)
-        nfc = _uses_nfc(spec.get("normalizer"), file)
-        pattern = _split_pattern(spec.get("pre_tokenizer"), file)
-        added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
-        ranks = _mergeable_ranks(model, added, file)
-        _check_merges(model, ranks, file)
-
-        config_file, gen_file = path / "tokenizer_config.json", path / "generation_config.json"
-        config, gen = _read_json(config_file), _read_json(gen_file)
-
-        def token_id(key):
-            """tokenizer_config.json's eos_token / bos_token (a string or {"content": ...}), else
-            generation_config.json's eos_token_id / bos_token_id (an int, or a list: the first), else None."""
-            token = config.get(f"{key}_token")
-            token = token.get("content") if isinstance(token, dict) else token
-            if token is not None:
-                i = added.get(token, model["vocab"].get(token))
-                if i is None:
-                    raise ValueError(f"{config_file}: {key}_token {token!r} is in neither added_tokens nor "
-                                     f"model.vocab of {file}")
-                return i
-            i = gen.get(f"{key}_token_id")
-            i = (i or [None])[0] if isinstance(i, list) else i
-            if i is not None and not isinstance(i, int):
-                raise ValueError(f"{gen_file}: {key}_token_id is {i!r}, not an int or a list of ints")
-            return i
-
-        template = config.get("chat_template")
-        if isinstance(template, list):  # older form: [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if template is None and (path / "chat_template.jinja").is_file():  # where newer transformers save it
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        eos_id, bos_id = token_id("eos"), token_id("bos")
-        try:
-            return cls(ranks, added, pattern, nfc=nfc, eos_id=eos_id, bos_id=bos_id, chat_template=template,
-                       source=path, name=path.name or "bpe")
-        except ValueError as e:  # e.g. a Split regex that tiktoken's engine (fancy-regex) cannot compile
-            raise ValueError(f"{file}: pre_tokenizer regex {pattern!r}: tiktoken refused it: {e}") from None
-
-    @classmethod
-    def train(cls, texts, vocab_size, special_tokens=SPECIAL_TOKENS):
-        """Byte-level BPE (Sennrich et al. 2016; on bytes as in GPT-2) trained on an iterable of strings.
-        Ids: 0-255 are the bytes in byte order (as in tiktoken), then one id per merge in merge order, then the
-        special tokens, the first of which is eos. vocab_size counts all three, so n_vocab == vocab_size (less only
-        when the text runs out of pairs to merge)."""
-        n_merges = vocab_size - 256 - len(special_tokens)
-        if n_merges < 0:
-            raise ValueError(f"vocab_size {vocab_size} < 256 bytes + {len(special_tokens)} special tokens")
-        texts = [texts] if isinstance(texts, str) else texts
-
-        # Each distinct chunk once, with its count: merges never cross chunks, so equal chunks merge alike.
-        chunk_counts = Counter()
-        for text in texts:
-            chunk_counts.update(TRAIN_SPLIT.findall(unicodedata.normalize("NFC", text)))
-        words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
-        freqs = list(chunk_counts.values())
-
-        # Pair statistics, updated incrementally: pair -> count, pair -> indices of the words that hold it (or did:
-        # a stale index is harmless, merging there changes nothing). The max-heap is lazy: it may hold stale
-        # counts, which are checked when popped.
-        pair_count, where = defaultdict(int), defaultdict(set)
-        for i, (word, f) in enumerate(zip(words, freqs)):
-            for pair in zip(word, word[1:]):
-                pair_count[pair] += f
-                where[pair].add(i)
-        heap = [(-c, pair) for pair, c in pair_count.items()]  # most frequent first; ties: the smaller ids first
-        heapq.heapify(heap)
-
-        vocab = [bytes([b]) for b in range(256)]  # id -> bytes
-        merges = []
-        for _ in tqdm(range(n_merges), desc="BPE merges", disable=None):
-            pair = _pop_most_frequent(heap, pair_count)
-            if pair is None:
-                break  # every chunk is one token already
-            new_id = len(vocab)
-            vocab.append(vocab[pair[0]] + vocab[pair[1]])
-            merges.append(pair)
-            new_pairs = set()  # pairs with the new token: the only counts that grow, so the only heap pushes
-            for i in where.pop(pair):  # rewrite only the words that hold the pair
-                words[i], born = _merge(words[i], pair, new_id, freqs[i], pair_count)
-                for p in born:
-                    where[p].add(i)
-                new_pairs.update(born)
-            del pair_count[pair]
-            for p in new_pairs:
-                if pair_count[p] > 0:  # it can be gone again: "abab" makes (ab, a), then (ab, ab)
-                    heapq.heappush(heap, (-pair_count[p], p))
-        # Can't happen: once some bytes are merged into a token, they never show up split another way.
-        assert len(set(vocab)) == len(vocab), "BPE trainer produced a duplicate token"
-
-        specials = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
-        chatml = "<|im_start|>" in specials and "<|im_end|>" in specials
-        return cls({b: i for i, b in enumerate(vocab)}, specials, LLAMA3_PATTERN, nfc=True,
-                   eos_id=specials[special_tokens[0]] if specials else None,
-                   chat_template=CHATML_TEMPLATE if chatml else None, merges=merges)
-
-    def save_pretrained(self, path, model_max_length=2048):
-        """Write tokenizer.json and tokenizer_config.json that transformers.AutoTokenizer and tokenizers load with
-        the same ids. A tokenizer loaded from an HF directory copies that directory's tokenizer files: exact."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        if self.source is not None:
-            for name in TOKENIZER_FILES:
-                if (self.source / name).is_file():
-                    _write_atomic(path / name, (self.source / name).read_bytes())
-            return
-        if self.merges is None:
-            raise ValueError("save_pretrained needs a tokenizer from Tokenizer.train or Tokenizer.from_pretrained")
-
-        token = {i: bytes_to_token(b) for b, i in self.mergeable_ranks.items()}  # id -> vocab string
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-        spec = {  # laid out like Qwen2's tokenizer.json
-            "version": "1.0", "truncation": None, "padding": None,
-            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True} for s, i in self.special_tokens.items()],
-            "normalizer": {"type": "NFC"} if self.nfc else None,
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False},
-                {**byte_level, "trim_offsets": True}]},
-            "post_processor": byte_level,
-            "decoder": byte_level,
-            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                      "ignore_merges": True,  # tiktoken looks a whole piece up in the vocab before merging
-                      "vocab": {token[i]: i for i in sorted(token)},
-                      "merges": [[token[a], token[b]] for a, b in self.merges]},
-        }
-        special = {i: s for s, i in self.special_tokens.items()}
-        eos = special.get(self.eos_id)
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "eos_token": eos,
-            "bos_token": special.get(self.bos_id),
-            "pad_token": eos,  # padding is masked out of the loss anyway
-            "additional_special_tokens": [s for s in self.special_tokens if s != eos],
-            "model_max_length": model_max_length,
-            "clean_up_tokenization_spaces": False,
-            "chat_template": self.chat_template,
-        }
-        for name, obj in [("tokenizer.json", spec), ("tokenizer_config.json", config)]:
-            _write_atomic(path / name, json.dumps(obj, ensure_ascii=False, indent=2).encode("utf-8"))
-
+from files import commit, temporary_name
+from tokenizer import Tokenizer  # noqa: F401  (re-exported: data.Tokenizer)
 
 # -----------------------------------------------------------------------------
 # Corpora and token shards
 #
-# A domain is a folder data/<domain>/ with train/ and val/ (DESIGN.md). A .txt file is one document; a .jsonl file
+# A domain is a folder data/<domain>/ with train/ and val/ (see the README). A .txt file is one document; a .jsonl file
 # has one document per row, {"text": ...}. Documents are joined as [bos] doc [eos] (bos only where the tokenizer has
 # one), so the model learns where documents end. Tokenised corpora are cached as one flat .bin of uint16 (uint32 for
 # vocabularies over 65536) per split, read back through np.memmap: a corpus never has to fit in memory.
@@ -519,7 +90,8 @@ def tokenize_corpus(tokenizer, data_root, domain, split, batch_bytes=8 << 20):
     os.makedirs(cache, exist_ok=True)
     total = sum(os.path.getsize(p) for p in files)
     n_tokens = 0
-    with open(bin_path + ".tmp", "wb") as out, \
+    tmp = temporary_name(bin_path)
+    with open(tmp, "wb") as out, \
             tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {domain}/{split}") as bar:
         def flush(docs):
             nonlocal n_tokens
@@ -544,10 +116,12 @@ def tokenize_corpus(tokenizer, data_root, domain, split, batch_bytes=8 << 20):
                 docs, size = [], 0
         if docs:
             flush(docs)
+        out.flush()
+        os.fsync(out.fileno())
     if n_tokens == 0:
-        os.remove(bin_path + ".tmp")
+        os.remove(tmp)
         raise ValueError(f"{os.path.join(data_root, domain, split)}/: the corpus is empty")
-    os.replace(bin_path + ".tmp", bin_path)
+    commit(tmp, bin_path)
     for name in os.listdir(cache):  # drop this split's stale caches (other tokenizer or older text)
         if name.startswith(f"{split}-") and name.endswith(".bin") and name != os.path.basename(bin_path):
             os.remove(os.path.join(cache, name))
@@ -719,6 +293,16 @@ def read_conversations(path):
     if not rows:
         raise ValueError(f"{path}: no conversations")
     return rows
+
+
+def sft_files(data_root, domain, split="train"):
+    """A domain's SFT stages, data/<domain>/sft/*.jsonl in name order (the curriculum order), or their held-out
+    conversations, data/<domain>/sft/val/*.jsonl. ValueError when there are none."""
+    folder = Path(data_root) / domain / "sft" / ("val" if split == "val" else "")
+    files = sorted(folder.glob("*.jsonl"))
+    if not files:
+        raise ValueError(f"{folder}/: no .jsonl conversation files (rows {{\"messages\": [...]}})")
+    return files
 
 
 # -----------------------------------------------------------------------------

@@ -15,20 +15,23 @@ Before and after training it measures the student's acceptance rate as the teach
 The loop, checkpoints, resume and HF export are train.py's; speculative decoding is speculative.py's.
 """
 import argparse
+import hashlib
+import json
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import (IGNORE, Tokenizer, WindowSampler, pad_rows, read_conversations, render_chat, sft_row,
-                  tokenize_corpus)
-from model import PRESETS, ModelConfig, Transformer
-from speculative import (check_same_tokenizer, cost_ratio, generate, is_chat_model, pooled_stats,
+from data import IGNORE, WindowSampler, pad_rows, read_conversations, render_chat, sft_files, sft_row, tokenize_corpus
+from model import PRESETS, Transformer
+from speculative import (check_same_tokenizer, cost_ratio, cut_at_eos, generate, is_chat_model, pooled_stats,
                          predicted_speedup, speculative_generate, stop_id)
-from train import (Step, check_batch_sizes, compute_dtype, export_hf, launch, log, make_optimizer,
-                   micro_batches_of, prepare_out, resume, setup_distributed, shard_model, train_loop)
+from tokenizer import Tokenizer
+from train import (Schedule, Step, batch_flops, check_batch_sizes, compute_dtype, cosine_lr, export_hf, gather,
+                   launch, log, make_optimizer, micro_batches_of, prepare_out, preset_model, rank_share, resume,
+                   setup_distributed, shard_model, train_loop)
 
 LOSSES = ("fkl", "rkl", "jsd", "tvd")
 
@@ -108,12 +111,8 @@ def load_student(args, teacher, tokenizer, device):
     """The draft: a new model of a preset shape on the teacher's tokenizer, or an HF checkpoint that must share it."""
     if args.student in PRESETS:
         tc = teacher.config
-        config = ModelConfig.from_preset(args.student, vocab_size=tc.vocab_size, max_seq_len=tc.max_seq_len,
-                                         bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id)
-        torch.manual_seed(args.seed)
-        student = Transformer(config)
-        student.init_weights()
-        return student.to(device)
+        return preset_model(args.student, tc.vocab_size, tc.max_seq_len, tc.bos_token_id, tc.eos_token_id,
+                            args.seed).to(device)
     if not os.path.isfile(os.path.join(args.student, "config.json")):
         raise SystemExit(f"--student {args.student}: neither a preset ({', '.join(PRESETS)}) nor an HF directory")
     check_same_tokenizer(tokenizer, Tokenizer.from_pretrained(args.student), f"teacher ({args.teacher})",
@@ -130,11 +129,11 @@ def load_student(args, teacher, tokenizer, device):
 def domain_prompts(tokenizer, teacher, args, split):
     """Prompts from the domain: for a chat teacher, the user turns of data/<domain>/sft/[val/]*.jsonl rendered
     with the assistant header; for a base teacher, the first --prompt-tokens tokens of corpus windows."""
-    folder = os.path.join(args.data_root, args.domain, "sft", *(["val"] if split == "val" else []))
-    if is_chat_model(teacher, tokenizer) and os.path.isdir(folder):
+    files = sft_files(args.data_root, args.domain, split) if is_chat_model(teacher, tokenizer) else []
+    if files:
         prompts = []
-        for name in sorted(f for f in os.listdir(folder) if f.endswith(".jsonl")):
-            for messages, _ in read_conversations(os.path.join(folder, name)):
+        for path in files:
+            for messages, _ in read_conversations(path):
                 first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
                 prompts.append(render_chat(tokenizer, messages[:first], add_generation_prompt=True)[0])
         return prompts
@@ -143,18 +142,33 @@ def domain_prompts(tokenizer, teacher, args, split):
     return [tokens[i * args.seq_len:i * args.seq_len + args.prompt_tokens].tolist() for i in range(n)]
 
 
+@contextmanager
+def seeded(seed):
+    """A context in which torch's global RNG (which generate samples from) starts from `seed`, and after which it
+    is back where it was: samples drawn inside depend on nothing that ran before them (a resumed run draws the same
+    ones, and so does another process), and the training RNG is left untouched."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def seed_of(*key):
+    """One 63-bit seed from a tuple of ints, e.g. (seed, prompt index): distinct keys give unrelated streams."""
+    return int(np.random.SeedSequence(list(key)).generate_state(2, np.uint64)[0] >> 1)
+
+
 @torch.no_grad()
-def sample_rows(model, prompts, args, eos_id, dtype):
-    """(prompt + sampled continuation, labels on the continuation) per prompt. Fixed-length generation, cut at
-    eos afterwards: every process then runs the same number of forward passes, as FSDP's collectives need."""
+def sample_rows(model, prompts, seeds, args, eos_id, dtype):
+    """(prompt + sampled continuation, labels on the continuation) per prompt, each drawn under its own seed.
+    Fixed-length generation, cut at eos afterwards: every process then runs the same number of forward passes, as
+    FSDP's collectives need."""
     model.setup_cache(1, model.config.max_seq_len, dtype=dtype)
     rows = []
-    for prompt in prompts:
+    for prompt, seed in zip(prompts, seeds):
         prompt = prompt[-(args.seq_len - args.gen_tokens):]
-        new = generate(model, prompt, args.gen_tokens, temperature=args.gen_temperature)
-        if eos_id in new:
-            new = new[:new.index(eos_id) + 1]
-        rows.append(continuation_row(prompt, new))
+        with seeded(seed):
+            new = generate(model, prompt, args.gen_tokens, temperature=args.gen_temperature)
+        rows.append(continuation_row(prompt, cut_at_eos(new, eos_id)))
     return rows
 
 
@@ -163,13 +177,65 @@ def continuation_row(prompt, new):
     return prompt + new, [IGNORE] * (len(prompt) - 1) + new
 
 
-def gather_rows(rows):
-    """Every process's rows, in rank order, on every process."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return rows
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, rows)
-    return [r for part in parts for r in part]
+# -----------------------------------------------------------------------------
+# DistillSpec's data sources: each gives batch(step) -> the global batch, int64 [batch_size, 2, width] (ids, labels)
+
+
+def text_source(tokenizer, args):
+    """Domain text: every next token of corpus windows is distilled."""
+    windows = WindowSampler(tokenize_corpus(tokenizer, args.data_root, args.domain, "train"), args.seq_len,
+                            args.seed)
+
+    def batch(step):
+        w = windows.take(step * args.batch_size, args.batch_size)
+        return np.stack([w[:, :-1], w[:, 1:]], axis=1)
+    return batch
+
+
+def pool_source(pool, args, pad_id):
+    """A fixed pool of rows (SFT conversations, teacher samples): step s draws a batch_size subset, seeded by
+    (seed, s)."""
+    def batch(step):
+        pick = np.random.default_rng([args.seed, step]).choice(len(pool), args.batch_size, replace=False)
+        return pad_rows([pool[i] for i in pick], pad_id)
+    return batch
+
+
+def sft_pool(tokenizer, args):
+    """The domain's SFT conversations (every stage), distilled on the assistant turns."""
+    try:
+        files = sft_files(args.data_root, args.domain)
+    except ValueError as e:
+        raise SystemExit(f"--data sft: {e}") from None
+    return [sft_row(tokenizer, m, args.seq_len)[:2] for f in files for m, _ in read_conversations(f)]
+
+
+def teacher_pool(teacher, tokenizer, args, eos, dtype, rank, world):
+    """DistillSpec's teacher-generated data: a continuation of each domain prompt, sampled once before training,
+    prompt i under seed (seed, i), so a resumed run, or one with another number of processes, has the same pool."""
+    prompts = domain_prompts(tokenizer, teacher, args, "train")
+    log(f"sampling {args.gen_tokens}-token teacher continuations of {len(prompts)} domain prompts")
+    mine = rank_share(list(enumerate(prompts)), rank, world)
+    pool = gather(sample_rows(teacher, [p for _, p in mine], [seed_of(args.seed, i) for i, _ in mine], args, eos, dtype))
+    log(f"teacher pool: {len(pool)} rows, fingerprint {pool_fingerprint(pool)}")
+    return pool
+
+
+def pool_fingerprint(pool):
+    """A short hash of a pool of rows: two runs drew the same data exactly when it is equal."""
+    return hashlib.sha256(json.dumps(pool).encode()).hexdigest()[:16]
+
+
+def student_source(student, prompts, args, eos, dtype, pad_id, rank, world):
+    """On-policy data (DistillSpec): the student's own samples for batch_size domain prompts, drawn again at every
+    step; each process samples its share, prompt j of step s under seed (seed, s, j)."""
+    def batch(step):
+        pick = np.random.default_rng([args.seed, step]).choice(len(prompts), args.batch_size)
+        mine = rank_share(list(enumerate(pick)), rank, world)
+        rows = sample_rows(student, [prompts[i] for _, i in mine], [seed_of(args.seed, step, j) for j, _ in mine], args,
+                           eos, dtype)
+        return pad_rows(gather(rows), pad_id)
+    return batch
 
 
 # -----------------------------------------------------------------------------
@@ -184,9 +250,9 @@ def acceptance(teacher, student, tokenizer, prompts, args):
     c = cost_ratio(teacher, student)
     result = {"cost_ratio": c}
     for temperature in (0.0, 1.0):
-        torch.manual_seed(args.seed)
-        runs = [speculative_generate(teacher, student, prompt, args.gen_tokens, gamma=args.gamma,
-                                     temperature=temperature, eos_id=eos)[1] for prompt in prompts]
+        with seeded(args.seed):
+            runs = [speculative_generate(teacher, student, prompt, args.gen_tokens, gamma=args.gamma,
+                                         temperature=temperature, eos_id=eos)[1] for prompt in prompts]
         a = pooled_stats(runs, args.gamma)["acceptance_rate"]
         name = "greedy" if temperature == 0 else "T=1"
         result[f"acceptance_{name}"] = a
@@ -210,7 +276,7 @@ def run(args):
     out = args.out or os.path.join("out", f"{args.domain}-draft")
     if not os.path.isfile(os.path.join(args.teacher, "config.json")):
         raise SystemExit(f"--teacher {args.teacher}: not an HF model directory")
-    dtype = compute_dtype(args, device)
+    dtype = compute_dtype(args.dtype, device)
     tokenizer = Tokenizer.from_pretrained(args.teacher)
     try:
         teacher = Transformer.from_pretrained(args.teacher, device=device, dtype=dtype).eval().requires_grad_(False)
@@ -226,45 +292,25 @@ def run(args):
         log(acceptance_line("before distillation", before, args.gamma))
     eos = stop_id(teacher, tokenizer)
     pad_id = tokenizer.eos_id or 0
-
-    # The data, as (ids, labels) rows; the student's own samples are drawn inside get_step.
-    if args.data == "text":
-        windows = WindowSampler(tokenize_corpus(tokenizer, args.data_root, args.domain, "train"), args.seq_len,
-                                args.seed)
-    elif args.data == "sft":
-        folder = os.path.join(args.data_root, args.domain, "sft")
-        files = sorted(f for f in os.listdir(folder) if f.endswith(".jsonl")) if os.path.isdir(folder) else []
-        if not files:
-            raise SystemExit(f"--data sft: no conversations in {folder}/")
-        pool = [sft_row(tokenizer, m, args.seq_len)[:2] for f in files
-                for m, _ in read_conversations(os.path.join(folder, f))]
-    elif args.data == "teacher":  # DistillSpec's teacher-generated data: sampled once, before training
-        prompts = domain_prompts(tokenizer, teacher, args, "train")
-        log(f"sampling {args.gen_tokens}-token teacher continuations of {len(prompts)} domain prompts")
-        mine = prompts[rank::world] + prompts[:(-len(prompts)) % world][rank::world]  # equal counts per process
-        pool = gather_rows(sample_rows(teacher, mine, args, eos, dtype))
-    else:
-        prompts = domain_prompts(tokenizer, teacher, args, "train")
-
     model = shard_model(student, device, dtype, compile=args.compile)
-    optimizer = make_optimizer(model, args, device)
+    optimizer = make_optimizer(model, args.weight_decay, device)
+
+    # The data (DistillSpec's four sources)
+    if args.data == "text":
+        source = text_source(tokenizer, args)
+    elif args.data == "sft":
+        source = pool_source(sft_pool(tokenizer, args), args, pad_id)
+    elif args.data == "teacher":
+        source = pool_source(teacher_pool(teacher, tokenizer, args, eos, dtype, rank, world), args, pad_id)
+    else:
+        source = student_source(model, domain_prompts(tokenizer, teacher, args, "train"), args, eos, dtype, pad_id,
+                                rank, world)
 
     def get_step(step):
-        if args.data == "text":
-            batch = windows.take(step * args.batch_size, args.batch_size)
-            batch = np.stack([batch[:, :-1], batch[:, 1:]], axis=1)
-        elif args.data == "student":  # on-policy: this process samples its share of the step's prompts
-            pick = np.random.default_rng([args.seed, step]).choice(len(prompts), args.batch_size)
-            per = args.batch_size // world
-            rows = gather_rows(sample_rows(model, [prompts[i] for i in pick[rank * per:(rank + 1) * per]], args,
-                                           eos, dtype))
-            batch = pad_rows(rows, pad_id)
-        else:
-            pick = np.random.default_rng([args.seed, step]).choice(len(pool), args.batch_size, replace=False)
-            batch = pad_rows([pool[i] for i in pick], pad_id)
-        batch = torch.from_numpy(batch).to(device)
-        n = int((batch[:, 1] != IGNORE).sum())
-        return Step(micro_batches_of(batch, args, rank, world), n_trained=n)
+        batch = torch.from_numpy(source(step)).to(device)
+        return Step(micro_batches_of(batch, args.micro_batch_size, rank, world),
+                    n_trained=int((batch[:, 1] != IGNORE).sum()),
+                    flops=batch_flops(student.config, *batch[:, 0].shape))
 
     def loss_fn(model, batch):
         """Summed over the distilled tokens (train_loop divides by their global count)."""
@@ -299,8 +345,12 @@ def run(args):
         log(f"distilling {args.teacher} ({teacher.config.num_params() / 1e6:.1f}M) into a "
             f"{student.config.num_params() / 1e6:.1f}M student ({args.student}): {args.loss} loss on "
             f"{args.data} data, {args.max_steps} steps of {args.batch_size} sequences")
-    train_loop(model, optimizer, get_step, loss_fn, args, out, config=student.config, start_step=start_step,
-               evaluate_fn=evaluate_fn, device=device)
+    schedule = Schedule(args.max_steps, lambda step: cosine_lr(step, args.lr, args.min_lr, args.warmup_steps,
+                                                               args.max_steps),
+                        args.grad_clip, args.eval_every, save_every=args.save_every,
+                        keep_checkpoints=args.keep_checkpoints)
+    train_loop(model, optimizer, get_step, loss_fn, schedule, out, start_step=start_step, evaluate_fn=evaluate_fn,
+               device=device)
     export_hf(model, student.config, tokenizer, out, torch.float32)
     if rank == 0:
         draft = Transformer.from_pretrained(out, device=device).eval()

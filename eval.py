@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import corpus_files, read_jsonl, render_chat, tokenize_corpus
+from files import write_atomic
 from speculative import (check_same_tokenizer, generate, is_chat_model, load, pooled_stats, prompt_ids,
                          speculative_generate, stop_id)
-from train import evaluate
+from train import retention, val_loss_and_bpb
 
 # -----------------------------------------------------------------------------
 # BLEU-4 (Papineni et al. 2002), as sacrebleu computes corpus BLEU with its defaults
@@ -244,7 +245,7 @@ def eval_model(path, args, tasks, draft=None):
         check_same_tokenizer(tokenizer, draft[1], a_name=f"model {path}", b_name=f"--draft {args.draft}")
     metrics, answers = {}, {}
     val = {d: tokenize_corpus(tokenizer, args.data_root, d, "val") for d in tasks}
-    for key, value in evaluate(model, val, min(args.seq_len, model.config.max_seq_len), args.batch_size,
+    for key, value in val_loss_and_bpb(model, val, min(args.seq_len, model.config.max_seq_len), args.batch_size,
                                tokenizer.token_byte_lengths(), device, max_windows=10 ** 9).items():
         kind, d = key.split("/")
         if kind == "bpb":
@@ -271,7 +272,7 @@ def load_tasks(args):
         folder = Path(args.data_root) / d / "eval"
         found = {name: folder / f"{name}.jsonl" for name in ("mcq", "qa") if (folder / f"{name}.jsonl").is_file()}
         if d == args.domain and not found:
-            raise FileNotFoundError(f"{folder}/: no mcq.jsonl or qa.jsonl (see DESIGN.md for their rows)")
+            raise FileNotFoundError(f"{folder}/: no mcq.jsonl or qa.jsonl (the README shows their rows)")
         tasks[d] = {name: read_eval_file(str(path), check_mcq if name == "mcq" else check_qa)[:args.limit]
                     for name, path in found.items()}
     return tasks
@@ -289,9 +290,10 @@ def add_retention(results, general):
     base = next(iter(results.values()))
     for m in results.values():
         if f"bpb/{general}" in base:
-            m[f"retention_bpb/{general}"] = base[f"bpb/{general}"] / m[f"bpb/{general}"]
+            m[f"retention_bpb/{general}"] = retention(base[f"bpb/{general}"], m[f"bpb/{general}"], True)
         if base.get(f"mcq_acc_norm/{general}"):
-            m[f"retention_mcq/{general}"] = m[f"mcq_acc_norm/{general}"] / base[f"mcq_acc_norm/{general}"]
+            m[f"retention_mcq/{general}"] = retention(base[f"mcq_acc_norm/{general}"], m[f"mcq_acc_norm/{general}"],
+                                                      False)
 
 
 def markdown_table(results, domains):
@@ -346,9 +348,9 @@ def main(argv=None):
     print(table)
     out = Path(args.out or os.path.join("out", f"eval-{args.domain}"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table + "\n", encoding="utf-8")
-    out.with_suffix(".json").write_text(json.dumps({"metrics": results, "answers": answers}, indent=2,
-                                                   ensure_ascii=False) + "\n", encoding="utf-8")
+    write_atomic(out.with_suffix(".md"), table + "\n")
+    write_atomic(out.with_suffix(".json"), json.dumps({"metrics": results, "answers": answers}, indent=2,
+                                                      ensure_ascii=False) + "\n")
     print(f"\nwritten: {out.with_suffix('.md')}, {out.with_suffix('.json')}", file=sys.stderr)
 
 

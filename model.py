@@ -26,6 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
+from files import commit, fsync, temporary_name
+
 # HF model_type -> the architecture name transformers instantiates for it
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",  # Llama-3.x, SmolLM2
@@ -35,6 +37,17 @@ ARCHITECTURES = {
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def to_dtype(name):
+    """A torch dtype from its name as config.json, a flag or str(dtype) spells it ("bfloat16", "torch.bfloat16");
+    a torch.dtype passes through."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; supported: {', '.join(DTYPES)}")
+    return DTYPES[key]
 
 
 # -----------------------------------------------------------------------------
@@ -448,8 +461,7 @@ class Transformer(nn.Module):
             raise FileNotFoundError(f"{config_path} not found: expected an HF model directory")
         with open(config_path) as f:
             config = ModelConfig.from_hf(json.load(f))
-        if isinstance(dtype, str):
-            dtype = DTYPES[dtype.removeprefix("torch.")]
+        dtype = None if dtype is None else to_dtype(dtype)
         state = {}
         for file in _safetensors_files(path):
             with safe_open(file, framework="pt", device=str(torch.device(device or "cpu"))) as f:
@@ -505,22 +517,24 @@ class Transformer(nn.Module):
             size += nbytes
         names = ["model.safetensors"] if len(shards) == 1 else \
             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        files = {}  # final name -> its complete, fsynced temporary file
         for name, shard in zip(names, shards):
-            save_file(shard, os.path.join(path, name + ".tmp"), metadata={"format": "pt"})
-        index = None
+            files[name] = temporary_name(os.path.join(path, name))
+            save_file(shard, files[name], metadata={"format": "pt"})
         if len(shards) > 1:
             total = sum(v.numel() * v.element_size() for v in state.values())
             index = {"metadata": {"total_size": total},
                      "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-            _write_json(os.path.join(path, "model.safetensors.index.json.tmp"), index)
-        _write_json(os.path.join(path, "config.json.tmp"), self.config.to_hf())
-        # Everything is on disk: now swap in the new files and drop weight files of an earlier save.
-        new = names + (["model.safetensors.index.json"] if index else []) + ["config.json"]
-        for name in new:
-            os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
+            files["model.safetensors.index.json"] = _write_json_tmp(path, "model.safetensors.index.json", index)
+        files["config.json"] = _write_json_tmp(path, "config.json", self.config.to_hf())
+        # Everything is on disk: now swap in the new files (config.json last) and drop weight files of an earlier
+        # save.
+        for name, tmp in files.items():
+            fsync(tmp)
+            commit(tmp, os.path.join(path, name))
         for name in os.listdir(path):
             if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")) \
-                    and name not in new:
+                    and name not in files:
                 os.remove(os.path.join(path, name))
 
 
@@ -540,7 +554,10 @@ def _safetensors_files(path):
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
-def _write_json(path, obj):
-    with open(path, "w") as f:
+def _write_json_tmp(folder, name, obj):
+    """obj as JSON in a temporary file for folder/name; returns its path (commit renames it into place)."""
+    tmp = temporary_name(os.path.join(folder, name))
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+    return tmp

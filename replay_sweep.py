@@ -18,6 +18,7 @@ import sys
 import torch.distributed as dist
 
 import train
+from files import write_atomic
 
 RATIOS = "0,0.1,0.25,0.5,0.75"
 
@@ -69,14 +70,14 @@ def sweep(args):
 
 
 def table(results, domain, general):
-    """Rows: the base (before DACP), then each ratio after DACP. Retention = general bpb before / after."""
+    """Rows: the base (before DACP), then each ratio after DACP, with its general retention (bpb)."""
     base = results[0][1]
     lines = [f"| replay ratio | {domain} bpb | general bpb | general retention | {domain} gain |",
              "| --- | --- | --- | --- | --- |",
              f"| base (before DACP) | {base[f'bpb/{domain}']:.4f} | {base[f'bpb/{general}']:.4f} | 100.00% | |"]
     for ratio, before, after in results:
-        lines.append(f"| {ratio:g} | {after[f'bpb/{domain}']:.4f} | {after[f'bpb/{general}']:.4f} | "
-                     f"{before[f'bpb/{general}'] / after[f'bpb/{general}']:.2%} | "
+        kept = train.retention(before[f"bpb/{general}"], after[f"bpb/{general}"], lower_is_better=True)
+        lines.append(f"| {ratio:g} | {after[f'bpb/{domain}']:.4f} | {after[f'bpb/{general}']:.4f} | {kept:.2%} | "
                      f"{1 - after[f'bpb/{domain}'] / before[f'bpb/{domain}']:.2%} |")
     return "\n".join(lines)
 
@@ -116,10 +117,9 @@ def main(argv=None):
     domain, general = probe.domain, probe.replay_domain
     report = table(results, domain, general)
     prefix = os.path.join(args.out, "replay-sweep")
-    with open(prefix + ".md", "w") as f:
-        f.write(report + "\n")
-    with open(prefix + ".json", "w") as f:
-        json.dump([{"replay_ratio": r, "before": b, "after": a} for r, b, a in results], f, indent=1)
+    write_atomic(prefix + ".md", report + "\n")
+    write_atomic(prefix + ".json", json.dumps([{"replay_ratio": r, "before": b, "after": a} for r, b, a in results],
+                                              indent=1))
     print("\n" + report)
     wrote = plot(results, domain, general, prefix + ".png")
     print(f"\nwrote {prefix}.md, {prefix}.json" + (f", {prefix}.png" if wrote else " (pip install matplotlib for "

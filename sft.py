@@ -15,15 +15,16 @@ The output is an HF chat model: its config lists the end-of-turn token as an eos
 import argparse
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from data import IGNORE, Curriculum, Tokenizer, chat_format, end_of_turn_id, read_conversations, sft_row
-from model import DTYPES, Transformer
-from train import (Step, check_batch_sizes, compute_dtype, export_hf, launch, log, lr_at, make_optimizer,
-                   micro_batches_of, prepare_out, read_metrics, resume, setup_distributed, shard_model, train_loop)
+from data import IGNORE, Curriculum, chat_format, end_of_turn_id, read_conversations, sft_files, sft_row
+from model import Transformer, to_dtype
+from tokenizer import Tokenizer
+from train import (Schedule, Step, batch_flops, check_batch_sizes, compute_dtype, cosine_lr, export_hf, launch, log,
+                   make_optimizer, micro_batches_of, prepare_out, read_metrics, resume, setup_distributed,
+                   shard_model, train_loop)
 
 
 def get_args(argv=None):
@@ -63,11 +64,10 @@ def stage_files(args):
         if missing:
             raise SystemExit(f"--stages: not found: {', '.join(missing)}")
         return files
-    folder = Path(args.data_root) / args.domain / "sft"
-    files = sorted(folder.glob("*.jsonl"))
-    if not files:
-        raise SystemExit(f"{folder}/: no .jsonl stages (rows {{\"messages\": [...]}}); or give --stages")
-    return files
+    try:
+        return sft_files(args.data_root, args.domain)
+    except ValueError as e:
+        raise SystemExit(f"{e}; or give --stages") from None
 
 
 def per_stage(flag, value, n, kind):
@@ -143,13 +143,10 @@ def run(args):
                                      args.seed, pad_id=tokenizer.eos_id or 0)
     if args.single_stage:
         lrs = lrs[:1]
-    args.max_steps = len(curriculum)
 
     def lr_fn(step):  # warmup then cosine to a tenth, restarted at each stage with its own peak
         k, _, first, steps = curriculum.stage_of(step)
-        stage = SimpleNamespace(lr=lrs[k], min_lr=lrs[k] / 10, warmup_steps=min(args.warmup_steps, steps // 4),
-                                max_steps=steps)
-        return lr_at(step - first, stage)
+        return cosine_lr(step - first, lrs[k], lrs[k] / 10, min(args.warmup_steps, steps // 4), steps)
 
     def get_step(step):
         k, name, first, steps = curriculum.stage_of(step)
@@ -157,29 +154,32 @@ def run(args):
             log(f"stage {k + 1}/{len(curriculum.stages)} {name}: steps {first + 1}-{first + steps}, peak lr "
                 f"{lrs[k]:.1e}")
         batch = torch.from_numpy(curriculum.batch(step)).to(device)
-        return Step(micro_batches_of(batch, args, rank, world), n_trained=curriculum.n_trained[step])
+        return Step(micro_batches_of(batch, args.micro_batch_size, rank, world),
+                    n_trained=curriculum.n_trained[step], flops=batch_flops(config, *batch[:, 0].shape))
 
     prepare_out(out, args.resume)
     model = Transformer.from_pretrained(init, device=device, dtype=torch.float32)
     config = model.config
-    export_dtype = DTYPES.get(config.dtype, torch.float32)
-    dtype = compute_dtype(args, device)
+    export_dtype = to_dtype(config.dtype)
+    dtype = compute_dtype(args.dtype, device)
     model.activation_checkpointing = args.activation_checkpointing
     model = shard_model(model, device, dtype, compile=args.compile)
-    optimizer = make_optimizer(model, SimpleNamespace(lr=lrs[0], weight_decay=args.weight_decay), device)
+    optimizer = make_optimizer(model, args.weight_decay, device)
     start_step = resume(model, optimizer, out) if args.resume else 0
     if not args.resume:
         lengths = [len(labels) for _, rows, _ in stages for _, labels in rows]
         unbucketed = Curriculum(stages, args.batch_size, args.seed, single_stage=args.single_stage, pool_batches=1)
         log(f"SFT of {init}: {len(curriculum.stages)} stage(s) "
-            f"{', '.join(f'{n} ({s} steps)' for n, _, s in curriculum.stages)}; {args.max_steps} steps of "
+            f"{', '.join(f'{n} ({s} steps)' for n, _, s in curriculum.stages)}; {len(curriculum)} steps of "
             f"{args.batch_size} conversations of {sum(lengths) / len(lengths):.0f} tokens on average "
             f"({min(lengths)}-{max(lengths)}); padding {curriculum.padding():.1%} of positions "
             f"({unbucketed.padding():.1%} without length bucketing)")
-    eval_steps = {first + steps for _, first, steps in curriculum.stages}
-    train_loop(model, optimizer, get_step, sft_loss, args, out, config=config, start_step=start_step,
+    schedule = Schedule(len(curriculum), lr_fn, args.grad_clip, args.eval_every,
+                        eval_steps=frozenset(first + steps for _, first, steps in curriculum.stages),
+                        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints)
+    train_loop(model, optimizer, get_step, sft_loss, schedule, out, start_step=start_step,
                evaluate_fn=(lambda: val_losses(model, val, device=device, batch_size=args.batch_size))
-               if val else None, lr_fn=lr_fn, eval_steps=eval_steps, device=device)
+               if val else None, device=device)
 
     # A chat model stops at the end of its turn: list <|im_end|> / <|eot_id|> among the eos ids (as Qwen2.5-Instruct
     # and Llama-3-Instruct configs do), so transformers, vLLM and our speculative.py stop there.

@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import Tokenizer, end_of_turn_id, read_jsonl, render_chat
-from model import Transformer
+from data import end_of_turn_id, read_jsonl, render_chat
+from files import write_atomic
+from model import Transformer, to_dtype
+from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -88,7 +90,7 @@ def ensure_cache(model, length):
         model.setup_cache(1, min(model.config.max_seq_len, max(length, 256)))
 
 
-def check_eos(tokens, eos_id):
+def cut_at_eos(tokens, eos_id):
     """The generated tokens, cut after the first eos_id."""
     if eos_id is not None and eos_id in tokens:
         return tokens[:tokens.index(eos_id) + 1]
@@ -124,7 +126,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
         input_pos += 1
     if new:
         out += torch.cat(new).tolist()
-    return check_eos(out, eos_id)
+    return cut_at_eos(out, eos_id)
 
 
 def fit_vocab(logits, size):
@@ -210,7 +212,7 @@ def speculative_generate(target, draft, prompt_ids, max_new_tokens, gamma=4, tem
         pos += n + 1
         if eos_id is not None and eos_id in new:
             break
-    out = check_eos(out, eos_id)[:max_new_tokens]
+    out = cut_at_eos(out, eos_id)[:max_new_tokens]
     return out, finish_stats(stats)
 
 
@@ -421,14 +423,14 @@ def bench(args, target, draft, tokenizer, device):
     if args.temperature == 0:
         print(f"greedy outputs identical to autoregressive decoding: {result['identical_outputs']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return result
 
 
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else None)
+    dtype = to_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else None)
     torch.manual_seed(args.seed)
     try:
         target, tokenizer = load(args.target, device, dtype)

@@ -19,6 +19,7 @@ import shutil
 import socket
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,8 +32,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
-from data import ReplayMixture, Tokenizer, corpus_files, find_domains, read_documents, tokenize_corpus
-from model import DTYPES, PRESETS, ModelConfig, Transformer
+from data import ReplayMixture, corpus_files, find_domains, read_documents, tokenize_corpus
+from files import fsync, write_atomic
+from model import PRESETS, ModelConfig, Transformer, to_dtype
+from tokenizer import Tokenizer
 
 # Peak dense bf16 tensor FLOP/s, for MFU (Chowdhery et al. 2022): achieved model FLOP/s over this.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -112,6 +115,23 @@ def log(*args):
         tqdm.write(" ".join(str(a) for a in args))
 
 
+def rank_share(items, rank, world):
+    """This process's share of a list: contiguous blocks of ceil(n / world) items, in rank order (the last ones may
+    be shorter or empty), so gathering the shares in rank order gives back the list. The one way work is split
+    across processes: batches, val windows, prompts to sample."""
+    per_rank = -(-len(items) // world)
+    return items[rank * per_rank:(rank + 1) * per_rank]
+
+
+def gather(items):
+    """Every process's list, concatenated in rank order, on every process (the inverse of rank_share)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
 def all_sum(values, device):
     """Sum a list of floats over processes (a no-op in one process without a process group, as in eval.py)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -145,27 +165,37 @@ def shard_model(model, device, dtype, compile=False):
     return model
 
 
-def compute_dtype(args, device):
+def compute_dtype(name, device):
     """--dtype, by default bf16 on GPU and fp32 on CPU (where bf16 matmuls are slow)."""
-    return torch.bfloat16 if (args.dtype or ("bfloat16" if device.type == "cuda" else "float32")) == "bfloat16" \
-        else torch.float32
+    return to_dtype(name or ("bfloat16" if device.type == "cuda" else "float32"))
 
 
-def make_optimizer(model, args, device):
-    """AdamW; no weight decay on norms and biases (1-D tensors)."""
+def make_optimizer(model, weight_decay, device):
+    """AdamW; no weight decay on norms and biases (1-D tensors). The LR is set by train_loop at every step."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def lr_at(step, args):
-    """Linear warmup to --lr, then cosine decay to --min-lr at --max-steps: the re-warm / re-decay that Ibrahim
-    et al. 2024 found right for continual pretraining."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+def cosine_lr(step, lr, min_lr, warmup_steps, max_steps):
+    """Linear warmup to lr, then cosine decay to min_lr at max_steps: the re-warm / re-decay that Ibrahim et al.
+    2024 found right for continual pretraining."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def preset_model(preset, vocab_size, max_seq_len, bos_token_id, eos_token_id, seed):
+    """A new model of a preset shape (model.PRESETS), randomly initialised from `seed`: a from-scratch base
+    (train.py) or a new draft (distill.py)."""
+    config = ModelConfig.from_preset(preset, vocab_size=vocab_size, max_seq_len=max_seq_len,
+                                     bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    model.init_weights()
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -192,9 +222,13 @@ def save_checkpoint(model, optimizer, out, step, keep):
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     dcp.save(state, checkpoint_id=tmp)
     torch.save({"step": step, "rng": torch.get_rng_state()}, os.path.join(tmp, f"trainer-{dist.get_rank()}.pt"))
+    for name in os.listdir(tmp):  # this process's files reach the disk before the checkpoint is renamed
+        fsync(os.path.join(tmp, name))
     dist.barrier()
     if dist.get_rank() == 0:
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(os.path.dirname(path))
         for old in checkpoint_dirs(out)[:-keep]:
             shutil.rmtree(old)
     dist.barrier()
@@ -238,19 +272,31 @@ def export_hf(model, config, tokenizer, out, dtype):
 # Evaluation: validation loss (nats / token) and bits per byte
 
 
+def bits_per_byte(nats, n_bytes):
+    """Bits per byte = total nats / ln 2 / total UTF-8 bytes of the predicted text. Unlike loss per token it does
+    not depend on the tokenizer (a tokenizer with longer tokens has fewer, harder ones), so models with different
+    tokenizers compare fairly (used by nanochat, and the Pile paper, Gao et al. 2020)."""
+    return nats / math.log(2) / n_bytes
+
+
+def retention(before, after, lower_is_better):
+    """General ability kept, as a fraction (1.0: nothing forgotten; SOAEsV2 reports 99.8 %): before / after for a
+    loss such as bits per byte, after / before for a score such as MCQ accuracy."""
+    return before / after if lower_is_better else after / before
+
+
 @torch.no_grad()
-def evaluate(model, val, seq_len, micro_batch_size, token_bytes, device, max_windows):
-    """Mean loss per token and bits per byte on each val stream's first max_windows windows. Bits per byte =
-    total nats / ln 2 / total UTF-8 bytes of the predicted tokens (special tokens, zero bytes, excluded from both):
-    unlike loss per token it does not depend on the tokenizer, so models with different tokenizers compare fairly.
-    Windows are dealt round-robin to processes; every process runs the same number of forward passes (FSDP needs
-    all of them in each collective), padding with weight-0 rows. Also runs without a process group (eval.py)."""
+def val_loss_and_bpb(model, val, seq_len, micro_batch_size, token_bytes, device, max_windows):
+    """{"val/<name>": mean loss per token, "bpb/<name>": bits per byte} on each val stream's first max_windows
+    windows. Special tokens (zero bytes) are left out of bpb's nats and bytes alike. Windows are split across
+    processes (rank_share); every process runs the same number of forward passes (FSDP needs all of them in each
+    collective), padding with weight-0 rows. Also runs without a process group (eval.py)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     token_bytes = torch.as_tensor(token_bytes, device=device)
     results = {}
     for name, tokens in val.items():
         n = min((len(tokens) - 1) // seq_len, max_windows)
-        mine = list(range(rank, n, world))
+        mine = rank_share(range(n), rank, world)
         n_batches = math.ceil(math.ceil(n / world) / micro_batch_size)
         sums = [0.0, 0.0, 0.0, 0.0]  # nats, tokens, nats on byte-bearing tokens, bytes
         for b in range(n_batches):
@@ -267,7 +313,7 @@ def evaluate(model, val, seq_len, micro_batch_size, token_bytes, device, max_win
             sums[3] += weight * nbytes.sum().item()
         nats, count, byte_nats, nbytes = all_sum(sums, device)
         results[f"val/{name}"] = nats / max(count, 1)
-        results[f"bpb/{name}"] = byte_nats / math.log(2) / max(nbytes, 1)
+        results[f"bpb/{name}"] = bits_per_byte(byte_nats, max(nbytes, 1))
     return results
 
 
@@ -277,10 +323,36 @@ def evaluate(model, val, seq_len, micro_batch_size, token_bytes, device, max_win
 
 @dataclass
 class Step:
-    """One optimizer step's data for this process: its micro-batches, and the number of trained (loss-bearing)
-    tokens in the whole global batch, over all processes, that each micro-batch's summed loss is divided by."""
+    """One optimizer step's data for this process: its micro-batches; the number of trained (loss-bearing) tokens
+    in the whole global batch, over all processes, that each micro-batch's summed loss is divided by; and the model
+    FLOPs of the global batch as it was actually run (batch_flops), for MFU."""
     micro_batches: list
     n_trained: int
+    flops: float
+
+
+@dataclass
+class Schedule:
+    """What train_loop needs besides the model, the data and the loss: how many steps, the learning rate of each
+    (lr_fn(step)), the gradient clip, and when to evaluate and checkpoint. Evaluation runs before the first step,
+    every eval_every steps (0: never in between), after each step in eval_steps and after the last; checkpoints
+    every save_every steps, keeping the newest keep_checkpoints."""
+    max_steps: int
+    lr_fn: Callable[[int], float]
+    grad_clip: float
+    eval_every: int = 0
+    eval_steps: frozenset = frozenset()
+    save_every: int = 0
+    keep_checkpoints: int = 2
+
+    def evaluates_after(self, step):
+        return step == self.max_steps or step in self.eval_steps or bool(self.eval_every and
+                                                                          step % self.eval_every == 0)
+
+
+def batch_flops(config, rows, width):
+    """Model FLOPs of a training step on `rows` sequences of `width` positions (padding included: it is computed)."""
+    return config.flops_per_token(width) * rows * width
 
 
 def causal_lm_loss(model, batch):
@@ -289,14 +361,13 @@ def causal_lm_loss(model, batch):
     return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="sum")
 
 
-def train_loop(model, optimizer, get_step, loss_fn, args, out, *, config, start_step=0, evaluate_fn=None,
-               lr_fn=None, eval_steps=(), device=torch.device("cpu")):
-    """Run optimizer steps start_step .. args.max_steps - 1. get_step(step) -> Step; loss_fn(model, micro_batch)
-    -> summed loss over its trained tokens. The loss is normalised by the GLOBAL number of trained tokens (not per
-    micro-batch, not per process), so the loss curve and the gradients are the same for any world size and any
-    gradient accumulation. Appends a row per step to <out>/metrics.jsonl; evaluates every args.eval_every steps,
-    after the steps in eval_steps and at the end; checkpoints every args.save_every steps. lr_fn(step) replaces
-    the warmup + cosine of lr_at (sft.py: one schedule per curriculum stage). Returns the last evaluation."""
+def train_loop(model, optimizer, get_step, loss_fn, schedule, out, *, start_step=0, evaluate_fn=None,
+               device=torch.device("cpu")):
+    """Run optimizer steps start_step .. schedule.max_steps - 1. get_step(step) -> Step; loss_fn(model,
+    micro_batch) -> summed loss over its trained tokens. The loss is normalised by the GLOBAL number of trained
+    tokens (not per micro-batch, not per process), so the loss curve and the gradients are the same for any world
+    size and any gradient accumulation (torchtitan). Appends a row per step to <out>/metrics.jsonl and returns the
+    last evaluation (evaluate_fn() -> {name: value})."""
     rank = dist.get_rank()
     metrics_path = os.path.join(out, "metrics.jsonl")
     peak = by_gpu_name(PEAK_FLOPS, device)
@@ -305,44 +376,53 @@ def train_loop(model, optimizer, get_step, loss_fn, args, out, *, config, start_
         write_metrics(metrics_path, {"step": 0, **last_eval})
     last_ckpt = (checkpoint_dirs(out) or [None])[-1]
     tokens = last_tokens(metrics_path)  # trained tokens so far (resumed runs: up to their checkpoint)
-    bar = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, desc="train",
+    bar = tqdm(range(start_step, schedule.max_steps), initial=start_step, total=schedule.max_steps, desc="train",
                disable=rank != 0, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
-        lr = lr_fn(step) if lr_fn else lr_at(step, args)
+
+        # learning rate
+        lr = schedule.lr_fn(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
+
+        # forward-backward, gradients accumulated over the micro-batches
         data = get_step(step)
         loss_sum = torch.zeros((), device=device)
         for i, micro in enumerate(data.micro_batches):
-            # reduce-scatter gradients only after the last micro-batch
-            model.set_requires_gradient_sync(i == len(data.micro_batches) - 1)
-            loss = loss_fn(model, micro) / data.n_trained
+            model.set_requires_gradient_sync(i == len(data.micro_batches) - 1)  # reduce-scatter after the last
+            loss = loss_fn(model, micro) / max(data.n_trained, 1)
             loss.backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         loss_value, = all_sum([loss_sum.item()], device)
-        tokens += data.n_trained
+
+        # clip and step, never on a diverged loss: the weights stay those of the last good step
         if not math.isfinite(loss_value):
             where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
             raise FloatingPointError(f"loss is {loss_value} at step {step + 1}: stopping; {where}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), schedule.grad_clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # log
+        tokens += data.n_trained
         dt = time.perf_counter() - t0
         row = {"step": step + 1, "loss": round(loss_value, 6), "lr": lr, "grad_norm": round(grad_norm.item(), 4),
                "tokens": tokens, "tokens_per_s": round(data.n_trained / dt, 1)}
-        if peak:
-            flops = config.flops_per_token(args.seq_len) * data.n_trained / dt
-            row["mfu"] = round(flops / (peak * dist.get_world_size()), 4)
-        if evaluate_fn and (step + 1 == args.max_steps or step + 1 in eval_steps
-                            or (args.eval_every and (step + 1) % args.eval_every == 0)):
+        if peak:  # MFU (Chowdhery et al. 2022): achieved model FLOP/s over the peak of all devices
+            row["mfu"] = round(data.flops / dt / (peak * dist.get_world_size()), 4)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+
+        # evaluate
+        if evaluate_fn and schedule.evaluates_after(step + 1):
             last_eval = evaluate_fn()
             row.update(last_eval)
         write_metrics(metrics_path, row)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps:
-            last_ckpt = save_checkpoint(model, optimizer, out, step + 1, args.keep_checkpoints)
+
+        # checkpoint (the last step's state is the exported model instead)
+        if schedule.save_every and (step + 1) % schedule.save_every == 0 and step + 1 < schedule.max_steps:
+            last_ckpt = save_checkpoint(model, optimizer, out, step + 1, schedule.keep_checkpoints)
     bar.close()
     return last_eval
 
@@ -371,9 +451,7 @@ def truncate_metrics(path, step):
     if dist.get_rank() == 0 and os.path.exists(path):
         with open(path) as f:
             rows = [line for line in f if json.loads(line)["step"] <= step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(rows)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, "".join(rows))
     dist.barrier()
 
 
@@ -388,11 +466,10 @@ def prepare_out(out, resume):
     os.makedirs(out, exist_ok=True)
 
 
-def micro_batches_of(batch, args, rank, world):
-    """This process's micro-batches out of the global batch: rows [rank * B / world, (rank + 1) * B / world)."""
-    per_rank = args.batch_size // world
-    mine = batch[rank * per_rank:(rank + 1) * per_rank]
-    return [mine[i:i + args.micro_batch_size] for i in range(0, per_rank, args.micro_batch_size)]
+def micro_batches_of(batch, micro_batch_size, rank, world):
+    """This process's micro-batches out of the global batch (its rank_share of the rows)."""
+    mine = rank_share(batch, rank, world)
+    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
 
 
 def check_batch_sizes(args, world):
@@ -415,12 +492,9 @@ def load_init(args, device):
             log(f"training a {args.vocab_size}-token BPE tokenizer on the train corpora of {', '.join(domains)}")
             texts = (doc for d in domains for doc in read_documents(corpus_files(args.data_root, d, "train")))
             tokenizer = Tokenizer.train(list(texts), args.vocab_size)
-        config = ModelConfig.from_preset(args.init_from, vocab_size=tokenizer.n_vocab, max_seq_len=max(
-            PRESETS[args.init_from]["max_seq_len"], args.seq_len), bos_token_id=tokenizer.bos_id,
-                                         eos_token_id=tokenizer.eos_id)
-        torch.manual_seed(args.seed)
-        model = Transformer(config)
-        model.init_weights()
+        model = preset_model(args.init_from, tokenizer.n_vocab, max(PRESETS[args.init_from]["max_seq_len"],
+                                                                    args.seq_len),
+                             tokenizer.bos_id, tokenizer.eos_id, args.seed)
         return model.to(device), tokenizer
     if not os.path.isdir(args.init_from):
         raise SystemExit(f"--init-from {args.init_from}: not a directory nor a preset ({', '.join(PRESETS)})")
@@ -457,11 +531,11 @@ def run(args):
                          f"vocab_size is {config.vocab_size}")
     if args.seq_len > config.max_seq_len:
         raise SystemExit(f"--seq-len {args.seq_len} exceeds the model's context ({config.max_seq_len} tokens)")
-    export_dtype = model.lm_head.weight.dtype if args.init_from in PRESETS else DTYPES.get(config.dtype, torch.float32)
-    dtype = compute_dtype(args, device)
+    export_dtype = to_dtype(config.dtype)  # the checkpoint's own (fp32 for a preset)
+    dtype = compute_dtype(args.dtype, device)
     model.activation_checkpointing = args.activation_checkpointing
     model = shard_model(model, device, dtype, compile=args.compile)
-    optimizer = make_optimizer(model, args, device)
+    optimizer = make_optimizer(model, args.weight_decay, device)
 
     # Data: the domain and replay token streams (tokenised once, cached), and their val streams for evaluation.
     domains = [args.domain] + ([args.replay_domain] if args.replay_domain != args.domain else [])
@@ -480,10 +554,12 @@ def run(args):
 
     def get_step(step):
         batch = torch.from_numpy(mixture.batch(step)).to(device)
-        return Step(micro_batches_of(batch, args, rank, world), n_trained=args.batch_size * args.seq_len)
+        return Step(micro_batches_of(batch, args.micro_batch_size, rank, world),
+                    n_trained=args.batch_size * args.seq_len, flops=batch_flops(config, args.batch_size, args.seq_len))
 
     def evaluate_fn():
-        return evaluate(model, val, args.seq_len, args.micro_batch_size, token_bytes, device, args.eval_windows)
+        return val_loss_and_bpb(model, val, args.seq_len, args.micro_batch_size, token_bytes, device,
+                                args.eval_windows)
 
     start_step = resume(model, optimizer, out) if args.resume else 0
     if not args.resume:
@@ -492,8 +568,12 @@ def run(args):
         log(f"training {config.num_params() / 1e6:.1f}M parameters from {args.init_from}; {world} process(es) on "
             f"{device.type}; data/{args.domain}{replay}; {args.max_steps} steps of {args.batch_size} x "
             f"{args.seq_len} tokens")
-    final = train_loop(model, optimizer, get_step, causal_lm_loss, args, out, config=config,
-                       start_step=start_step, evaluate_fn=evaluate_fn, device=device)
+    schedule = Schedule(args.max_steps, lambda step: cosine_lr(step, args.lr, args.min_lr, args.warmup_steps,
+                                                               args.max_steps),
+                        args.grad_clip, args.eval_every, save_every=args.save_every,
+                        keep_checkpoints=args.keep_checkpoints)
+    final = train_loop(model, optimizer, get_step, causal_lm_loss, schedule, out, start_step=start_step,
+                       evaluate_fn=evaluate_fn, device=device)
     before = first_eval(out)
     export_hf(model, config, tokenizer, out, export_dtype)
     if rank == 0:
@@ -510,14 +590,15 @@ def first_eval(out):
 
 
 def summary_table(before, after, domain, replay):
-    """Domain and general bpb before and after, and general retention = bpb before / bpb after (1.0: nothing
-    forgotten; below 1: the general corpus got harder to predict)."""
+    """Domain and general bpb before and after, and general retention (bpb before / after: below 1, the general
+    corpus got harder to predict)."""
     lines = ["", "| | before | after |", "| --- | --- | --- |"]
     for d in dict.fromkeys([domain, replay]):
         if f"bpb/{d}" in after:
             lines.append(f"| bpb/{d} | {before.get(f'bpb/{d}', float('nan')):.4f} | {after[f'bpb/{d}']:.4f} |")
     if f"bpb/{replay}" in after and replay != domain:
-        lines.append(f"| general retention | | {before[f'bpb/{replay}'] / after[f'bpb/{replay}']:.2%} |")
+        kept = retention(before[f"bpb/{replay}"], after[f"bpb/{replay}"], lower_is_better=True)
+        lines.append(f"| general retention | | {kept:.2%} |")
     return "\n".join(lines)
 
 

@@ -5,8 +5,8 @@ import json
 import torch
 
 import bench
-from data import Tokenizer
 from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
 
 TEXT = ("The gNodeB hands the UE over to a neighbour cell when its RSRP drops below the threshold. "
         "VoLTE carries voice over the IMS core; the P-CSCF is the first contact point. Data caps and fair use. ")

@@ -3,6 +3,7 @@ speculative acceptance probability, a few distillation steps bring a tiny studen
 student with another tokenizer is refused."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from data import Tokenizer
+from conftest import kill_after_step
 from distill import LOSSES, distillation_loss
 from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,12 +92,15 @@ def teacher(tmp_path_factory):
     return root, tok
 
 
-def run_distill(root, out, *extra):
-    cmd = [sys.executable, os.path.join(REPO, "distill.py"), "--teacher", str(root / "teacher"), "--domain",
+def distill_cmd(root, out, *extra):
+    return [sys.executable, os.path.join(REPO, "distill.py"), "--teacher", str(root / "teacher"), "--domain",
            "telco", "--data-root", str(root / "data"), "--out", str(out), "--batch-size", "4",
            "--micro-batch-size", "4", "--seq-len", "64", "--gen-tokens", "16", "--prompt-tokens", "8",
            "--accept-prompts", "2", "--eval-every", "0", "--save-every", "0", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
+
+
+def run_distill(root, out, *extra):
+    return subprocess.run(distill_cmd(root, out, *extra), capture_output=True, text=True, cwd=root, timeout=300)
 
 
 @pytest.mark.parametrize("data,loss", [("text", "fkl"), ("teacher", "tvd"), ("student", "jsd")])
@@ -124,3 +129,28 @@ def test_student_with_another_tokenizer_is_refused(teacher, tmp_path):
     assert result.returncode != 0
     assert "different tokenizers" in result.stderr and "they must share one" in result.stderr
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_killed_and_resumed_run_draws_the_same_teacher_pool(teacher):
+    """The teacher's samples (--gen-temperature 1) are drawn under their own seeds: a run killed and resumed
+    trains on the same pool, with the same losses, as a run never interrupted (the acceptance measurement that
+    only a fresh run makes must not shift the RNG the pool is drawn from)."""
+    root, _ = teacher
+    flags = ["--student", "tiny", "--data", "teacher", "--gen-temperature", "1", "--max-steps", "12",
+             "--save-every", "2", "--lr", "3e-3"]
+    fresh = run_distill(root, root / "pool-fresh", *flags)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    logged = kill_after_step(distill_cmd(root, root / "pool-killed", *flags), root / "pool-killed", 3, cwd=root)
+    assert 3 <= max(logged) < 12, "the run finished before it could be killed"
+    resumed = run_distill(root, root / "pool-killed", *flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    fingerprints = [re.findall(r"teacher pool: \d+ rows, fingerprint (\w+)", r.stdout + r.stderr)
+                    for r in (fresh, resumed)]
+    assert fingerprints[0] and fingerprints[0] == fingerprints[1]
+
+    def losses(out):
+        return {r["step"]: r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r}
+    a, b = losses(root / "pool-fresh"), losses(root / "pool-killed")
+    assert list(b) == list(range(1, 13))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step

@@ -12,8 +12,8 @@ import transformers
 from rouge_score import rouge_scorer
 
 import eval as ev
-from data import Tokenizer
 from model import Transformer
+from tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

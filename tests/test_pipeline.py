@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from data import Tokenizer
 from model import Transformer
+from tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

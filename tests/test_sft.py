@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from data import IGNORE, Curriculum, Tokenizer, read_conversations, render_chat
+from data import IGNORE, Curriculum, read_conversations, render_chat
 from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

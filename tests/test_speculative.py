@@ -5,13 +5,11 @@ import math
 
 import pytest
 import torch
-from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                    TopPLogitsWarper)
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from data import Tokenizer
 from model import ModelConfig, Transformer
-from speculative import (check_same_tokenizer, generate, logits_to_probs, predicted_speedup,
-                         speculative_generate)
+from speculative import check_same_tokenizer, generate, logits_to_probs, predicted_speedup, speculative_generate
+from tokenizer import Tokenizer
 
 
 def tiny(seed, vocab_size=64, std=0.5, **kw):

@@ -4,8 +4,8 @@ Every tokenizer.json here is built by the `tokenizers` library itself, trained o
 pre-tokenizer style we support (GPT-2, Llama-3, Qwen2, SmolLM2). Nothing is compared against our own output.
 """
 import base64
-import json
 import itertools
+import json
 import random
 import unicodedata
 from collections import Counter
@@ -14,7 +14,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from data import TRAIN_SPLIT, Tokenizer
+from tokenizer import TRAIN_SPLIT, Tokenizer
 
 # A small multilingual corpus written for these tests: prose, code, CJK, emoji, digits, CRLF, tabs, long whitespace.
 CORPUS = [

@@ -6,18 +6,18 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import kill_after_step
 
-from data import ReplayMixture, Tokenizer, tokenize_corpus
+from data import ReplayMixture, tokenize_corpus
 from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,11 +55,11 @@ def test_every_window_once_per_epoch():
 
 
 def test_micro_batches_cover_the_global_batch_for_any_world_size():
-    from train import micro_batches_of, get_args
+    from train import get_args, micro_batches_of
     args = get_args(["--batch-size", "8", "--micro-batch-size", "2"])
     batch = torch.arange(8)[:, None]
     for world in (1, 2, 4):
-        rows = [m for r in range(world) for m in micro_batches_of(batch, args, r, world)]
+        rows = [m for r in range(world) for m in micro_batches_of(batch, args.micro_batch_size, r, world)]
         assert torch.equal(torch.cat(rows), batch)
 
 
@@ -202,15 +202,8 @@ def test_resume_after_sigkill_reproduces_the_losses(tiny_run, tmp_path):
     full, _ = losses(tmp_path / "full")
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    p = subprocess.Popen(train_cmd(tiny_run, out, "--max-steps", "10"), cwd=REPO, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill it as soon as step 5 is logged (checkpoint 4 is then complete)
-        if (out / "metrics.jsonl").exists() and 5 in losses(out)[0]:
-            break
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    # killed as soon as step 5 is logged (checkpoint 4 is then complete)
+    kill_after_step(train_cmd(tiny_run, out, "--max-steps", "10"), out, 5, cwd=REPO, env=env)
     done, _ = losses(out)
     assert max(done) < 10, "the run finished before it could be killed"
     # an interrupted save looks like this; it must be ignored
@@ -249,3 +242,47 @@ def test_documents_are_joined_with_bos_and_eos(tiny_run, tmp_path):
         tok.bos_id = bos
         expected = [t for doc in docs for t in ([bos] if bos is not None else []) + tok.encode(doc) + [tok.eos_id]]
         assert tokenize_corpus(tok, tmp_path, "d", "train").tolist() == expected
+
+
+LOOP_SCRIPT = r"""
+import math, sys, tempfile, torch
+import train
+from model import ModelConfig, Transformer
+rank, world, device = train.setup_distributed()
+torch.manual_seed(0)
+model = Transformer(ModelConfig.from_preset("tiny", vocab_size=64, n_layers=1))
+model.init_weights()
+model = train.shard_model(model, device, torch.float32)
+optimizer = train.make_optimizer(model, 0.0, device)
+batch = torch.randint(0, 64, (2, 9))
+def loss_fn(model, micro):  # finite at step 1, NaN at step 2
+    loss = train.causal_lm_loss(model, micro)
+    return loss if optimizer.state_dict()["state"] == {} else loss * math.nan
+schedule = train.Schedule(max_steps=3, lr_fn=lambda step: 1e-2, grad_clip=1.0)
+snapshot = {}
+def get_step(step):
+    snapshot.update({k: v.full_tensor().clone() for k, v in model.state_dict().items()})
+    return train.Step([batch], n_trained=16, flops=0)
+try:
+    train.train_loop(model, optimizer, get_step, loss_fn, schedule, tempfile.mkdtemp(), device=device)
+except FloatingPointError as e:
+    assert "loss is nan at step 2" in str(e), e
+    after = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    assert all(torch.equal(snapshot[k], after[k]) for k in after), "a NaN step changed the weights"
+    print("stopped before the step")
+"""
+
+
+def test_a_diverged_loss_stops_before_the_optimizer_step(tmp_path):
+    """train_loop checks the loss before optimizer.step(): the weights stay those of the last good step."""
+    p = subprocess.run([sys.executable, "-c", LOOP_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": REPO})
+    assert p.returncode == 0 and "stopped before the step" in p.stdout, p.stdout + p.stderr[-3000:]
+
+
+def test_cosine_lr_warms_up_then_decays_to_min_lr():
+    from train import cosine_lr
+    lrs = [cosine_lr(s, 1.0, 0.1, 4, 20) for s in range(24)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[12] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 8 / 16)))
+    assert lrs[20:] == [pytest.approx(0.1)] * 4
