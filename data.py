@@ -1,6 +1,7 @@
 """Data for DACP, in the order the pipeline uses it: corpus -> token shards, the replay-mixed token stream, chat
 rendering with a loss mask, and SFT batches. The tokenizer is tokenizer.py's (re-exported: data.Tokenizer).
 """
+import contextlib
 import hashlib
 import itertools
 import json
@@ -36,35 +37,58 @@ def corpus_files(data_root, domain, split):
         raise ValueError(f"unknown domain {domain!r}: no {os.path.join(data_root, domain, 'train')}/ "
                          f"(domains found in {data_root}: {found})")
     folder = os.path.join(data_root, domain, split)
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith((".txt", ".jsonl"))) \
-        if os.path.isdir(folder) else []
+    files = []
+    for parent, subfolders, names in os.walk(folder):  # subfolders too (hidden ones skipped), in path order
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        files += [os.path.join(parent, f) for f in names if f.endswith((".txt", ".jsonl"))]
+    files.sort()
     if not files:
         raise ValueError(f"{folder}/: no .txt or .jsonl files")
     return files
 
 
+def not_utf8(path):
+    """The error for a file that is not UTF-8 text, naming the file and its first bad byte (found by reading it
+    again: this runs only once decoding has failed)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
+        return ValueError(f"{path}: not UTF-8 text")
+    except UnicodeDecodeError as e:
+        return ValueError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); convert it "
+                          "to UTF-8, e.g. with iconv -f latin1 -t utf-8")
+
+
 def read_jsonl(path):
     """Yield ("file:line", row) for each non-blank line of a .jsonl file; a line that is not a JSON object is an
     error naming its file and line (callers check the row's keys and name the place the same way)."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            yield f"{path}:{lineno}", row
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object")
+                yield f"{path}:{lineno}", row
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
 
 
 def read_documents(files):
     """Yield the documents of these files one at a time (never the whole corpus in memory)."""
     for path in files:
         if path.endswith(".txt"):
-            with open(path, encoding="utf-8") as f:
-                yield f.read()
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except UnicodeDecodeError:
+                raise not_utf8(path) from None
+            yield text
             continue
         for where, row in read_jsonl(path):
             if not isinstance(row.get("text"), str):
@@ -74,8 +98,8 @@ def read_documents(files):
 
 def tokenize_corpus(tokenizer, data_root, domain, split, batch_bytes=8 << 20):
     """The token stream of data/<domain>/<split> as a read-only np.memmap, from the cache when the tokenizer and the
-    files (name, size, mtime) are unchanged; otherwise tokenised in batches of documents with tiktoken's
-    multi-threaded batch encoder, streamed to disk, and renamed into place when complete."""
+    files (name, size, mtime) are unchanged; otherwise tokenised (write_tokens) to a temporary file that is renamed
+    into place when complete."""
     files = corpus_files(data_root, domain, split)
     key = hashlib.sha256(tokenizer.fingerprint.encode())
     for path in files:
@@ -88,20 +112,39 @@ def tokenize_corpus(tokenizer, data_root, domain, split, batch_bytes=8 << 20):
         return np.memmap(bin_path, dtype=dtype, mode="r")
 
     os.makedirs(cache, exist_ok=True)
-    total = sum(os.path.getsize(p) for p in files)
+    tmp = temporary_name(bin_path)  # unique: two processes tokenising at once never write one file
+    try:
+        n_tokens = write_tokens(tokenizer, files, tmp, dtype, batch_bytes, desc=f"tokenizing {domain}/{split}")
+        if n_tokens == 0:
+            raise ValueError(f"{os.path.join(data_root, domain, split)}/: the corpus is empty")
+        commit(tmp, bin_path)  # readers see no cache or a complete one, never a partial file
+    finally:
+        if os.path.exists(tmp):  # a failed tokenisation leaves nothing behind
+            os.remove(tmp)
+    for name in os.listdir(cache):  # drop this split's stale caches (other tokenizer or older text)
+        if name.startswith(f"{split}-") and name.endswith(".bin") and name != os.path.basename(bin_path):
+            with contextlib.suppress(FileNotFoundError):  # another process may have dropped it first
+                os.remove(os.path.join(cache, name))
+    return np.memmap(bin_path, dtype=dtype, mode="r")
+
+
+def write_tokens(tokenizer, files, path, dtype, batch_bytes, desc):
+    """Tokenise the documents of files in batches with tiktoken's multi-threaded batch encoder and stream the ids
+    to path, each document followed by end-of-text (and preceded by begin-of-text where the family uses one:
+    Tokenizer.document_ids), fsynced. Returns the number of tokens written."""
     n_tokens = 0
-    tmp = temporary_name(bin_path)
-    with open(tmp, "wb") as out, \
-            tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {domain}/{split}") as bar:
+    bos, eos = tokenizer.document_ids()
+    with open(path, "wb") as out, \
+            tqdm(total=sum(os.path.getsize(p) for p in files), unit="B", unit_scale=True, desc=desc) as bar:
         def flush(docs):
             nonlocal n_tokens
             ids = tokenizer.encode_batch(docs)
             lengths = np.array([len(d) for d in ids])
             arr = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=lengths.sum())
             ends = np.cumsum(lengths)
-            arr = np.insert(arr, ends, tokenizer.eos_id)  # doc eos doc eos ... (numpy, not per-token Python)
-            if tokenizer.bos_id is not None:  # document i now starts at its old start + i
-                arr = np.insert(arr, ends - lengths + np.arange(len(ids)), tokenizer.bos_id)
+            arr = np.insert(arr, ends, eos)  # doc eos doc eos ... (numpy, not per-token Python)
+            if bos is not None:  # document i now starts at its old start + i
+                arr = np.insert(arr, ends - lengths + np.arange(len(ids)), bos)
             arr.tofile(out)
             n_tokens += len(arr)
             bar.update(sum(len(d.encode("utf-8")) for d in docs))
@@ -118,14 +161,7 @@ def tokenize_corpus(tokenizer, data_root, domain, split, batch_bytes=8 << 20):
             flush(docs)
         out.flush()
         os.fsync(out.fileno())
-    if n_tokens == 0:
-        os.remove(tmp)
-        raise ValueError(f"{os.path.join(data_root, domain, split)}/: the corpus is empty")
-    commit(tmp, bin_path)
-    for name in os.listdir(cache):  # drop this split's stale caches (other tokenizer or older text)
-        if name.startswith(f"{split}-") and name.endswith(".bin") and name != os.path.basename(bin_path):
-            os.remove(os.path.join(cache, name))
-    return np.memmap(bin_path, dtype=dtype, mode="r")
+    return n_tokens
 
 
 # -----------------------------------------------------------------------------
@@ -345,7 +381,7 @@ class Curriculum:
         self.stages, self.batches = [], []  # stages: (name, first step, number of steps)
         for name, rows, order in plan:
             steps = math.ceil(len(order) / batch_size)
-            order = np.concatenate([order, order[:steps * batch_size - len(order)]])  # fill the last batch
+            order = np.resize(order, steps * batch_size)  # fill the last batch, cycling (fewer rows than a batch too)
             self.stages.append((name, len(self.batches), steps))
             pool = pool_batches * batch_size
             for p0 in range(0, len(order), pool):

@@ -24,14 +24,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import IGNORE, WindowSampler, pad_rows, read_conversations, render_chat, sft_files, sft_row, tokenize_corpus
+from data import IGNORE, WindowSampler, pad_rows, read_conversations, render_chat, sft_files, sft_row
 from model import PRESETS, Transformer
 from speculative import (check_same_tokenizer, cost_ratio, cut_at_eos, generate, is_chat_model, pooled_stats,
                          predicted_speedup, speculative_generate, stop_id)
 from tokenizer import Tokenizer
-from train import (Schedule, Step, batch_flops, check_batch_sizes, compute_dtype, cosine_lr, export_hf, gather,
-                   launch, log, make_optimizer, micro_batches_of, prepare_out, preset_model, rank_share, resume,
-                   setup_distributed, shard_model, train_loop)
+from train import (COUNT, POSITIVE, Schedule, Step, batch_flops, check_batch_sizes, check_lrs, checkpoint_dirs,
+                   compute_dtype, cosine_lr, export_hf, gather, launch, log, make_optimizer, micro_batches_of, number,
+                   prepare_out, preset_model, rank_share, resume, setup_distributed, shard_model, tokenize_once,
+                   train_loop)
 
 LOSSES = ("fkl", "rkl", "jsd", "tvd")
 
@@ -76,31 +77,37 @@ def get_args(argv=None):
                    help="what to distil on (DistillSpec): domain text, SFT conversations, teacher samples, or the "
                    "student's own samples (on-policy)")
     p.add_argument("--loss", default="fkl", choices=LOSSES)
-    p.add_argument("--temperature", type=float, default=1.0, help="softening of both distributions in the loss")
-    p.add_argument("--alpha", type=float, default=0.0, help="weight of cross-entropy on the data's tokens")
-    p.add_argument("--gen-tokens", type=int, default=64, help="teacher/student data: tokens generated per prompt")
-    p.add_argument("--gen-temperature", type=float, default=1.0, help="sampling temperature for generated data")
-    p.add_argument("--prompt-tokens", type=int, default=32, help="base teachers: corpus prefix length as prompt")
+    p.add_argument("--temperature", type=number(float, 0, low_open=True), default=1.0,
+                   help="softening of both distributions in the loss")
+    p.add_argument("--alpha", type=number(float, 0, 1), default=0.0, help="weight of cross-entropy on the data's "
+                   "tokens")
+    p.add_argument("--gen-tokens", type=POSITIVE, default=64, help="teacher/student data: tokens generated per "
+                   "prompt")
+    p.add_argument("--gen-temperature", type=number(float, 0), default=1.0,
+                   help="sampling temperature for generated data (0: greedy)")
+    p.add_argument("--prompt-tokens", type=POSITIVE, default=32, help="base teachers: corpus prefix length as prompt")
     p.add_argument("--out", default=None, help="output directory (default out/<domain>-draft)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--max-steps", type=int, default=60)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=POSITIVE, default=16)
+    p.add_argument("--micro-batch-size", type=POSITIVE, default=8)
+    p.add_argument("--seq-len", type=POSITIVE, default=256)
+    p.add_argument("--max-steps", type=POSITIVE, default=60)
+    p.add_argument("--lr", type=number(float, 0, low_open=True), default=1e-3)
     p.add_argument("--min-lr", type=float, default=1e-4)
-    p.add_argument("--warmup-steps", type=int, default=5)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--warmup-steps", type=COUNT, default=5)
+    p.add_argument("--weight-decay", type=number(float, 0), default=0.0)
+    p.add_argument("--grad-clip", type=number(float, 0, low_open=True), default=1.0)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--eval-every", type=int, default=20, help="steps between held-out distillation losses")
-    p.add_argument("--save-every", type=int, default=20)
-    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--eval-every", type=COUNT, default=20, help="steps between held-out distillation losses")
+    p.add_argument("--save-every", type=COUNT, default=20, help="steps between resumable checkpoints (0: none)")
+    p.add_argument("--keep-checkpoints", type=COUNT, default=2, help="checkpoints kept (0: all)")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--accept-prompts", type=int, default=12, help="held-out prompts for the acceptance rate")
-    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round, for the acceptance measurement")
+    p.add_argument("--accept-prompts", type=COUNT, default=12, help="held-out prompts for the acceptance rate")
+    p.add_argument("--gamma", type=POSITIVE, default=4, help="draft tokens per round, for the acceptance measurement")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_lrs(p, args)
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -137,7 +144,7 @@ def domain_prompts(tokenizer, teacher, args, split):
                 first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
                 prompts.append(render_chat(tokenizer, messages[:first], add_generation_prompt=True)[0])
         return prompts
-    tokens = tokenize_corpus(tokenizer, args.data_root, args.domain, split)
+    tokens = tokenize_once(tokenizer, args.data_root, args.domain, split)
     n = (len(tokens) - 1) // args.seq_len
     return [tokens[i * args.seq_len:i * args.seq_len + args.prompt_tokens].tolist() for i in range(n)]
 
@@ -183,7 +190,7 @@ def continuation_row(prompt, new):
 
 def text_source(tokenizer, args):
     """Domain text: every next token of corpus windows is distilled."""
-    windows = WindowSampler(tokenize_corpus(tokenizer, args.data_root, args.domain, "train"), args.seq_len,
+    windows = WindowSampler(tokenize_once(tokenizer, args.data_root, args.domain, "train"), args.seq_len,
                             args.seed)
 
     def batch(step):
@@ -196,7 +203,8 @@ def pool_source(pool, args, pad_id):
     """A fixed pool of rows (SFT conversations, teacher samples): step s draws a batch_size subset, seeded by
     (seed, s)."""
     def batch(step):
-        pick = np.random.default_rng([args.seed, step]).choice(len(pool), args.batch_size, replace=False)
+        pick = np.random.default_rng([args.seed, step]).choice(len(pool), args.batch_size,
+                                                               replace=len(pool) < args.batch_size)
         return pad_rows([pool[i] for i in pick], pad_id)
     return batch
 
@@ -216,7 +224,8 @@ def teacher_pool(teacher, tokenizer, args, eos, dtype, rank, world):
     prompts = domain_prompts(tokenizer, teacher, args, "train")
     log(f"sampling {args.gen_tokens}-token teacher continuations of {len(prompts)} domain prompts")
     mine = rank_share(list(enumerate(prompts)), rank, world)
-    pool = gather(sample_rows(teacher, [p for _, p in mine], [seed_of(args.seed, i) for i, _ in mine], args, eos, dtype))
+    pool = gather(sample_rows(teacher, [p for _, p in mine], [seed_of(args.seed, i) for i, _ in mine], args, eos,
+                              dtype))
     log(f"teacher pool: {len(pool)} rows, fingerprint {pool_fingerprint(pool)}")
     return pool
 
@@ -278,16 +287,14 @@ def run(args):
         raise SystemExit(f"--teacher {args.teacher}: not an HF model directory")
     dtype = compute_dtype(args.dtype, device)
     tokenizer = Tokenizer.from_pretrained(args.teacher)
-    try:
-        teacher = Transformer.from_pretrained(args.teacher, device=device, dtype=dtype).eval().requires_grad_(False)
-        student = load_student(args, teacher, tokenizer, device)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    teacher = Transformer.from_pretrained(args.teacher, device=device, dtype=dtype).eval().requires_grad_(False)
+    student = load_student(args, teacher, tokenizer, device)
     if args.seq_len > min(teacher.config.max_seq_len, student.config.max_seq_len):
         raise SystemExit(f"--seq-len {args.seq_len} exceeds a model's context")
-    prepare_out(out, args.resume)
+    prepare_out(out, args, {"teacher": args.teacher, "student": args.student})
+    fresh = not checkpoint_dirs(out)
     held_out = domain_prompts(tokenizer, teacher, args, "val")[:args.accept_prompts]
-    if rank == 0 and not args.resume:
+    if rank == 0 and fresh:
         before = acceptance(teacher, student, tokenizer, held_out, args)
         log(acceptance_line("before distillation", before, args.gamma))
     eos = stop_id(teacher, tokenizer)
@@ -341,7 +348,7 @@ def run(args):
         return {f"tvd/{args.domain}": tvd}
 
     start_step = resume(model, optimizer, out) if args.resume else 0
-    if not args.resume:
+    if fresh:
         log(f"distilling {args.teacher} ({teacher.config.num_params() / 1e6:.1f}M) into a "
             f"{student.config.num_params() / 1e6:.1f}M student ({args.student}): {args.loss} loss on "
             f"{args.data} data, {args.max_steps} steps of {args.batch_size} sequences")

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import corpus_files, read_jsonl, render_chat, tokenize_corpus
+from data import check_messages, corpus_files, read_jsonl, render_chat, tokenize_corpus
 from files import write_atomic
 from speculative import (check_same_tokenizer, generate, is_chat_model, load, pooled_stats, prompt_ids,
                          speculative_generate, stop_id)
-from train import retention, val_loss_and_bpb
+from train import POSITIVE, retention, val_loss_and_bpb
 
 # -----------------------------------------------------------------------------
 # BLEU-4 (Papineni et al. 2002), as sacrebleu computes corpus BLEU with its defaults
@@ -133,7 +133,7 @@ def check_mcq(row):
     choices = row.get("choices")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         return '"choices" must be a list of at least 2 non-empty strings'
-    if not isinstance(row.get("answer"), int) or not 0 <= row["answer"] < len(choices):
+    if type(row.get("answer")) is not int or not 0 <= row["answer"] < len(choices):  # (true is an int in Python)
         return f'"answer" must be an index into the {len(choices)} choices, got {row.get("answer")!r}'
 
 
@@ -142,6 +142,13 @@ def check_qa(row):
         return 'expected {"prompt": <string> or "messages": [...], "reference": <string>}'
     if not isinstance(row.get("prompt"), str) and not isinstance(row.get("messages"), list):
         return 'expected a "prompt" string or a "messages" list'
+    if "messages" in row:
+        try:
+            check_messages(row["messages"])
+        except ValueError as e:
+            return str(e)
+        if not any(m["role"] == "user" for m in row["messages"]):
+            return '"messages" has no user turn: nothing to answer'
 
 
 # -----------------------------------------------------------------------------
@@ -320,11 +327,11 @@ def get_args(argv=None):
     p.add_argument("--general", default="general", help="the general corpus whose retention is measured")
     p.add_argument("--data-root", default="data")
     p.add_argument("--draft", help="HF directory of a draft model: QA answers by speculative decoding")
-    p.add_argument("--gamma", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--limit", type=int, help="score only the first N rows of each eval file (quick runs)")
-    p.add_argument("--seq-len", type=int, default=512, help="window for bpb")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--gamma", type=POSITIVE, default=4)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=96)
+    p.add_argument("--limit", type=POSITIVE, help="score only the first N rows of each eval file (quick runs)")
+    p.add_argument("--seq-len", type=POSITIVE, default=512, help="window for bpb")
+    p.add_argument("--batch-size", type=POSITIVE, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="report prefix: writes <out>.md and <out>.json (default: out/eval-<domain>)")
     return p.parse_args(argv)

@@ -1,8 +1,12 @@
 """Files that survive a crash or a power loss: every file a run writes that a later run reads (models, tokenizers,
 token caches, checkpoints' run state, reports) is written to a unique temporary name, fsynced, and renamed into
 place, then the directory is fsynced too. A reader sees the old file or the new one, never a half-written one; two
-writers never truncate each other's temporary file; and after a power loss a renamed file is not left empty."""
+writers never truncate each other's temporary file; and after a power loss a renamed file is not left empty. A run
+holds a lock on its output directory for as long as it lives (lock_dir)."""
+import atexit
+import fcntl
 import os
+import socket
 import tempfile
 
 
@@ -49,3 +53,39 @@ def commit(tmp, path):
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
     fsync(os.path.dirname(os.path.abspath(path)))
+
+
+# -----------------------------------------------------------------------------
+# The lock a run holds on its output directory
+
+
+def lock_dir(path):
+    """Hold an exclusive lock on <path>/.lock for the rest of this process's life (flock: the kernel drops it when
+    the process dies, however it dies), so two runs can never write one output directory at once. The file says who
+    holds it (pid and host). Returns (the open lock file, which must stay open, and the previous holder's line when
+    a process that died without releasing it left one: its lock is taken over)."""
+    os.makedirs(path, exist_ok=True)
+    f = open(os.path.join(path, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{path} is in use by a run that is still going ({holder}); wait for it to finish, or "
+                         "choose another --out") from None
+    f.seek(0)
+    previous = f.read().strip()
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    atexit.register(_release, f)
+    return f, previous
+
+
+def _release(f):
+    """A run that ends (even with an error) clears the holder line, so the next one knows nothing was left behind."""
+    if not f.closed:
+        f.truncate(0)
+        f.close()

@@ -459,15 +459,18 @@ class Transformer(nn.Module):
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{config_path} not found: expected an HF model directory")
-        with open(config_path) as f:
-            config = ModelConfig.from_hf(json.load(f))
+        config = read_config(config_path)
         dtype = None if dtype is None else to_dtype(dtype)
         state = {}
         for file in _safetensors_files(path):
-            with safe_open(file, framework="pt", device=str(torch.device(device or "cpu"))) as f:
-                for key in f.keys():
-                    t = f.get_tensor(key)
-                    state[key] = t.to(dtype) if dtype is not None else t
+            try:
+                with safe_open(file, framework="pt", device=str(torch.device(device or "cpu"))) as f:
+                    for key in f.keys():
+                        t = f.get_tensor(key)
+                        state[key] = t.to(dtype) if dtype is not None else t
+            except Exception as e:  # safetensors' own error types: a truncated or foreign file
+                raise ValueError(f"{file}: not a readable safetensors file ({e}); was it copied completely?") \
+                    from None
         return cls.from_state_dict(config, state, device=device, source=path)
 
     @classmethod
@@ -536,6 +539,23 @@ class Transformer(nn.Module):
             if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")) \
                     and name not in files:
                 os.remove(os.path.join(path, name))
+
+
+def read_config(path):
+    """ModelConfig from an HF config.json; a file that is not JSON, or lacks a field, is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    try:
+        return ModelConfig.from_hf(hf)
+    except KeyError as e:
+        raise ValueError(f"{path}: no {e.args[0]!r}, which an HF model config must have") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _safetensors_files(path):

@@ -58,7 +58,7 @@ def sweep(args):
         out = os.path.join(args.out, f"replay-{ratio:g}")
         done = read_run(out)
         if done is None:
-            resume = ["--resume"] if train.checkpoint_dirs(out) else []
+            resume = ["--resume"] if train.holds_run(out) else []
             run_args = train.get_args(args.train_argv + ["--replay-ratio", str(ratio), "--out", out] + resume)
             train.log(f"\n=== replay ratio {ratio:g}: {out}")
             train.run(run_args)

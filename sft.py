@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from data import IGNORE, Curriculum, chat_format, end_of_turn_id, read_conversations, sft_files, sft_row
 from model import Transformer, to_dtype
 from tokenizer import Tokenizer
-from train import (Schedule, Step, batch_flops, check_batch_sizes, compute_dtype, cosine_lr, export_hf, launch, log,
-                   make_optimizer, micro_batches_of, prepare_out, read_metrics, resume, setup_distributed,
-                   shard_model, train_loop)
+from train import (COUNT, POSITIVE, Schedule, Step, batch_flops, check_batch_sizes, checkpoint_dirs, compute_dtype,
+                   cosine_lr, export_hf, launch, log, make_optimizer, micro_batches_of, number, prepare_out,
+                   read_metrics, resume, setup_distributed, shard_model, train_loop)
 
 
 def get_args(argv=None):
@@ -35,21 +35,23 @@ def get_args(argv=None):
     p.add_argument("--data-root", default="data")
     p.add_argument("--stages", default=None, help="comma-separated .jsonl files, in curriculum order (default: "
                    "data/<domain>/sft/*.jsonl in name order)")
-    p.add_argument("--epochs", default="2", help="epochs per stage: one value, or one per stage (1,1,2)")
-    p.add_argument("--lr", default="2e-4", help="peak LR per stage: one value, or one per stage")
-    p.add_argument("--warmup-steps", type=int, default=5, help="linear warmup at the start of each stage")
+    p.add_argument("--epochs", type=stage_values(int), default="2",
+                   help="epochs per stage: one value, or one per stage (1,1,2)")
+    p.add_argument("--lr", type=stage_values(float), default="2e-4",
+                   help="peak LR per stage: one value, or one per stage")
+    p.add_argument("--warmup-steps", type=COUNT, default=5, help="linear warmup at the start of each stage")
     p.add_argument("--single-stage", action="store_true", help="shuffle all stages together (SOAEsV2's baseline)")
     p.add_argument("--out", default=None, help="output directory (default out/<domain>-sft)")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch, in conversations")
-    p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=512, help="longer conversations are cut to this many tokens")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--batch-size", type=POSITIVE, default=16, help="global batch, in conversations")
+    p.add_argument("--micro-batch-size", type=POSITIVE, default=8)
+    p.add_argument("--seq-len", type=POSITIVE, default=512, help="longer conversations are cut to this many tokens")
+    p.add_argument("--weight-decay", type=number(float, 0), default=0.0)
+    p.add_argument("--grad-clip", type=number(float, 0, low_open=True), default=1.0)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--eval-every", type=int, default=0, help="steps between validation passes (0: after each "
+    p.add_argument("--eval-every", type=COUNT, default=0, help="steps between validation passes (0: after each "
                    "stage only)")
-    p.add_argument("--save-every", type=int, default=20)
-    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--save-every", type=COUNT, default=20, help="steps between resumable checkpoints (0: none)")
+    p.add_argument("--keep-checkpoints", type=COUNT, default=2, help="checkpoints kept (0: all)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--activation-checkpointing", action="store_true")
@@ -70,25 +72,40 @@ def stage_files(args):
         raise SystemExit(f"{e}; or give --stages") from None
 
 
-def per_stage(flag, value, n, kind):
-    """'1,1,2' -> [1, 1, 2]; a single value applies to every stage."""
-    try:
-        values = [kind(v) for v in value.split(",")]
-    except ValueError:
-        raise SystemExit(f"--{flag} {value!r}: expected numbers separated by commas") from None
+def stage_values(kind):
+    """An argparse type: '1,1,2' -> [1, 1, 2], each value positive (epochs >= 1, LRs > 0)."""
+    def parse(text):
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+        if any(not v > 0 for v in values):
+            raise argparse.ArgumentTypeError(f"each value must be {'>= 1' if kind is int else '> 0'}, got {text}")
+        return values
+    return parse
+
+
+def per_stage(flag, values, n):
+    """One value per stage: a single value applies to every stage."""
     if len(values) not in (1, n):
-        raise SystemExit(f"--{flag} {value!r}: give one value or one per stage ({n} stages)")
+        raise SystemExit(f"--{flag} '{','.join(map(str, values))}': give one value or one per stage ({n} stages)")
     return values * n if len(values) == 1 else values
 
 
 def tokenize_stage(tokenizer, path, seq_len):
-    rows, cut = [], 0
+    """The (ids, labels) rows of a stage's conversations, cut to seq_len + 1 tokens. A conversation whose assistant
+    turns are all cut away has nothing left to train and is dropped (counted in the log)."""
+    rows, cut, dropped = [], 0, 0
     for messages, _ in read_conversations(path):
         ids, labels, was_cut = sft_row(tokenizer, messages, seq_len)
+        if all(t == IGNORE for t in labels):
+            dropped += 1
+            continue
         rows.append((ids, labels))
         cut += was_cut
-    if cut:
-        log(f"{path}: {cut} of {len(rows)} conversations cut to --seq-len {seq_len} tokens")
+    if cut or dropped:
+        log(f"{path}: {cut} conversations cut to --seq-len {seq_len} tokens; {dropped} dropped, their assistant "
+            f"turns entirely past it; {len(rows)} kept")
     return rows
 
 
@@ -130,17 +147,22 @@ def run(args):
 
     # The curriculum: stages in order, each with its epochs and LR; their val sets by the same file name.
     files = stage_files(args)
-    epochs = per_stage("epochs", args.epochs, len(files), int)
-    lrs = per_stage("lr", args.lr, len(files), float)
+    epochs = per_stage("epochs", args.epochs, len(files))
+    lrs = per_stage("lr", args.lr, len(files))
     stages = [(f.stem, tokenize_stage(tokenizer, f, args.seq_len), e) for f, e in zip(files, epochs)]
+    for f, (_, rows, _) in zip(files, stages):
+        if not rows:
+            raise SystemExit(f"{f}: no conversation has an assistant turn within --seq-len {args.seq_len} tokens")
     curriculum = Curriculum(stages, args.batch_size, args.seed, single_stage=args.single_stage,
                             pad_id=tokenizer.eos_id or 0)
     val = {}
     for f in files:
         vf = f.parent / "val" / f.name
-        if vf.is_file():
-            val[f.stem] = Curriculum([(f.stem, tokenize_stage(tokenizer, vf, args.seq_len), 1)], args.batch_size,
-                                     args.seed, pad_id=tokenizer.eos_id or 0)
+        rows = tokenize_stage(tokenizer, vf, args.seq_len) if vf.is_file() else []
+        if rows:
+            val[f.stem] = Curriculum([(f.stem, rows, 1)], args.batch_size, args.seed, pad_id=tokenizer.eos_id or 0)
+        elif vf.is_file():
+            log(f"{vf}: nothing to score within --seq-len {args.seq_len}: no val loss for stage {f.stem}")
     if args.single_stage:
         lrs = lrs[:1]
 
@@ -157,7 +179,8 @@ def run(args):
         return Step(micro_batches_of(batch, args.micro_batch_size, rank, world),
                     n_trained=curriculum.n_trained[step], flops=batch_flops(config, *batch[:, 0].shape))
 
-    prepare_out(out, args.resume)
+    prepare_out(out, args, {"init-from": init})
+    fresh = not checkpoint_dirs(out)
     model = Transformer.from_pretrained(init, device=device, dtype=torch.float32)
     config = model.config
     export_dtype = to_dtype(config.dtype)
@@ -166,7 +189,7 @@ def run(args):
     model = shard_model(model, device, dtype, compile=args.compile)
     optimizer = make_optimizer(model, args.weight_decay, device)
     start_step = resume(model, optimizer, out) if args.resume else 0
-    if not args.resume:
+    if fresh:
         lengths = [len(labels) for _, rows, _ in stages for _, labels in rows]
         unbucketed = Curriculum(stages, args.batch_size, args.seed, single_stage=args.single_stage, pool_batches=1)
         log(f"SFT of {init}: {len(curriculum.stages)} stage(s) "

@@ -370,7 +370,22 @@ def get_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--json", help="--bench: also write the results to this JSON file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_sampling_flags(p, args)
+    return args
+
+
+def check_sampling_flags(p, args):
+    """Refuse, naming the flag, what would silently sample nonsense: top-p outside (0, 1] (NaN probabilities),
+    a negative temperature (the least likely tokens), top-k < 1; and counts below 1."""
+    rules = [("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0: greedy)"),
+             ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1, ">= 1"),
+             ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "in (0, 1]")]
+    rules += [(f"--{name.replace('_', '-')}", getattr(args, name), getattr(args, name) >= 1, ">= 1")
+              for name in ("gamma", "max_new_tokens", "n_prompts") if hasattr(args, name)]
+    for flag, value, ok, rule in rules:
+        if not ok:
+            p.error(f"{flag} must be {rule}, got {value}")
 
 
 def bench_prompts(args):

@@ -53,6 +53,9 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (r"{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
                    r"'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
                    r"{% endif %}")
+# End-of-text tokens that separate pretraining documents, each with the begin-of-text token its family puts before
+# a document (None: no such token). See Tokenizer.document_ids.
+END_OF_TEXT = (("<|endoftext|>", None), ("<|end_of_text|>", "<|begin_of_text|>"), ("</s>", "<s>"))
 # The files save_pretrained copies from a checkpoint's directory (config.json etc. are model.py's business).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -272,6 +275,17 @@ class Tokenizer:
             h.update(rank.to_bytes(4, "little") + token)
         h.update(json.dumps(sorted(self.special_tokens.items())).encode())
         return h.hexdigest()
+
+    def document_ids(self):
+        """(bos, eos) that frame each corpus document for pretraining: the checkpoint's end-of-text token
+        (<|endoftext|> for Qwen and SmolLM2, <|end_of_text|> for Llama-3, </s> for Mistral), preceded by its
+        begin-of-text token where the base model was trained with one (Llama-3's <|begin_of_text|>, Mistral's
+        <s>). Not an Instruct checkpoint's eos, which ends a chat turn (<|im_end|>, <|eot_id|>): DACP text is not
+        a conversation. A tokenizer with none of these (our own) uses its eos and bos."""
+        for end, begin in END_OF_TEXT:
+            if end in self.special_tokens:
+                return self.special_tokens.get(begin), self.special_tokens[end]
+        return self.bos_id, self.eos_id
 
     def token_byte_lengths(self):
         """UTF-8 bytes each id stands for, as an int array [n_vocab] (special tokens: 0), for bits per byte."""

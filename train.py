@@ -12,6 +12,7 @@ the general corpus first if it does not exist yet.
 """
 
 import argparse
+import base64
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
@@ -33,7 +35,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from data import ReplayMixture, corpus_files, find_domains, read_documents, tokenize_corpus
-from files import fsync, write_atomic
+from files import fsync, lock_dir, write_atomic
 from model import PRESETS, ModelConfig, Transformer, to_dtype
 from tokenizer import Tokenizer
 
@@ -49,41 +51,73 @@ def by_gpu_name(table, device):
     return next((v for k, v in table.items() if k in name), None)
 
 
+# -----------------------------------------------------------------------------
+# Command line. Flags that make no sense are refused before any work, naming the flag (argparse's own message).
+
+
+def number(kind, low=None, high=None, low_open=False):
+    """An argparse type: a number of `kind` in [low, high] (low excluded with low_open)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
+            where = f"in {'(' if low_open else '['}{low}, {high}]" if high is not None else \
+                f"{'>' if low_open else '>='} {low}"
+            raise argparse.ArgumentTypeError(f"must be {where}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE, COUNT = number(int, 1), number(int, 0)  # >= 1; >= 0
+
+
+def check_lrs(p, args):
+    """The cosine decays from --lr to --min-lr: a floor below zero or above the peak would make no sense."""
+    if not 0 <= args.min_lr <= args.lr:
+        p.error(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--domain", default="telco", help="the domain corpus: data/<domain>/")
     p.add_argument("--replay-domain", default="general", help="the general corpus replayed against forgetting")
-    p.add_argument("--replay-ratio", type=float, default=0.5, help="fraction of each batch from the replay domain "
-                   "(ixi-GEN chose 0.5; Ibrahim et al. 2024: 0.05 for a weak shift, 0.25 for a strong one)")
+    p.add_argument("--replay-ratio", type=number(float, 0, 1), default=0.5, help="fraction of each batch from the "
+                   "replay domain (ixi-GEN chose 0.5; Ibrahim et al. 2024: 0.05 for a weak shift, 0.25 for a strong "
+                   "one)")
     p.add_argument("--data-root", default="data")
     p.add_argument("--init-from", default="auto", help="an HF directory, a preset (" + ", ".join(PRESETS) +
                    ") to train from scratch, or auto: out/base, pretrained from scratch first if missing")
     p.add_argument("--tokenizer", default=None, help="with a preset --init-from: an HF directory whose tokenizer "
                    "to use (default: train one on the sample corpora)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="size of a tokenizer trained from scratch")
+    p.add_argument("--vocab-size", type=number(int, 260), default=4096, help="size of a tokenizer trained from scratch")
     p.add_argument("--out", default=None, help="output directory (default out/<domain>)")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch, in sequences")
-    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass per process")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--max-steps", type=int, default=60)
-    p.add_argument("--lr", type=float, default=3e-4, help="peak LR (real checkpoints: ixi-GEN used 1e-5)")
+    p.add_argument("--batch-size", type=POSITIVE, default=16, help="global batch, in sequences")
+    p.add_argument("--micro-batch-size", type=POSITIVE, default=8, help="sequences per forward pass per process")
+    p.add_argument("--seq-len", type=POSITIVE, default=256)
+    p.add_argument("--max-steps", type=POSITIVE, default=60)
+    p.add_argument("--lr", type=number(float, 0, low_open=True), default=3e-4,
+                   help="peak LR (real checkpoints: ixi-GEN used 1e-5)")
     p.add_argument("--min-lr", type=float, default=3e-5, help="the cosine decays to this")
-    p.add_argument("--warmup-steps", type=int, default=10, help="linear re-warming (Ibrahim et al. 2024)")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--warmup-steps", type=COUNT, default=10, help="linear re-warming (Ibrahim et al. 2024)")
+    p.add_argument("--weight-decay", type=number(float, 0), default=0.1)
+    p.add_argument("--grad-clip", type=number(float, 0, low_open=True), default=1.0)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--eval-every", type=int, default=20, help="steps between validation passes (0: only at the "
+    p.add_argument("--eval-every", type=COUNT, default=20, help="steps between validation passes (0: only at the "
                    "start and the end)")
-    p.add_argument("--eval-windows", type=int, default=64, help="at most this many val windows per domain")
-    p.add_argument("--save-every", type=int, default=20, help="steps between resumable checkpoints")
-    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--eval-windows", type=POSITIVE, default=64, help="at most this many val windows per domain")
+    p.add_argument("--save-every", type=COUNT, default=20, help="steps between resumable checkpoints (0: none)")
+    p.add_argument("--keep-checkpoints", type=COUNT, default=2, help="checkpoints kept (0: all)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="compute dtype (default: bfloat16 on GPU, float32 on CPU); weights stay fp32")
-    p.add_argument("--base-steps", type=int, default=150, help="--init-from auto: steps to pretrain out/base")
-    return p.parse_args(argv)
+    p.add_argument("--base-steps", type=POSITIVE, default=150, help="--init-from auto: steps to pretrain out/base")
+    args = p.parse_args(argv)
+    check_lrs(p, args)
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -199,8 +233,12 @@ def preset_model(preset, vocab_size, max_seq_len, bos_token_id, eos_token_id, se
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: resumable state under <out>/checkpoints/step_NNNNNN/ (sharded, torch.distributed.checkpoint), and
-# the HF directory <out>/ at the end.
+# Checkpoints: resumable state under <out>/checkpoints/step_NNNNNN/, and the HF directory <out>/ at the end.
+#
+# A checkpoint is safetensors and JSON only, so resuming never unpickles anything (a pickle can run code): the model
+# and optimizer shards through torch.distributed.checkpoint's safetensors storage (each process writes its own
+# shards with their offsets in the file header; any number of processes can read them back), and each process's
+# step and RNG state as JSON. The run's settings are in <out>/run.json.
 
 
 def checkpoint_dirs(out):
@@ -211,25 +249,39 @@ def checkpoint_dirs(out):
     return sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit())
 
 
+def checkpoint_state(model, optimizer):
+    """The model and optimizer state as one flat {name: tensor} dict (DTensor shards), as safetensors stores it,
+    and the optimizer's state dict it came from. A tied lm_head is the embedding: stored once."""
+    state = {f"model.{k}": v for k, v in get_model_state_dict(model).items()
+             if not (k == "lm_head.weight" and model.config.tie_embeddings)}
+    optim = get_optimizer_state_dict(model, optimizer)  # (fills Adam's moments with zeros before the first step)
+    for fqn, tensors in optim["state"].items():
+        for name, v in tensors.items():
+            state[f"optim.{fqn}.{name}"] = v
+    return state, optim
+
+
 def save_checkpoint(model, optimizer, out, step, keep):
-    """Each process writes its shards into step_N.tmp; once all are written, rank 0 renames it to step_N, so a
-    SIGKILL at any moment leaves the previous checkpoint intact. Older checkpoints beyond `keep` are pruned."""
+    """Each process writes its shards into step_N.tmp and fsyncs them; once all are written, rank 0 renames it to
+    step_N, so a SIGKILL or a power loss at any moment leaves the previous checkpoint intact. Older checkpoints
+    beyond `keep` are pruned (0 keeps all)."""
     path = os.path.join(out, "checkpoints", f"step_{step:06d}")
     tmp = path + ".tmp"
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=tmp)
-    torch.save({"step": step, "rng": torch.get_rng_state()}, os.path.join(tmp, f"trainer-{dist.get_rank()}.pt"))
-    for name in os.listdir(tmp):  # this process's files reach the disk before the checkpoint is renamed
+    state, _ = checkpoint_state(model, optimizer)
+    dcp.save(state, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True))
+    write_atomic(os.path.join(tmp, f"trainer-{dist.get_rank()}.json"), json.dumps(
+        {"step": step, "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}))
+    for name in os.listdir(tmp):  # the shards reach the disk before the checkpoint is renamed
         fsync(os.path.join(tmp, name))
     dist.barrier()
     if dist.get_rank() == 0:
         fsync(tmp)
         os.replace(tmp, path)
         fsync(os.path.dirname(path))
-        for old in checkpoint_dirs(out)[:-keep]:
+        for old in checkpoint_dirs(out)[:-keep] if keep else []:
             shutil.rmtree(old)
     dist.barrier()
     return path
@@ -237,7 +289,12 @@ def save_checkpoint(model, optimizer, out, step, keep):
 
 def resume(model, optimizer, out):
     """Continue the run in <out> from its newest checkpoint; metrics rows written after it are dropped (they are
-    about to be redone). Returns the step to start from."""
+    about to be redone). A run stopped before its first checkpoint starts again from step 0. Returns the step to
+    start from."""
+    if not checkpoint_dirs(out):
+        truncate_metrics(os.path.join(out, "metrics.jsonl"), -1)
+        log(f"{out} has no checkpoint yet: starting again from step 0")
+        return 0
     path = checkpoint_dirs(out)[-1]
     step = load_checkpoint(model, optimizer, path)
     truncate_metrics(os.path.join(out, "metrics.jsonl"), step)
@@ -246,26 +303,56 @@ def resume(model, optimizer, out):
 
 
 def load_checkpoint(model, optimizer, path):
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
-    mine = os.path.join(path, f"trainer-{dist.get_rank()}.pt")
+    state, optim = checkpoint_state(model, optimizer)
+    try:
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(path))
+    except Exception as e:  # a checkpoint from an older version, or damaged files
+        raise ValueError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
+    model_state = {k: state[f"model.{k}"] for k in get_model_state_dict(model) if f"model.{k}" in state}
+    if model.config.tie_embeddings:
+        model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]
+    for fqn, tensors in optim["state"].items():
+        for name in tensors:
+            tensors[name] = state[f"optim.{fqn}.{name}"]
+    set_model_state_dict(model, model_state)
+    set_optimizer_state_dict(model, optimizer, optim)
+    mine = os.path.join(path, f"trainer-{dist.get_rank()}.json")
     if not os.path.exists(mine):  # resumed with more processes than saved: they start from rank 0's RNG
-        mine = os.path.join(path, "trainer-0.pt")
-    trainer = torch.load(mine, weights_only=False)
-    torch.set_rng_state(trainer["rng"])
+        mine = os.path.join(path, "trainer-0.json")
+    with open(mine) as f:
+        trainer = json.load(f)
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(trainer["rng"])), dtype=torch.uint8))
     return trainer["step"]
 
 
 def export_hf(model, config, tokenizer, out, dtype):
-    """Gather the full weights on rank 0 and write <out> as an HF directory (model, config, tokenizer)."""
+    """Gather the full weights on rank 0 and write <out> as an HF directory: model and config, every tokenizer file
+    (chat template included) and generation_config.json, so transformers, vLLM and lm-eval-harness load it as they
+    load the checkpoint it came from."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         plain = Transformer.from_state_dict(config, state, dtype=dtype)
         plain.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        write_generation_config(out, config, tokenizer.source)
     dist.barrier()
+
+
+def write_generation_config(out, config, source):
+    """The source checkpoint's generation defaults (sampling settings and all), with this model's bos and eos ids
+    (SFT adds the end-of-turn token to them)."""
+    path = os.path.join(source, "generation_config.json") if source else None
+    generation = {}
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            try:
+                generation = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+    for key in ("bos_token_id", "eos_token_id"):
+        if getattr(config, key) is not None:
+            generation[key] = getattr(config, key)
+    write_atomic(os.path.join(out, "generation_config.json"), json.dumps(generation, indent=2) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -288,21 +375,24 @@ def retention(before, after, lower_is_better):
 @torch.no_grad()
 def val_loss_and_bpb(model, val, seq_len, micro_batch_size, token_bytes, device, max_windows):
     """{"val/<name>": mean loss per token, "bpb/<name>": bits per byte} on each val stream's first max_windows
-    windows. Special tokens (zero bytes) are left out of bpb's nats and bytes alike. Windows are split across
+    windows of seq_len (a stream shorter than that: one window of all of it, never zero). Special tokens (zero bytes) are left out of bpb's nats and bytes alike. Windows are split across
     processes (rank_share); every process runs the same number of forward passes (FSDP needs all of them in each
     collective), padding with weight-0 rows. Also runs without a process group (eval.py)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     token_bytes = torch.as_tensor(token_bytes, device=device)
     results = {}
     for name, tokens in val.items():
-        n = min((len(tokens) - 1) // seq_len, max_windows)
+        window = min(seq_len, len(tokens) - 1)  # a split shorter than one window is scored as one shorter window
+        if window < 1:
+            raise ValueError(f"the {name} val split has {len(tokens)} token(s): nothing to score")
+        n = min((len(tokens) - 1) // window, max_windows)
         mine = rank_share(range(n), rank, world)
         n_batches = math.ceil(math.ceil(n / world) / micro_batch_size)
         sums = [0.0, 0.0, 0.0, 0.0]  # nats, tokens, nats on byte-bearing tokens, bytes
         for b in range(n_batches):
             idx = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
             weight = 1.0 if idx else 0.0
-            rows = [tokens[i * seq_len:i * seq_len + seq_len + 1] for i in (idx or [0])]
+            rows = [tokens[i * window:i * window + window + 1] for i in (idx or [0])]
             batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
             x, y = batch[:, :-1], batch[:, 1:]
             nats = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="none")
@@ -434,11 +524,22 @@ def write_metrics(path, row):
 
 
 def read_metrics(path):
-    """The rows of a metrics.jsonl, oldest first (none for a run not started yet)."""
+    """The rows of a metrics.jsonl, oldest first (none for a run not started yet). A half-written last line (the
+    run was killed while writing it) is left out; a bad line before it is an error naming file and line."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.readlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines) or line.endswith("\n"):
+                raise ValueError(f"{path}:{n}: not a JSON row (the file is damaged)") from None
+    return rows
 
 
 def last_tokens(path):
@@ -449,21 +550,94 @@ def last_tokens(path):
 def truncate_metrics(path, step):
     """On resume, drop rows an interrupted run wrote after its checkpoint: they are about to be redone."""
     if dist.get_rank() == 0 and os.path.exists(path):
-        with open(path) as f:
-            rows = [line for line in f if json.loads(line)["step"] <= step]
-        write_atomic(path, "".join(rows))
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= step))
     dist.barrier()
 
 
-def prepare_out(out, resume):
-    """An --out that holds another run is refused rather than overwritten; with --resume it must hold one."""
-    holds_run = os.path.exists(os.path.join(out, "metrics.jsonl")) or checkpoint_dirs(out)
-    if resume and not checkpoint_dirs(out):
-        raise SystemExit(f"--resume: {out} has no checkpoint to resume from (checkpoints/step_*)")
-    if holds_run and not resume:
-        raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    dist.barrier()  # every process checked before anyone writes
-    os.makedirs(out, exist_ok=True)
+def on_rank0(fn):
+    """fn() on rank 0 while the other processes wait. A user error there stops every process with rank 0's
+    message, instead of leaving the others waiting forever at their next collective."""
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except SystemExit as e:
+            error = str(e.code)
+        except (ValueError, FileNotFoundError) as e:
+            error = f"error: {e}"
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise SystemExit(box[0] if dist.get_rank() == 0 else 1)
+
+
+def tokenize_once(tokenizer, data_root, domain, split):
+    """The token stream of data/<domain>/<split>: rank 0 tokenises it (or finds it cached) while the others wait,
+    then every process reads the cache. (Two separate runs tokenising one corpus at once are safe too: each
+    writes its own temporary file and renames it into place.)"""
+    on_rank0(lambda: tokenize_corpus(tokenizer, data_root, domain, split))
+    tokens = tokenize_corpus(tokenizer, data_root, domain, split)
+    bos, eos = tokenizer.document_ids()
+    framing = " ".join(repr(tokenizer.decode([i])) for i in (bos, eos) if i is not None)
+    log(f"{os.path.join(data_root, domain, split)}/: {len(corpus_files(data_root, domain, split))} files, "
+        f"{len(tokens):,} tokens (documents framed by {framing})")
+    return tokens
+
+
+# Settings that change nothing a run learns: a --resume may change them (and the number of processes).
+FREE_ON_RESUME = {"resume", "eval_every", "eval_windows", "save_every", "keep_checkpoints", "compile",
+                  "activation_checkpointing", "micro_batch_size", "accept_prompts", "base_steps"}
+LOCKS = []  # the lock files of the output directories this process holds (open until it exits)
+
+
+def prepare_out(out, args, inputs):
+    """Claim --out for this run before any work (on rank 0): refuse an --out that is one of the input directories
+    (inputs: {flag: path}) or inside one; hold the lock on it; refuse one that holds another run unless --resume,
+    and a --resume whose settings differ from the run's own (<out>/run.json) in anything that decides what is
+    learned. A new run writes its settings to run.json."""
+    def claim():
+        for flag, path in inputs.items():
+            if path and os.path.isdir(path) and inside(out, path):
+                how = "the same directory as" if os.path.realpath(out) == os.path.realpath(path) else "inside"
+                raise SystemExit(f"--out {out} is {how} --{flag} {path}: the run would overwrite its own input; "
+                                 "choose another --out")
+        lock, previous = lock_dir(out)
+        LOCKS.append(lock)
+        if previous:
+            log(f"{out}: taking over the lock left by a run that ended without releasing it ({previous})")
+        settings_file = os.path.join(out, "run.json")
+        if args.resume and not holds_run(out):
+            raise SystemExit(f"--resume: {out} holds no run to resume")
+        if holds_run(out) and not args.resume:
+            raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        settings = {k: v for k, v in vars(args).items() if k != "resume"}
+        if not args.resume:
+            write_atomic(settings_file, json.dumps(settings, indent=1) + "\n")
+        elif os.path.exists(settings_file):
+            with open(settings_file) as f:
+                try:
+                    saved = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{settings_file}: not valid JSON ({e.msg})") from None
+            changed = [k for k in dict.fromkeys([*saved, *settings])
+                       if k not in FREE_ON_RESUME and saved.get(k) != settings.get(k)]
+            if changed:
+                raise SystemExit(f"--resume: {out} was started with other settings: " + ", ".join(
+                    f"--{k.replace('_', '-')} {saved.get(k)} (now {settings.get(k)})" for k in changed) +
+                    "; resume with the run's own settings, or start a new run in another --out")
+    on_rank0(claim)
+
+
+def holds_run(out):
+    """Whether a run was started in out (finished or not): it has its settings, metrics or checkpoints."""
+    return any(os.path.exists(os.path.join(out, name)) for name in ("run.json", "metrics.jsonl")) \
+        or bool(checkpoint_dirs(out))
+
+
+def inside(path, folder):
+    """Whether path is folder or lies inside it (after resolving links)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def micro_batches_of(batch, micro_batch_size, rank, world):
@@ -518,11 +692,12 @@ def run(args):
                              "--data-root", args.data_root, "--seq-len", str(args.seq_len),
                              "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
                              "--seed", str(args.seed), "--vocab-size", str(args.vocab_size)]
-                            + (["--resume"] if checkpoint_dirs(args.init_from) else []))
+                            + (["--resume"] if holds_run(args.init_from) else []))
             run(base)
             log(f"base model ready in {args.init_from}; now DACP on data/{args.domain}")
     out = args.out or os.path.join("out", args.domain)
-    prepare_out(out, args.resume)
+    prepare_out(out, args, {"init-from": args.init_from, "tokenizer": args.tokenizer})
+    fresh = not checkpoint_dirs(out)
 
     model, tokenizer = load_init(args, device)
     config = model.config
@@ -539,14 +714,12 @@ def run(args):
 
     # Data: the domain and replay token streams (tokenised once, cached), and their val streams for evaluation.
     domains = [args.domain] + ([args.replay_domain] if args.replay_domain != args.domain else [])
-    streams = {}
-    for split in ("train", "val"):
-        for d in domains:
-            if rank == 0:  # one process tokenises, the others read the cache
-                streams[d, split] = tokenize_corpus(tokenizer, args.data_root, d, split)
-            dist.barrier()
-            if rank != 0:
-                streams[d, split] = tokenize_corpus(tokenizer, args.data_root, d, split)
+    streams = {(d, split): tokenize_once(tokenizer, args.data_root, d, split) for split in ("train", "val")
+               for d in domains}
+    for d in dict.fromkeys([args.domain] * (args.replay_ratio < 1) + [args.replay_domain] * (args.replay_ratio > 0)):
+        if len(streams[d, "train"]) <= args.seq_len:
+            raise SystemExit(f"{os.path.join(args.data_root, d, 'train')}/: {len(streams[d, 'train'])} tokens, "
+                             f"shorter than one training window of --seq-len {args.seq_len} + 1")
     mixture = ReplayMixture(streams[args.domain, "train"], streams.get((args.replay_domain, "train")),
                             args.seq_len, args.batch_size, args.replay_ratio, args.seed)
     val = {d: streams[d, "val"] for d in domains}
@@ -562,7 +735,7 @@ def run(args):
                                 args.eval_windows)
 
     start_step = resume(model, optimizer, out) if args.resume else 0
-    if not args.resume:
+    if fresh:
         replay = (f" with {args.replay_ratio:.0%} data/{args.replay_domain} replay"
                   if args.replay_ratio and args.replay_domain != args.domain else "")
         log(f"training {config.num_params() / 1e6:.1f}M parameters from {args.init_from}; {world} process(es) on "
@@ -585,8 +758,7 @@ def first_eval(out):
     """The evaluation before training: metrics.jsonl's first row (step 0)."""
     if dist.get_rank() != 0:
         return {}
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return json.loads(f.readline())
+    return read_metrics(os.path.join(out, "metrics.jsonl"))[0]
 
 
 def summary_table(before, after, domain, replay):
@@ -608,6 +780,9 @@ def launch(run, args):
         return run(args)
     except FloatingPointError as e:  # a diverged run: say which step and which checkpoint is good, no traceback
         raise SystemExit(str(e)) from None
+    except (ValueError, FileNotFoundError, KeyError) as e:  # a user's file or flag, named in the message
+        message = e.args[0] if isinstance(e, KeyError) else str(e)
+        raise SystemExit(f"error: {message}" if not dist.is_initialized() or dist.get_rank() == 0 else 1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -40,7 +40,7 @@ stage() {
     if [ -f "$dir/config.json" ]; then
         echo
         echo "= $dir is already there: skipping \"$*\""
-    elif compgen -G "$dir/checkpoints/step_*" > /dev/null; then
+    elif [ -f "$dir/run.json" ] || compgen -G "$dir/checkpoints/step_*" > /dev/null; then
         run "$@" --resume
     else
         run "$@"

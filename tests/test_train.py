@@ -231,17 +231,26 @@ def test_bad_input_is_a_clear_error(tiny_run, tmp_path, flags, message):
     assert re.search(message, p.stderr + p.stdout), (p.stdout + p.stderr)[-2000:]
 
 
-def test_documents_are_joined_with_bos_and_eos(tiny_run, tmp_path):
-    """[bos] doc [eos] per document where the tokenizer has a BOS (Llama-3), doc [eos] where it has none (Qwen)."""
-    tok = Tokenizer.from_pretrained(tiny_run / "init")
+def test_documents_are_joined_with_end_of_text_never_an_end_of_turn(tiny_run, tmp_path):
+    """doc <|endoftext|> per document (Qwen, SmolLM2), <|begin_of_text|> doc <|end_of_text|> (Llama-3), <s> doc </s>
+    (Mistral), even when an Instruct checkpoint's eos is its end-of-turn token (<|im_end|>, <|eot_id|>)."""
     docs = ["The UPF forwards user-plane packets.", "Roaming packs are billed daily.", "x"]
     (tmp_path / "d" / "train").mkdir(parents=True)
     for i, doc in enumerate(docs):
         (tmp_path / "d" / "train" / f"{i}.txt").write_text(doc)
-    for bos in (None, tok.special_tokens["<|im_start|>"]):
-        tok.bos_id = bos
-        expected = [t for doc in docs for t in ([bos] if bos is not None else []) + tok.encode(doc) + [tok.eos_id]]
-        assert tokenize_corpus(tok, tmp_path, "d", "train").tolist() == expected
+    texts = [open(tiny_run / "data" / "telco" / "train" / f).read() for f in os.listdir(tiny_run / "data" / "telco"
+                                                                                        / "train")]
+    for specials, begin, end, turn in [(("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|endoftext|>",
+                                        "<|im_end|>"),
+                                       (("<|end_of_text|>", "<|begin_of_text|>", "<|eot_id|>"), "<|begin_of_text|>",
+                                        "<|end_of_text|>", "<|eot_id|>"),
+                                       (("</s>", "<s>"), "<s>", "</s>", None)]:
+        tok = Tokenizer.train(texts, 400, special_tokens=specials)
+        tok.eos_id = tok.special_tokens[turn] if turn else tok.eos_id  # an Instruct checkpoint's eos
+        tok.bos_id = tok.special_tokens.get("<|im_start|>")  # (SmolLM2-Instruct lists <|im_start|> as its bos)
+        ids = [[tok.special_tokens[begin]] if begin else [] for _ in docs]
+        expected = [t for doc, b in zip(docs, ids) for t in b + tok.encode(doc) + [tok.special_tokens[end]]]
+        assert tokenize_corpus(tok, tmp_path, "d", "train").tolist() == expected, specials
 
 
 LOOP_SCRIPT = r"""

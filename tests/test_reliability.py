@@ -1,0 +1,391 @@
+"""Every mistake a user can make fails loudly and loses nothing; resuming never unpickles.
+
+Each test here is one fault that a user met (concurrency, a wrong flag, a damaged file, an interrupted run), with
+the behaviour the project promises instead: a correct result, or a one-line error that names the file, line or flag
+(no traceback), and earlier results left as they were."""
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import kill_after_step
+from test_train import REPO, losses, run_train, tiny_run, train_cmd  # noqa: F401  (tiny_run is a fixture)
+
+from data import tokenize_corpus
+from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, cwd=kw.pop("cwd", REPO), env=ENV, capture_output=True, text=True, timeout=300, **kw)
+
+
+def tree_hash(folder):
+    """A hash of every file under folder (names and bytes): equal before and after means nothing was touched."""
+    h = hashlib.sha256()
+    for parent, _, names in sorted(os.walk(folder)):
+        for name in sorted(names):
+            path = os.path.join(parent, name)
+            h.update(os.path.relpath(path, folder).encode() + b"\0" + open(path, "rb").read())
+    return h.hexdigest()
+
+
+def assert_user_error(p, *patterns):
+    """A non-zero exit with a message matching every pattern, and no Python traceback."""
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, out[-2000:]
+    assert "Traceback" not in out, out[-3000:]
+    for pattern in patterns:
+        assert re.search(pattern, out), (pattern, out[-2000:])
+
+
+# -----------------------------------------------------------------------------
+# 1. The token cache under concurrency
+
+CONCURRENT = textwrap.dedent("""
+    import sys, time, hashlib
+    from data import tokenize_corpus
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(sys.argv[1])
+    while time.time() < float(sys.argv[3]):  # start together
+        pass
+    tokens = tokenize_corpus(tok, sys.argv[2], "big", "train", batch_bytes=1 << 16)
+    print(hashlib.sha256(tokens.tobytes()).hexdigest(), len(tokens))
+""")
+
+
+def test_concurrent_tokenisation_gives_every_process_the_whole_corpus(tiny_run, tmp_path):
+    """Four processes tokenise the same new corpus at once: each gets, and the cache keeps, exactly the ids of
+    encoding each document followed by eos; no reader ever sees a partial file."""
+    import time
+    src = tiny_run / "data" / "telco" / "train"
+    docs = [open(src / f, encoding="utf-8").read() for f in sorted(os.listdir(src))]
+    (tmp_path / "big" / "train").mkdir(parents=True)
+    for i in range(120):  # about 20 MB: a second or two to tokenise, so the writes overlap
+        (tmp_path / "big" / "train" / f"{i:03d}.txt").write_text(f"Document {i}. " + docs[i % len(docs)] * 30)
+    tok = Tokenizer.from_pretrained(tiny_run / "init")
+    texts = [(tmp_path / "big" / "train" / f"{i:03d}.txt").read_text() for i in range(120)]
+    expected = np.array([t for text in texts for t in tok.encode(text) + [tok.eos_id]], dtype=np.uint16)
+    digest = hashlib.sha256(expected.tobytes()).hexdigest()
+    start = time.time() + 3  # staggered: a process starts while another is half-way through its file
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(tiny_run / "init"), str(tmp_path),
+                               str(start + 0.2 * i)], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err[-2000:]
+        assert out.split() == [digest, str(len(expected))]
+    cached = tokenize_corpus(tok, tmp_path, "big", "train")
+    assert hashlib.sha256(np.asarray(cached).tobytes()).hexdigest() == digest
+    assert not [f for f in os.listdir(tmp_path / "big" / ".tokens") if f.endswith(".tmp")]
+
+
+# -----------------------------------------------------------------------------
+# 2-5. The output directory: never the input, one run at a time, resumed only as it was started
+
+
+def test_out_equal_to_or_inside_the_input_is_refused(tiny_run, tmp_path):
+    init = tmp_path / "init"
+    shutil.copytree(tiny_run / "init", init)
+    before = tree_hash(init)
+    for out in (init, init / "sub"):
+        p = run_train(train_cmd(tiny_run, out, "--init-from", str(init)), ok=False)
+        assert_user_error(p, r"--out .* (the same directory as|inside) --init-from")
+    assert tree_hash(init) == before
+
+
+def test_two_runs_on_one_out_never_interleave(tiny_run, tmp_path):
+    """Started together on one --out: one runs, the other is refused; the run's metrics hold each step once."""
+    out = tmp_path / "out"
+    cmd = train_cmd(tiny_run, out, "--max-steps", "8")
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p, *p.communicate(timeout=300)) for p in procs]
+    codes = sorted(p.returncode for p, _, _ in results)
+    assert codes[0] == 0 and codes[1] != 0, [err[-1500:] for _, _, err in results]
+    loser = next(err for p, _, err in results if p.returncode != 0)
+    assert re.search(r"in use by a run that is still going|already holds a run", loser), loser[-2000:]
+    assert [r["step"] for r in losses(out)[1] if "loss" in r] == list(range(1, 9))
+
+
+def test_a_stale_lock_is_taken_over_with_a_message(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").write_text("pid 999999 on some-host\n")  # left by a process that was killed
+    p = run_train(train_cmd(tiny_run, out, "--max-steps", "2"))
+    assert "taking over the lock left by a run that ended without releasing it (pid 999999 on some-host)" in \
+        p.stdout + p.stderr
+
+
+def test_resume_refuses_changed_settings_and_allows_cadence(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    run_train(train_cmd(tiny_run, out, "--max-steps", "6"))
+    done = losses(out)[0]
+    for flags, name in [(["--replay-ratio", "0.25"], "--replay-ratio"), (["--seq-len", "16"], "--seq-len"),
+                        (["--lr", "1e-3"], "--lr"), (["--seed", "7"], "--seed"), (["--batch-size", "8"], "--batch-size"),
+                        (["--domain", "general"], "--domain")]:
+        p = run_train(train_cmd(tiny_run, out, "--max-steps", "6", *flags, "--resume"), ok=False)
+        assert_user_error(p, rf"started with other settings: .*{name} ")
+        assert losses(out)[0] == done  # nothing redone, nothing lost
+    # eval and save cadence, micro-batches and the number of processes change nothing learned
+    run_train(train_cmd(tiny_run, out, "--max-steps", "6", "--eval-every", "1", "--save-every", "3",
+                        "--micro-batch-size", "2", "--resume", nproc=2))
+    resumed = losses(out)[0]
+    assert list(resumed) == list(done)
+    for step in done:
+        assert resumed[step] == pytest.approx(done[step], abs=1e-4), step
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tiny_run, tmp_path):
+    run_train(train_cmd(tiny_run, tmp_path / "full", "--max-steps", "8", "--save-every", "0"))
+    out = tmp_path / "killed"
+    logged = kill_after_step(train_cmd(tiny_run, out, "--max-steps", "8", "--save-every", "0"), out, 1, cwd=REPO,
+                             env=ENV)
+    assert 1 <= max(logged) < 8 and not (out / "checkpoints").exists()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # the row the kill cut short
+    run_train(train_cmd(tiny_run, out, "--max-steps", "8", "--save-every", "0", "--resume"))
+    full, resumed = losses(tmp_path / "full")[0], losses(out)[0]
+    assert list(resumed) == list(range(1, 9))
+    for step in full:
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+
+# -----------------------------------------------------------------------------
+# 6. Durable: fsync before every rename
+
+FSYNC_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        real_replace(src, dst)
+    os.fsync, os.replace = fsync, replace
+    import train
+    from model import ModelConfig, Transformer
+    from tokenizer import Tokenizer
+    rank, world, device = train.setup_distributed()
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=300, n_layers=1))
+    model.init_weights()
+    out = sys.argv[1]
+    model.save_pretrained(out)                                                    # an export
+    Tokenizer.train(["some text to learn merges from " * 20], 300).save_pretrained(out)
+    sharded = train.shard_model(model, device, torch.float32)
+    train.save_checkpoint(sharded, train.make_optimizer(sharded, 0.0, device), out, 1, 2)   # a checkpoint
+    def synced_before(path, i):
+        return any(e == ("fsync", path) for e in events[:i])
+    for i, e in enumerate(events):
+        if e[0] != "replace":
+            continue
+        src, dst = e[1], e[2]
+        files = [os.path.join(src, f) for f in os.listdir(dst)] if os.path.isdir(dst) else [src]
+        for f in files:
+            assert synced_before(os.path.realpath(f), i), f"{f} renamed to {dst} before it was fsynced"
+        assert ("fsync", os.path.dirname(dst)) in events[i:], f"the rename to {dst} was never made durable"
+    print("all", sum(e[0] == "replace" for e in events), "renames fsynced")
+""")
+
+
+def test_exports_and_checkpoints_are_fsynced_before_they_are_renamed(tmp_path):
+    p = run([sys.executable, "-c", FSYNC_SCRIPT, str(tmp_path / "out")])
+    assert p.returncode == 0 and "renames fsynced" in p.stdout, p.stdout + p.stderr[-3000:]
+
+
+# -----------------------------------------------------------------------------
+# 7. Resuming never unpickles
+
+
+class Payload:
+    """Unpickling this runs a shell command that leaves a file behind."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_never_unpickles_anything_in_the_checkpoint(tiny_run, tmp_path):
+    out, marker = tmp_path / "out", tmp_path / "PWNED"
+    run_train(train_cmd(tiny_run, out, "--max-steps", "6"))
+    payload = pickle.dumps(Payload(marker))
+    for ckpt in (out / "checkpoints").iterdir():
+        for f in ckpt.iterdir():  # every file that is not safetensors or JSON gets the payload
+            if f.suffix not in (".safetensors", ".json"):
+                f.write_bytes(payload)
+        for name in (".metadata", "trainer-0.pt", "__0_0.distcp"):  # what older formats read by unpickling
+            (ckpt / name).write_bytes(payload)
+    p = run_train(train_cmd(tiny_run, out, "--max-steps", "6", "--resume"), ok=False)
+    assert not marker.exists(), "resuming ran code from the checkpoint folder"
+    assert p.returncode == 0 or "Traceback" not in p.stdout + p.stderr
+
+
+# -----------------------------------------------------------------------------
+# 8-9. Never a perfect score from nothing
+
+
+def test_a_val_split_shorter_than_a_window_is_scored_not_zero():
+    """bpb of a 40-token split at seq_len 512: one window of all 40 tokens, equal to the formula."""
+    from train import val_loss_and_bpb
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=50, n_layers=1)).eval()
+    model.init_weights()
+    tokens = np.random.default_rng(0).integers(0, 50, 40)
+    token_bytes = np.arange(50) % 3  # some tokens have no bytes (special tokens)
+    result = val_loss_and_bpb(model, {"d": tokens}, 512, 4, token_bytes, torch.device("cpu"), 10)
+    x, y = torch.tensor(tokens[:-1])[None], torch.tensor(tokens[1:])
+    with torch.no_grad():
+        nats = torch.nn.functional.cross_entropy(model(x)[0], y, reduction="none").double().numpy()
+    b = token_bytes[tokens[1:]]
+    assert result["val/d"] == pytest.approx(nats.mean(), rel=1e-5)
+    assert result["bpb/d"] == pytest.approx(nats[b > 0].sum() / np.log(2) / b.sum(), rel=1e-5)
+    with pytest.raises(ValueError, match="the d val split has 1 token"):
+        val_loss_and_bpb(model, {"d": tokens[:1]}, 512, 4, token_bytes, torch.device("cpu"), 10)
+
+
+def sft_data(root, n_long, n_short, seq_words=400):
+    """A chat checkpoint-to-be's SFT stage: n_long conversations whose user turn alone is longer than the sequence
+    (nothing trainable survives the cut) and n_short ordinary ones."""
+    folder = root / "data" / "telco" / "sft"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"messages": [{"role": "user", "content": "tell me " * seq_words},
+                          {"role": "assistant", "content": "No."}]} for _ in range(n_long)]
+    rows += [{"messages": [{"role": "user", "content": f"What is QoS {i}?"},
+                           {"role": "assistant", "content": "Quality of service."}]} for i in range(n_short)]
+    (folder / "1_stage.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_sft_drops_conversations_cut_to_nothing_and_runs_a_stage_smaller_than_a_batch(tiny_run, tmp_path):
+    sft_data(tmp_path, n_long=12, n_short=3)
+    cmd = [sys.executable, "sft.py", "--init-from", str(tiny_run / "init"), "--domain", "telco", "--data-root",
+           str(tmp_path / "data"), "--out", str(tmp_path / "sft"), "--seq-len", "64", "--batch-size", "16",
+           "--micro-batch-size", "8", "--epochs", "2", "--save-every", "0"]
+    p = run(cmd)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "12 dropped" in p.stdout + p.stderr
+    rows = [json.loads(line) for line in open(tmp_path / "sft" / "metrics.jsonl")]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows if "loss" in r)
+
+
+# -----------------------------------------------------------------------------
+# 10. Flags that make no sense are refused before any work
+
+
+@pytest.mark.parametrize("script, flags, flag", [
+    ("train.py", ["--min-lr", "-1e-4"], "--min-lr"),
+    ("train.py", ["--min-lr", "1"], "--min-lr"),
+    ("train.py", ["--max-steps", "0"], "--max-steps"),
+    ("train.py", ["--batch-size", "0"], "--batch-size"),
+    ("train.py", ["--micro-batch-size", "0"], "--micro-batch-size"),
+    ("train.py", ["--seq-len", "0"], "--seq-len"),
+    ("train.py", ["--replay-ratio", "1.5"], "--replay-ratio"),
+    ("train.py", ["--keep-checkpoints", "-1"], "--keep-checkpoints"),
+    ("sft.py", ["--epochs", "0"], "--epochs"),
+    ("distill.py", ["--teacher", "x", "--temperature", "0"], "--temperature"),
+    ("speculative.py", ["--target", "x", "--top-p", "1.5"], "--top-p"),
+    ("speculative.py", ["--target", "x", "--top-p", "0"], "--top-p"),
+    ("speculative.py", ["--target", "x", "--temperature", "-1"], "--temperature"),
+    ("speculative.py", ["--target", "x", "--top-k", "0"], "--top-k"),
+    ("eval.py", ["x", "--domain", "telco", "--limit", "0"], "--limit"),
+])
+def test_nonsense_flags_are_refused_naming_the_flag(tiny_run, tmp_path, script, flags, flag):
+    p = run([sys.executable, script, "--out", str(tmp_path / "out"), *flags] if script != "speculative.py" else
+            [sys.executable, script, *flags], cwd=REPO)
+    assert_user_error(p, re.escape(flag))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_mcq_answer_of_true_is_refused(tmp_path):
+    from eval import check_mcq
+    assert "answer" in check_mcq({"question": "q", "choices": ["a", "b"], "answer": True})
+    assert check_mcq({"question": "q", "choices": ["a", "b"], "answer": 1}) is None
+
+
+# -----------------------------------------------------------------------------
+# 11-14. Corpora in subfolders, errors in the user's words, no leftovers, shareable exports
+
+
+def test_corpus_files_in_subfolders_are_read(tiny_run, tmp_path):
+    tok = Tokenizer.from_pretrained(tiny_run / "init")
+    (tmp_path / "d" / "train" / "2024" / "q1").mkdir(parents=True)
+    (tmp_path / "d" / "train" / "a.txt").write_text("Top level.")
+    (tmp_path / "d" / "train" / "2024" / "q1" / "b.txt").write_text("Nested twice.")
+    assert tokenize_corpus(tok, tmp_path, "d", "train").tolist() == \
+        tok.encode("Nested twice.") + [tok.eos_id] + tok.encode("Top level.") + [tok.eos_id]
+    p = run_train(train_cmd(tiny_run, tmp_path / "out", "--max-steps", "1"))
+    assert re.search(r"telco/train/: \d+ files, [\d,]+ tokens", p.stdout + p.stderr)
+
+
+def damaged_copy(tiny_run, tmp_path, name, damage):
+    init = tmp_path / name
+    shutil.copytree(tiny_run / "init", init)
+    damage(init)
+    return init
+
+
+def test_user_errors_name_their_file_without_a_traceback(tiny_run, tmp_path):
+    # a corpus file that is not UTF-8; and nothing half-written stays in the token cache
+    data = tmp_path / "data"
+    shutil.copytree(tiny_run / "data", data)
+    (data / "telco" / "train" / "zz-latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    cmd = train_cmd(tiny_run, tmp_path / "o1")
+    cmd[cmd.index("--data-root") + 1] = str(data)
+    assert_user_error(run_train(cmd, ok=False), r"zz-latin1\.txt: not UTF-8 text \(byte 0xe9 at offset 3\)")
+    assert not [f for f in os.listdir(data / "telco" / ".tokens") if f.endswith(".tmp")]
+    # a truncated safetensors file, a config.json that is not JSON, one without hidden_size
+    cases = [("trunc", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+              r"model\.safetensors: not a readable safetensors file"),
+             ("badjson", lambda d: (d / "config.json").write_text("{oops"), r"config\.json: not valid JSON"),
+             ("nohidden", lambda d: (d / "config.json").write_text(json.dumps(
+                 {k: v for k, v in json.load(open(d / "config.json")).items() if k != "hidden_size"})),
+              r"config\.json: no 'hidden_size'")]
+    sft_data(tmp_path / "sft-root", n_long=0, n_short=4)
+    for name, damage, message in cases:
+        init = damaged_copy(tiny_run, tmp_path, name, damage)
+        for script, root in (("train.py", tiny_run), ("sft.py", tmp_path / "sft-root")):
+            cmd = [sys.executable, script, "--init-from", str(init), "--domain", "telco", "--data-root",
+                   str(root / "data"), "--out", str(tmp_path / f"out-{name}-{script}")]
+            assert_user_error(run(cmd), message)
+    # a training corpus shorter than one window
+    tiny = tmp_path / "tiny-data"
+    shutil.copytree(tiny_run / "data", tiny)
+    for f in (tiny / "telco" / "train").iterdir():
+        f.unlink()
+    (tiny / "telco" / "train" / "a.txt").write_text("Too short.")
+    cmd = train_cmd(tiny_run, tmp_path / "o2")
+    cmd[cmd.index("--data-root") + 1] = str(tiny)
+    assert_user_error(run_train(cmd, ok=False), r"telco/train/: \d+ tokens, shorter than one training window")
+    # a QA row whose messages has no user turn
+    (tmp_path / "qa" / "eval").mkdir(parents=True)
+    shutil.copytree(tiny_run / "data" / "telco" / "val", tmp_path / "qa" / "val")
+    (tmp_path / "qa" / "train").mkdir()
+    (tmp_path / "qa" / "eval" / "qa.jsonl").write_text(json.dumps(
+        {"messages": [{"role": "system", "content": "Be brief."}], "reference": "x"}) + "\n")
+    p = run([sys.executable, "eval.py", str(tiny_run / "init"), "--domain", "qa", "--general", "qa",
+             "--data-root", str(tmp_path), "--out", str(tmp_path / "report")])
+    assert_user_error(p, r"qa\.jsonl:1: .*no user turn")
+
+
+def test_exports_have_the_users_file_mode(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    run_train(train_cmd(tiny_run, out, "--max-steps", "1"))
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f: oct((out / f).stat().st_mode & 0o777) for f in ("model.safetensors", "config.json",
+                                                               "tokenizer.json", "tokenizer_config.json")}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
