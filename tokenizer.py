@@ -1,8 +1,8 @@
 """The tokenizer: byte-level BPE on tiktoken, with the same ids as a checkpoint's HF tokenizer.
 
 A checkpoint's tokenizer.json (byte-level BPE in the GPT-2, Llama-3, Qwen2 or SmolLM2 style) becomes a tiktoken
-Encoding that gives the same ids as HF tokenizers; anything tiktoken cannot reproduce exactly is refused, with an
-error naming the file and the field. Tokenizer.train is a small byte-level BPE trainer for from-scratch models, and
+Encoding that gives the same ids as HF tokenizers, also for vocabularies that lack some single bytes (HF drops those
+bytes); anything tiktoken cannot reproduce exactly is refused, with an error naming the file and the field. Tokenizer.train is a small byte-level BPE trainer for from-scratch models, and
 save_pretrained writes files that transformers loads with the same ids.
 
     tokenizer = Tokenizer.from_pretrained("path/to/Qwen2.5-0.5B")     # tokenizer.json (+ tokenizer_config.json)
@@ -13,6 +13,7 @@ save_pretrained writes files that transformers loads with the same ids.
 import hashlib
 import heapq
 import json
+import math
 import re
 import unicodedata
 from collections import Counter, defaultdict
@@ -147,11 +148,16 @@ def _mergeable_ranks(model, added, file):
     ids = set(ranks.values())
     if len(ids) != len(ranks):
         raise ValueError(f"{file}: model.vocab gives the same id to two tokens")
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
-        raise ValueError(f"{file}: model.vocab lacks {len(missing)} of the 256 single-byte tokens (e.g. byte "
-                         f"0x{missing[0]:02x}, written {BYTE_TO_CHAR[missing[0]]!r}); byte-level BPE needs all of "
-                         "them so that any text can be encoded")
+    missing = {b for b in range(256) if bytes([b]) not in ranks}  # HF drops these bytes: see _drop_missing
+    if missing and model.get("unk_token") is not None:
+        raise ValueError(f"{file}: model.unk_token is {model['unk_token']!r} and model.vocab lacks {len(missing)} of "
+                         "the 256 single-byte tokens; HF emits the unknown token for those bytes, which this "
+                         "tokenizer does not reproduce (it reproduces dropping them, with unk_token null)")
+    for token, i in ranks.items():
+        if len(token) > 1 and missing & set(token):  # HF could still emit it whole, from the vocab (ignore_merges)
+            raise ValueError(f"{file}: model.vocab has {bytes_to_token(token)!r} (id {i}) but no single-byte token "
+                             f"for its byte 0x{min(missing & set(token)):02x}; HF drops that byte before merging "
+                             "yet may emit this token whole, which tiktoken cannot reproduce")
     for s, i in added.items():
         if i in ids:
             raise ValueError(f"{file}: added_tokens {s!r} has id {i}, which model.vocab gives to another token")
@@ -191,6 +197,73 @@ def _merge_problem(parts, vocab, prev):
         return f"the merged token {merged!r} is not in model.vocab"
     return (f"yields id {vocab[merged]} after a merge that yields id {prev}; the merge order disagrees with the "
             "vocab ids, which tiktoken uses as merge ranks")
+
+
+# ---- bytes the vocabulary has no token for
+#
+# Some byte-level vocabularies lack a few single bytes (SmolLM2's lacks 21: rare ASCII controls such as 0x04, lead bytes
+# of unassigned planes, bytes UTF-8 never uses). HF's BPE, with no unk_token, drops such a byte after the regex split
+# and before merging: "hello\x04world" -> [hello, world] ("\x04" was a piece of its own), "!\x04!" -> ["!!"] (one
+# piece, merged as if the byte were not there). tiktoken would panic on it, so its Encoding gets each missing byte as
+# a placeholder token that merges with nothing. The split is then the real one and every piece without a missing
+# byte is right; a piece with one is re-encoded without it (_bpe). tiktoken exposes no split, so that piece's extent
+# is found with tiktoken's own regex engine, by two probe encodings (_pieces_holding). Text with no such byte (a
+# cheap check) takes tiktoken's path unchanged.
+
+
+def _bpe(ranks, piece):
+    """tiktoken's (and HF's) byte-pair merge of one piece: merge the adjacent pair whose concatenation has the lowest
+    rank, leftmost first, until none is in the vocab. No whole-piece lookup first: HF's lookup is of the piece with
+    its missing bytes, which is never a token."""
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    while len(parts) > 1:
+        pair_ranks = [ranks.get(a + b, math.inf) for a, b in zip(parts, parts[1:])]
+        i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+        if pair_ranks[i] == math.inf:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return [ranks[p] for p in parts]
+
+
+def _probe(pattern, texts, strings):
+    """Token boundaries (byte offsets, 0 .. len) of each text under the same split regex, with the 256 bytes and
+    these strings as the only tokens."""
+    ranks = {bytes([b]): b for b in range(256)}
+    for s in strings:
+        ranks.setdefault(s, len(ranks))
+    lengths = np.array([len(s) for s in ranks])  # in rank order (dict order)
+    enc = tiktoken.Encoding("probe", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    return [np.concatenate([[0], np.cumsum(lengths[enc.encode_ordinary(t)])]) for t in texts]
+
+
+def _pieces_holding(pattern, texts, datas, positions):
+    """For each text, the (start, end) byte ranges of the regex pieces that hold these byte positions.
+
+    The left probe's tokens are the bytes and data[p-i:p+1] (i = 1..k) for every position p: BPE grows the token
+    holding p leftwards, a byte or a merged neighbour at a time, and never across the start of its piece. A token
+    [a, b) ends at a position (every probe string does), so a neighbour [c, a) in the same piece, with c >= b-1-k,
+    would have merged with it: when the neighbour is that short, a is the piece's start; otherwise k grows. The
+    right probe, data[p:p+1+i], is the mirror image and gives the end."""
+    pieces, todo, k = [None] * len(texts), list(range(len(texts))), 8
+    while todo:
+        grow_left = {datas[t][max(p - i, 0):p + 1] for t in todo for p in positions[t] for i in range(1, k + 1)}
+        grow_right = {datas[t][p:p + 1 + i] for t in todo for p in positions[t] for i in range(1, k + 1)}
+        lefts = _probe(pattern, [texts[t] for t in todo], grow_left)
+        rights = _probe(pattern, [texts[t] for t in todo], grow_right)
+        unsure = []
+        for t, left, right in zip(todo, lefts, rights):
+            ps = positions[t]
+            j = np.searchsorted(left, ps, "right") - 1  # left[j] <= p < left[j + 1]
+            sure = np.all((j == 0) | (left[np.maximum(j - 1, 0)] >= left[j + 1] - 1 - k))
+            starts = left[j]
+            j = np.searchsorted(right, ps, "right") - 1
+            last = len(right) - 1
+            sure &= np.all((j + 1 == last) | (right[np.minimum(j + 2, last)] <= right[j] + 1 + k))
+            pieces[t] = sorted(set(zip(starts.tolist(), right[j + 1].tolist())))
+            if not sure:
+                unsure.append(t)
+        todo, k = unsure, 4 * k  # a long piece: its edges are further than k bytes from a missing byte
+    return pieces
 
 
 # ---- BPE training helpers
@@ -239,8 +312,12 @@ class Tokenizer:
 
     def __init__(self, mergeable_ranks, special_tokens, pattern, *, nfc=False, eos_id=None, bos_id=None,
                  chat_template=None, merges=None, source=None, name="bpe"):
-        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
+        self.missing = bytes(b for b in range(256) if bytes([b]) not in mergeable_ranks)  # bytes HF drops
+        self._n_vocab = max([*mergeable_ranks.values(), *special_tokens.values()], default=-1) + 1
+        placeholders = {bytes([b]): self._n_vocab + k for k, b in enumerate(self.missing)}  # never emitted
+        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks={**mergeable_ranks, **placeholders},
                                      special_tokens=special_tokens)
+        self._lengths = None  # bytes per id, for _drop_missing
         self.mergeable_ranks = mergeable_ranks  # bytes -> id
         self.special_tokens = special_tokens  # str -> id, e.g. {"<|im_start|>": 151644}, for render_chat
         self.pattern, self.nfc = pattern, nfc
@@ -251,13 +328,53 @@ class Tokenizer:
 
     @property
     def n_vocab(self):
-        return self.enc.n_vocab
+        return self._n_vocab
 
     def encode(self, text):
-        return self.enc.encode_ordinary(self.normalize(text))
+        text = self.normalize(text)
+        ids = self.enc.encode_ordinary(text)
+        return self._drop_missing([text], [ids])[0] if self.missing and self._has_missing(text) else ids
 
     def encode_batch(self, texts):
-        return self.enc.encode_ordinary_batch([self.normalize(t) for t in texts])  # on tiktoken's thread pool
+        texts = [self.normalize(t) for t in texts]
+        ids = self.enc.encode_ordinary_batch(texts)  # on tiktoken's thread pool
+        redo = [i for i, t in enumerate(texts) if self._has_missing(t)] if self.missing else []
+        for i, fixed in zip(redo, self._drop_missing([texts[i] for i in redo], [ids[i] for i in redo])):
+            ids[i] = fixed
+        return ids
+
+    def _has_missing(self, text):
+        """Whether the text holds a byte the vocab lacks. Scans at C speed; ASCII text can hold only ASCII bytes."""
+        if text.isascii():
+            return any(chr(b) in text for b in self.missing if b < 128)
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, which tiktoken replaces: let _drop_missing see to it
+            return True
+        return len(data.translate(None, self.missing)) < len(data)
+
+    def _drop_missing(self, texts, ids):
+        """HF's ids for texts holding bytes the vocab lacks, from tiktoken's ids with placeholders for those bytes:
+        each regex piece holding one is re-encoded without it (see "bytes the vocabulary has no token for")."""
+        texts = [t.encode("utf-16", "surrogatepass").decode("utf-16", "replace") for t in texts]  # as tiktoken
+        datas = [t.encode("utf-8") for t in texts]
+        lacking = np.zeros(256, dtype=bool)
+        lacking[list(self.missing)] = True
+        positions = [np.flatnonzero(lacking[np.frombuffer(d, dtype=np.uint8)]) for d in datas]
+        if self._lengths is None:  # bytes per id, placeholders (one byte) included
+            self._lengths = np.ones(self._n_vocab + len(self.missing), dtype=np.int64)
+            self._lengths[:self._n_vocab] = self.token_byte_lengths()
+        out = []
+        for data, tokens, pieces in zip(datas, ids, _pieces_holding(self.pattern, texts, datas, positions)):
+            bounds = np.concatenate([[0], np.cumsum(self._lengths[tokens])])
+            fixed, done = [], 0
+            for start, end in pieces:  # a piece's edges are token edges: the placeholders' split is the real one
+                first, stop = np.searchsorted(bounds, [start, end])
+                assert bounds[first] == start and bounds[stop] == end, "probe and tiktoken split the text apart"
+                fixed += tokens[done:first] + _bpe(self.mergeable_ranks, data[start:end].translate(None, self.missing))
+                done = stop
+            out.append(fixed + tokens[done:])
+        return out
 
     def normalize(self, text):
         """NFC, where the tokenizer.json asks for it. ASCII text is already NFC, and str.isascii() is O(1)."""
