@@ -207,7 +207,7 @@ def sft_pool(tokenizer, args):
         files = sft_files(args.data_root, args.domain)
     except ValueError as e:
         raise SystemExit(f"--data sft: {e}") from None
-    return [sft_row(tokenizer, m, args.seq_len)[:2] for f in files for m, _ in read_conversations(f)]
+    return [sft_row(tokenizer, m, args.seq_len, where)[:2] for f in files for m, where in read_conversations(f)]
 
 
 def teacher_pool(teacher, tokenizer, args, eos, dtype, rank, world):

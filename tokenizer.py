@@ -54,6 +54,8 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (r"{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
                    r"'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
                    r"{% endif %}")
+# tokenizer_config.json's named special tokens: apply_chat_template passes them to the template (bos_token, ...).
+NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # The files save_pretrained copies from a checkpoint's directory (config.json etc. are model.py's business).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -311,7 +313,8 @@ class Tokenizer:
     text as plain text (so data can't inject control tokens); decode(ids) -> text."""
 
     def __init__(self, mergeable_ranks, special_tokens, pattern, *, nfc=False, eos_id=None, bos_id=None,
-                 chat_template=None, merges=None, source=None, name="bpe"):
+                 chat_template=None, special_tokens_map=None, stripped_tokens=frozenset(), merges=None, source=None,
+                 name="bpe"):
         self.missing = bytes(b for b in range(256) if bytes([b]) not in mergeable_ranks)  # bytes HF drops
         self._n_vocab = max([*mergeable_ranks.values(), *special_tokens.values()], default=-1) + 1
         placeholders = {bytes([b]): self._n_vocab + k for k, b in enumerate(self.missing)}  # never emitted
@@ -319,10 +322,12 @@ class Tokenizer:
                                      special_tokens=special_tokens)
         self._lengths = None  # bytes per id, for _drop_missing
         self.mergeable_ranks = mergeable_ranks  # bytes -> id
-        self.special_tokens = special_tokens  # str -> id, e.g. {"<|im_start|>": 151644}, for render_chat
+        self.special_tokens = special_tokens  # str -> id: every added token, e.g. {"<|im_start|>": 151644}
         self.pattern, self.nfc = pattern, nfc
         self.eos_id, self.bos_id = eos_id, bos_id
         self.chat_template = chat_template  # the checkpoint's Jinja chat template, or None
+        self.special_tokens_map = special_tokens_map or {}  # {"eos_token": "<|im_end|>", ...}: the template's variables
+        self.stripped_tokens = stripped_tokens  # added tokens HF matches with lstrip / rstrip / single_word
         self.merges = merges  # [(id_a, id_b), ...] in merge order, for a trained tokenizer
         self.source = source  # the HF directory it was loaded from, whose files save_pretrained copies
 
@@ -400,6 +405,10 @@ class Tokenizer:
     def decode(self, ids):
         return self.enc.decode(ids)  # a cut multi-byte char becomes U+FFFD, as in HF's ByteLevel decoder
 
+    def token_bytes(self, ids):
+        """The bytes of each id (a special token: its text)."""
+        return self.enc.decode_tokens_bytes(ids)
+
     @classmethod
     def from_pretrained(cls, path):
         """An HF tokenizer directory: tokenizer.json, and optionally tokenizer_config.json and generation_config.json
@@ -417,6 +426,8 @@ class Tokenizer:
         nfc = _uses_nfc(spec.get("normalizer"), file)
         pattern = _split_pattern(spec.get("pre_tokenizer"), file)
         added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+        stripped = frozenset(t["content"] for t in spec.get("added_tokens") or []
+                             if t.get("lstrip") or t.get("rstrip") or t.get("single_word"))
         ranks = _mergeable_ranks(model, added, file)
         _check_merges(model, ranks, file)
 
@@ -443,12 +454,18 @@ class Tokenizer:
         template = config.get("chat_template")
         if isinstance(template, list):  # older form: [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if template is None and (path / "chat_template.jinja").is_file():  # where newer transformers save it
+        if (path / "chat_template.jinja").is_file():  # where newer transformers save it; it wins, as there
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        # The template's variables, as transformers reads them: a special_tokens_map.json overrides the config's
+        # tokens when the config has no added_tokens_decoder (its legacy path).
+        named = {**config, **(_read_json(path / "special_tokens_map.json") if "added_tokens_decoder" not in config
+                              else {})}
+        named = {k: v.get("content") if isinstance(v, dict) else v for k, v in named.items() if k in NAMED_TOKENS}
         eos_id, bos_id = token_id("eos"), token_id("bos")
         try:
             return cls(ranks, added, pattern, nfc=nfc, eos_id=eos_id, bos_id=bos_id, chat_template=template,
-                       source=path, name=path.name or "bpe")
+                       special_tokens_map={k: v for k, v in named.items() if isinstance(v, str)},
+                       stripped_tokens=stripped, source=path, name=path.name or "bpe")
         except ValueError as e:  # e.g. a Split regex that tiktoken's engine (fancy-regex) cannot compile
             raise ValueError(f"{file}: pre_tokenizer regex {pattern!r}: tiktoken refused it: {e}") from None
 
@@ -505,9 +522,11 @@ class Tokenizer:
 
         specials = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
         chatml = "<|im_start|>" in specials and "<|im_end|>" in specials
+        eos = special_tokens[0] if specials else None
         return cls({b: i for i, b in enumerate(vocab)}, specials, LLAMA3_PATTERN, nfc=True,
-                   eos_id=specials[special_tokens[0]] if specials else None,
-                   chat_template=CHATML_TEMPLATE if chatml else None, merges=merges)
+                   eos_id=specials.get(eos), chat_template=CHATML_TEMPLATE if chatml else None,
+                   special_tokens_map={"eos_token": eos, "pad_token": eos} if eos else {},  # as save_pretrained writes
+                   merges=merges)
 
     def save_pretrained(self, path, model_max_length=2048):
         """Write tokenizer.json and tokenizer_config.json that transformers.AutoTokenizer and tokenizers load with
