@@ -92,7 +92,7 @@ def get_args(argv=None):
     p.add_argument("--seq-len", type=POSITIVE, default=256)
     p.add_argument("--max-steps", type=POSITIVE, default=60)
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=1e-3)
-    p.add_argument("--min-lr", type=float, default=1e-4)
+    p.add_argument("--min-lr", type=float, default=None, help="the cosine decays to this (default: --lr / 10)")
     p.add_argument("--warmup-steps", type=COUNT, default=5)
     p.add_argument("--weight-decay", type=number(float, 0), default=0.0)
     p.add_argument("--grad-clip", type=number(float, 0, low_open=True), default=1.0)
@@ -136,7 +136,10 @@ def load_student(args, teacher, tokenizer, device):
 def domain_prompts(tokenizer, teacher, args, split):
     """Prompts from the domain: for a chat teacher, the user turns of data/<domain>/sft/[val/]*.jsonl rendered
     with the assistant header; for a base teacher, the first --prompt-tokens tokens of corpus windows."""
-    files = sft_files(args.data_root, args.domain, split) if is_chat_model(teacher, tokenizer) else []
+    try:
+        files = sft_files(args.data_root, args.domain, split) if is_chat_model(teacher, tokenizer) else []
+    except ValueError:  # no conversations for this split: corpus prefixes instead
+        files = []
     if files:
         prompts = []
         for path in files:
@@ -215,7 +218,7 @@ def sft_pool(tokenizer, args):
         files = sft_files(args.data_root, args.domain)
     except ValueError as e:
         raise SystemExit(f"--data sft: {e}") from None
-    return [sft_row(tokenizer, m, args.seq_len)[:2] for f in files for m, _ in read_conversations(f)]
+    return [sft_row(tokenizer, m, args.seq_len, where)[:2] for f in files for m, where in read_conversations(f)]
 
 
 def teacher_pool(teacher, tokenizer, args, eos, dtype, rank, world):

@@ -7,7 +7,7 @@ stage from weakly related data to expert-annotated domain data ("domain-progress
     python sft.py --init-from out/telco --domain telco --single-stage --out out/telco-sft-single   # the ablation
     torchrun --nproc_per_node=2 sft.py --init-from out/telco --domain telco
 
-Conversations are rendered in the checkpoint's own chat format (data.render_chat) and only the assistant turns are
+Conversations are rendered by the checkpoint's own chat template (data.render_chat) and only the assistant turns are
 trained. Each stage has its own epochs and peak LR (warmup, then cosine to a tenth of it) and its validation loss is
 logged after it (data/<domain>/sft/val/<stage>.jsonl). The loop, checkpoints, resume and HF export are train.py's.
 The output is an HF chat model: its config lists the end-of-turn token as an eos, as instruct checkpoints do.
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import IGNORE, Curriculum, chat_format, end_of_turn_id, read_conversations, sft_files, sft_row
+from data import IGNORE, Curriculum, end_of_turn_id, read_conversations, sft_files, sft_row
 from model import Transformer, to_dtype
 from tokenizer import Tokenizer
 from train import (COUNT, POSITIVE, Schedule, Step, batch_flops, check_batch_sizes, checkpoint_dirs, compute_dtype,
@@ -96,8 +96,8 @@ def tokenize_stage(tokenizer, path, seq_len):
     """The (ids, labels) rows of a stage's conversations, cut to seq_len + 1 tokens. A conversation whose assistant
     turns are all cut away has nothing left to train and is dropped (counted in the log)."""
     rows, cut, dropped = [], 0, 0
-    for messages, _ in read_conversations(path):
-        ids, labels, was_cut = sft_row(tokenizer, messages, seq_len)
+    for messages, where in read_conversations(path):
+        ids, labels, was_cut = sft_row(tokenizer, messages, seq_len, where)
         if all(t == IGNORE for t in labels):
             dropped += 1
             continue
@@ -141,9 +141,10 @@ def run(args):
         raise SystemExit(f"--init-from {init}: not an HF model directory (run train.py --domain {args.domain} "
                          "first, or give a checkpoint)")
     tokenizer = Tokenizer.from_pretrained(init)
-    if chat_format(tokenizer) is None:
-        raise SystemExit(f"{init}: its tokenizer has no chat tokens (<|im_start|>/<|im_end|> or Llama-3's "
-                         "headers), so conversations cannot be rendered")
+    if end_of_turn_id(tokenizer) is None:
+        raise SystemExit(f"{init}: its tokenizer has no chat template (tokenizer_config.json's chat_template or "
+                         "chat_template.jinja) that ends an answer with a control token, so conversations cannot be "
+                         "rendered for SFT")
 
     # The curriculum: stages in order, each with its epochs and LR; their val sets by the same file name.
     files = stage_files(args)

@@ -1,8 +1,8 @@
 """The tokenizer: byte-level BPE on tiktoken, with the same ids as a checkpoint's HF tokenizer.
 
 A checkpoint's tokenizer.json (byte-level BPE in the GPT-2, Llama-3, Qwen2 or SmolLM2 style) becomes a tiktoken
-Encoding that gives the same ids as HF tokenizers; anything tiktoken cannot reproduce exactly is refused, with an
-error naming the file and the field. Tokenizer.train is a small byte-level BPE trainer for from-scratch models, and
+Encoding that gives the same ids as HF tokenizers, also for vocabularies that lack some single bytes (HF drops those
+bytes); anything tiktoken cannot reproduce exactly is refused, with an error naming the file and the field. Tokenizer.train is a small byte-level BPE trainer for from-scratch models, and
 save_pretrained writes files that transformers loads with the same ids.
 
     tokenizer = Tokenizer.from_pretrained("path/to/Qwen2.5-0.5B")     # tokenizer.json (+ tokenizer_config.json)
@@ -13,6 +13,7 @@ save_pretrained writes files that transformers loads with the same ids.
 import hashlib
 import heapq
 import json
+import math
 import re
 import unicodedata
 from collections import Counter, defaultdict
@@ -56,6 +57,8 @@ CHATML_TEMPLATE = (r"{% for message in messages %}{{'<|im_start|>' + message['ro
 # End-of-text tokens that separate pretraining documents, each with the begin-of-text token its family puts before
 # a document (None: no such token). See Tokenizer.document_ids.
 END_OF_TEXT = (("<|endoftext|>", None), ("<|end_of_text|>", "<|begin_of_text|>"), ("</s>", "<s>"))
+# tokenizer_config.json's named special tokens: apply_chat_template passes them to the template (bos_token, ...).
+NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # The files save_pretrained copies from a checkpoint's directory (config.json etc. are model.py's business).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -150,11 +153,16 @@ def _mergeable_ranks(model, added, file):
     ids = set(ranks.values())
     if len(ids) != len(ranks):
         raise ValueError(f"{file}: model.vocab gives the same id to two tokens")
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
-        raise ValueError(f"{file}: model.vocab lacks {len(missing)} of the 256 single-byte tokens (e.g. byte "
-                         f"0x{missing[0]:02x}, written {BYTE_TO_CHAR[missing[0]]!r}); byte-level BPE needs all of "
-                         "them so that any text can be encoded")
+    missing = {b for b in range(256) if bytes([b]) not in ranks}  # HF drops these bytes: see _drop_missing
+    if missing and model.get("unk_token") is not None:
+        raise ValueError(f"{file}: model.unk_token is {model['unk_token']!r} and model.vocab lacks {len(missing)} of "
+                         "the 256 single-byte tokens; HF emits the unknown token for those bytes, which this "
+                         "tokenizer does not reproduce (it reproduces dropping them, with unk_token null)")
+    for token, i in ranks.items():
+        if len(token) > 1 and missing & set(token):  # HF could still emit it whole, from the vocab (ignore_merges)
+            raise ValueError(f"{file}: model.vocab has {bytes_to_token(token)!r} (id {i}) but no single-byte token "
+                             f"for its byte 0x{min(missing & set(token)):02x}; HF drops that byte before merging "
+                             "yet may emit this token whole, which tiktoken cannot reproduce")
     for s, i in added.items():
         if i in ids:
             raise ValueError(f"{file}: added_tokens {s!r} has id {i}, which model.vocab gives to another token")
@@ -194,6 +202,73 @@ def _merge_problem(parts, vocab, prev):
         return f"the merged token {merged!r} is not in model.vocab"
     return (f"yields id {vocab[merged]} after a merge that yields id {prev}; the merge order disagrees with the "
             "vocab ids, which tiktoken uses as merge ranks")
+
+
+# ---- bytes the vocabulary has no token for
+#
+# Some byte-level vocabularies lack a few single bytes (SmolLM2's lacks 21: rare ASCII controls such as 0x04, lead bytes
+# of unassigned planes, bytes UTF-8 never uses). HF's BPE, with no unk_token, drops such a byte after the regex split
+# and before merging: "hello\x04world" -> [hello, world] ("\x04" was a piece of its own), "!\x04!" -> ["!!"] (one
+# piece, merged as if the byte were not there). tiktoken would panic on it, so its Encoding gets each missing byte as
+# a placeholder token that merges with nothing. The split is then the real one and every piece without a missing
+# byte is right; a piece with one is re-encoded without it (_bpe). tiktoken exposes no split, so that piece's extent
+# is found with tiktoken's own regex engine, by two probe encodings (_pieces_holding). Text with no such byte (a
+# cheap check) takes tiktoken's path unchanged.
+
+
+def _bpe(ranks, piece):
+    """tiktoken's (and HF's) byte-pair merge of one piece: merge the adjacent pair whose concatenation has the lowest
+    rank, leftmost first, until none is in the vocab. No whole-piece lookup first: HF's lookup is of the piece with
+    its missing bytes, which is never a token."""
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    while len(parts) > 1:
+        pair_ranks = [ranks.get(a + b, math.inf) for a, b in zip(parts, parts[1:])]
+        i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+        if pair_ranks[i] == math.inf:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return [ranks[p] for p in parts]
+
+
+def _probe(pattern, texts, strings):
+    """Token boundaries (byte offsets, 0 .. len) of each text under the same split regex, with the 256 bytes and
+    these strings as the only tokens."""
+    ranks = {bytes([b]): b for b in range(256)}
+    for s in strings:
+        ranks.setdefault(s, len(ranks))
+    lengths = np.array([len(s) for s in ranks])  # in rank order (dict order)
+    enc = tiktoken.Encoding("probe", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    return [np.concatenate([[0], np.cumsum(lengths[enc.encode_ordinary(t)])]) for t in texts]
+
+
+def _pieces_holding(pattern, texts, datas, positions):
+    """For each text, the (start, end) byte ranges of the regex pieces that hold these byte positions.
+
+    The left probe's tokens are the bytes and data[p-i:p+1] (i = 1..k) for every position p: BPE grows the token
+    holding p leftwards, a byte or a merged neighbour at a time, and never across the start of its piece. A token
+    [a, b) ends at a position (every probe string does), so a neighbour [c, a) in the same piece, with c >= b-1-k,
+    would have merged with it: when the neighbour is that short, a is the piece's start; otherwise k grows. The
+    right probe, data[p:p+1+i], is the mirror image and gives the end."""
+    pieces, todo, k = [None] * len(texts), list(range(len(texts))), 8
+    while todo:
+        grow_left = {datas[t][max(p - i, 0):p + 1] for t in todo for p in positions[t] for i in range(1, k + 1)}
+        grow_right = {datas[t][p:p + 1 + i] for t in todo for p in positions[t] for i in range(1, k + 1)}
+        lefts = _probe(pattern, [texts[t] for t in todo], grow_left)
+        rights = _probe(pattern, [texts[t] for t in todo], grow_right)
+        unsure = []
+        for t, left, right in zip(todo, lefts, rights):
+            ps = positions[t]
+            j = np.searchsorted(left, ps, "right") - 1  # left[j] <= p < left[j + 1]
+            sure = np.all((j == 0) | (left[np.maximum(j - 1, 0)] >= left[j + 1] - 1 - k))
+            starts = left[j]
+            j = np.searchsorted(right, ps, "right") - 1
+            last = len(right) - 1
+            sure &= np.all((j + 1 == last) | (right[np.minimum(j + 2, last)] <= right[j] + 1 + k))
+            pieces[t] = sorted(set(zip(starts.tolist(), right[j + 1].tolist())))
+            if not sure:
+                unsure.append(t)
+        todo, k = unsure, 4 * k  # a long piece: its edges are further than k bytes from a missing byte
+    return pieces
 
 
 # ---- BPE training helpers
@@ -241,26 +316,73 @@ class Tokenizer:
     text as plain text (so data can't inject control tokens); decode(ids) -> text."""
 
     def __init__(self, mergeable_ranks, special_tokens, pattern, *, nfc=False, eos_id=None, bos_id=None,
-                 chat_template=None, merges=None, source=None, name="bpe"):
-        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                 chat_template=None, special_tokens_map=None, stripped_tokens=frozenset(), merges=None, source=None,
+                 name="bpe"):
+        self.missing = bytes(b for b in range(256) if bytes([b]) not in mergeable_ranks)  # bytes HF drops
+        self._n_vocab = max([*mergeable_ranks.values(), *special_tokens.values()], default=-1) + 1
+        placeholders = {bytes([b]): self._n_vocab + k for k, b in enumerate(self.missing)}  # never emitted
+        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks={**mergeable_ranks, **placeholders},
                                      special_tokens=special_tokens)
+        self._lengths = None  # bytes per id, for _drop_missing
         self.mergeable_ranks = mergeable_ranks  # bytes -> id
-        self.special_tokens = special_tokens  # str -> id, e.g. {"<|im_start|>": 151644}, for render_chat
+        self.special_tokens = special_tokens  # str -> id: every added token, e.g. {"<|im_start|>": 151644}
         self.pattern, self.nfc = pattern, nfc
         self.eos_id, self.bos_id = eos_id, bos_id
         self.chat_template = chat_template  # the checkpoint's Jinja chat template, or None
+        self.special_tokens_map = special_tokens_map or {}  # {"eos_token": "<|im_end|>", ...}: the template's variables
+        self.stripped_tokens = stripped_tokens  # added tokens HF matches with lstrip / rstrip / single_word
         self.merges = merges  # [(id_a, id_b), ...] in merge order, for a trained tokenizer
         self.source = source  # the HF directory it was loaded from, whose files save_pretrained copies
 
     @property
     def n_vocab(self):
-        return self.enc.n_vocab
+        return self._n_vocab
 
     def encode(self, text):
-        return self.enc.encode_ordinary(self.normalize(text))
+        text = self.normalize(text)
+        ids = self.enc.encode_ordinary(text)
+        return self._drop_missing([text], [ids])[0] if self.missing and self._has_missing(text) else ids
 
     def encode_batch(self, texts):
-        return self.enc.encode_ordinary_batch([self.normalize(t) for t in texts])  # on tiktoken's thread pool
+        texts = [self.normalize(t) for t in texts]
+        ids = self.enc.encode_ordinary_batch(texts)  # on tiktoken's thread pool
+        redo = [i for i, t in enumerate(texts) if self._has_missing(t)] if self.missing else []
+        for i, fixed in zip(redo, self._drop_missing([texts[i] for i in redo], [ids[i] for i in redo])):
+            ids[i] = fixed
+        return ids
+
+    def _has_missing(self, text):
+        """Whether the text holds a byte the vocab lacks. Scans at C speed; ASCII text can hold only ASCII bytes."""
+        if text.isascii():
+            return any(chr(b) in text for b in self.missing if b < 128)
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, which tiktoken replaces: let _drop_missing see to it
+            return True
+        return len(data.translate(None, self.missing)) < len(data)
+
+    def _drop_missing(self, texts, ids):
+        """HF's ids for texts holding bytes the vocab lacks, from tiktoken's ids with placeholders for those bytes:
+        each regex piece holding one is re-encoded without it (see "bytes the vocabulary has no token for")."""
+        texts = [t.encode("utf-16", "surrogatepass").decode("utf-16", "replace") for t in texts]  # as tiktoken
+        datas = [t.encode("utf-8") for t in texts]
+        lacking = np.zeros(256, dtype=bool)
+        lacking[list(self.missing)] = True
+        positions = [np.flatnonzero(lacking[np.frombuffer(d, dtype=np.uint8)]) for d in datas]
+        if self._lengths is None:  # bytes per id, placeholders (one byte) included
+            self._lengths = np.ones(self._n_vocab + len(self.missing), dtype=np.int64)
+            self._lengths[:self._n_vocab] = self.token_byte_lengths()
+        out = []
+        for data, tokens, pieces in zip(datas, ids, _pieces_holding(self.pattern, texts, datas, positions)):
+            bounds = np.concatenate([[0], np.cumsum(self._lengths[tokens])])
+            fixed, done = [], 0
+            for start, end in pieces:  # a piece's edges are token edges: the placeholders' split is the real one
+                first, stop = np.searchsorted(bounds, [start, end])
+                assert bounds[first] == start and bounds[stop] == end, "probe and tiktoken split the text apart"
+                fixed += tokens[done:first] + _bpe(self.mergeable_ranks, data[start:end].translate(None, self.missing))
+                done = stop
+            out.append(fixed + tokens[done:])
+        return out
 
     def normalize(self, text):
         """NFC, where the tokenizer.json asks for it. ASCII text is already NFC, and str.isascii() is O(1)."""
@@ -297,6 +419,10 @@ class Tokenizer:
     def decode(self, ids):
         return self.enc.decode(ids)  # a cut multi-byte char becomes U+FFFD, as in HF's ByteLevel decoder
 
+    def token_bytes(self, ids):
+        """The bytes of each id (a special token: its text)."""
+        return self.enc.decode_tokens_bytes(ids)
+
     @classmethod
     def from_pretrained(cls, path):
         """An HF tokenizer directory: tokenizer.json, and optionally tokenizer_config.json and generation_config.json
@@ -314,6 +440,8 @@ class Tokenizer:
         nfc = _uses_nfc(spec.get("normalizer"), file)
         pattern = _split_pattern(spec.get("pre_tokenizer"), file)
         added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+        stripped = frozenset(t["content"] for t in spec.get("added_tokens") or []
+                             if t.get("lstrip") or t.get("rstrip") or t.get("single_word"))
         ranks = _mergeable_ranks(model, added, file)
         _check_merges(model, ranks, file)
 
@@ -340,12 +468,18 @@ class Tokenizer:
         template = config.get("chat_template")
         if isinstance(template, list):  # older form: [{"name": "default", "template": ...}, ...]
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if template is None and (path / "chat_template.jinja").is_file():  # where newer transformers save it
+        if (path / "chat_template.jinja").is_file():  # where newer transformers save it; it wins, as there
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        # The template's variables, as transformers reads them: a special_tokens_map.json overrides the config's
+        # tokens when the config has no added_tokens_decoder (its legacy path).
+        named = {**config, **(_read_json(path / "special_tokens_map.json") if "added_tokens_decoder" not in config
+                              else {})}
+        named = {k: v.get("content") if isinstance(v, dict) else v for k, v in named.items() if k in NAMED_TOKENS}
         eos_id, bos_id = token_id("eos"), token_id("bos")
         try:
             return cls(ranks, added, pattern, nfc=nfc, eos_id=eos_id, bos_id=bos_id, chat_template=template,
-                       source=path, name=path.name or "bpe")
+                       special_tokens_map={k: v for k, v in named.items() if isinstance(v, str)},
+                       stripped_tokens=stripped, source=path, name=path.name or "bpe")
         except ValueError as e:  # e.g. a Split regex that tiktoken's engine (fancy-regex) cannot compile
             raise ValueError(f"{file}: pre_tokenizer regex {pattern!r}: tiktoken refused it: {e}") from None
 
@@ -402,9 +536,11 @@ class Tokenizer:
 
         specials = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
         chatml = "<|im_start|>" in specials and "<|im_end|>" in specials
+        eos = special_tokens[0] if specials else None
         return cls({b: i for i, b in enumerate(vocab)}, specials, LLAMA3_PATTERN, nfc=True,
-                   eos_id=specials[special_tokens[0]] if specials else None,
-                   chat_template=CHATML_TEMPLATE if chatml else None, merges=merges)
+                   eos_id=specials.get(eos), chat_template=CHATML_TEMPLATE if chatml else None,
+                   special_tokens_map={"eos_token": eos, "pad_token": eos} if eos else {},  # as save_pretrained writes
+                   merges=merges)
 
     def save_pretrained(self, path, model_max_length=2048):
         """Write tokenizer.json and tokenizer_config.json that transformers.AutoTokenizer and tokenizers load with

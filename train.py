@@ -74,7 +74,10 @@ POSITIVE, COUNT = number(int, 1), number(int, 0)  # >= 1; >= 0
 
 
 def check_lrs(p, args):
-    """The cosine decays from --lr to --min-lr: a floor below zero or above the peak would make no sense."""
+    """The cosine decays from --lr to --min-lr (by default a tenth of it): a floor below zero or above the peak
+    would make no sense."""
+    if args.min_lr is None:
+        args.min_lr = args.lr / 10
     if not 0 <= args.min_lr <= args.lr:
         p.error(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]")
 
@@ -99,7 +102,7 @@ def get_args(argv=None):
     p.add_argument("--max-steps", type=POSITIVE, default=60)
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=3e-4,
                    help="peak LR (real checkpoints: ixi-GEN used 1e-5)")
-    p.add_argument("--min-lr", type=float, default=3e-5, help="the cosine decays to this")
+    p.add_argument("--min-lr", type=float, default=None, help="the cosine decays to this (default: --lr / 10)")
     p.add_argument("--warmup-steps", type=COUNT, default=10, help="linear re-warming (Ibrahim et al. 2024)")
     p.add_argument("--weight-decay", type=number(float, 0), default=0.1)
     p.add_argument("--grad-clip", type=number(float, 0, low_open=True), default=1.0)

@@ -5,6 +5,17 @@ import signal
 import subprocess
 import time
 
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A real checkpoint for the tests that need one: SmolLM2-135M-Instruct as an HF directory (models/ is not in git; CI
+# points REAL_MODEL at its copy). Those tests are skipped without it.
+REAL_MODEL = os.path.join(REPO, os.environ.get("REAL_MODEL", os.path.join("models", "smollm2-135m-instruct")))
+needs_real_model = pytest.mark.skipif(not os.path.isfile(os.path.join(REAL_MODEL, "tokenizer.json")),
+                                      reason=f"no checkpoint at {REAL_MODEL} (set REAL_MODEL to an HF directory of "
+                                             "SmolLM2-135M-Instruct)")
+
 
 def logged_steps(out):
     """The steps with a loss in <out>/metrics.jsonl so far (a half-written last line is skipped)."""

@@ -1,0 +1,140 @@
+"""A real public checkpoint, SmolLM2-135M-Instruct (prepare_real_model.py writes it to models/), through every
+stage, against transformers: fp32 and bf16 logits, greedy decoding, speculative decoding, and one step each of
+DACP, SFT and distillation whose outputs load in transformers with our logits.
+
+The checkpoint comes from REAL_MODEL (default models/smollm2-135m-instruct); without it these tests are skipped
+(`python prepare_real_model.py` makes it; CI does)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import Transformer
+from speculative import generate, speculative_generate
+from tokenizer import Tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL = os.environ.get("REAL_MODEL", os.path.join(REPO, "models", "smollm2-135m-instruct"))
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(REAL, "config.json")),
+                                reason=f"no real checkpoint at {REAL} (run python prepare_real_model.py)")
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": REPO}
+PROMPT = "The 5G core network separates the control plane from the user plane, so that"
+
+
+@pytest.fixture(scope="module")
+def hf():
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(REAL, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return Transformer.from_pretrained(REAL, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return Tokenizer.from_pretrained(REAL).encode(PROMPT)
+
+
+def test_fp32_logits_equal_transformers(hf, ours, ids):
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        theirs, mine = hf(x).logits, ours(x)
+    assert ((mine - theirs).abs().max() / theirs.abs().max()).item() <= 1e-5
+
+
+def test_bf16_logits_equal_transformers_in_bf16(ids):
+    """Both models in bf16 (weights and compute): equal within bf16's rounding of the logits."""
+    import transformers
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(REAL, dtype=torch.bfloat16).eval()
+    ours16 = Transformer.from_pretrained(REAL, dtype=torch.bfloat16).eval()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        theirs, mine = hf16(x).logits.float(), ours16(x).float()
+    scale = theirs.abs().max().item()
+    assert (mine - theirs).abs().max().item() <= 2 ** -7 * scale  # bf16 keeps 8 significant bits
+    assert (mine.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.95
+
+
+def test_greedy_generate_equals_transformers(hf, ours, ids):
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(ids):].tolist()
+    assert generate(ours, ids, 32) == theirs
+
+
+def test_speculative_greedy_equals_greedy(ours, ids):
+    """Any draft gives the target's own greedy output; a draft of the target's first 6 layers is accepted often."""
+    draft = Transformer.from_pretrained(REAL, dtype=torch.float32).eval()
+    del draft.model.layers[6:]
+    draft.config.n_layers = 6
+    new, stats = speculative_generate(ours, draft, ids, 32, gamma=4)
+    assert new == generate(ours, ids, 32)
+    assert stats["target_calls"] < 32
+
+
+# -----------------------------------------------------------------------------
+# One step of each training stage from the real checkpoint
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """A small slice of the sample telco and general corpora and the telco SFT curriculum."""
+    root = tmp_path_factory.mktemp("real") / "data"
+    for domain, splits in (("telco", ("train", "val")), ("general", ("train", "val"))):
+        for split in splits:
+            src = os.path.join(REPO, "data", domain, split)
+            os.makedirs(root / domain / split)
+            for name in sorted(os.listdir(src))[:3]:
+                (root / domain / split / name).write_bytes(open(os.path.join(src, name), "rb").read())
+    os.makedirs(root / "telco" / "sft")
+    rows = [json.loads(line) for line in open(os.path.join(REPO, "data", "telco", "sft", "2_telco.jsonl"))][:4]
+    (root / "telco" / "sft" / "1_telco.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def assert_loads_in_transformers_with_our_logits(out):
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours = Transformer.from_pretrained(out, dtype=torch.float32).eval()
+    x = torch.tensor([Tokenizer.from_pretrained(out).encode(PROMPT)])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-5, atol=1e-4)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == transformers.AutoTokenizer.from_pretrained(REAL).chat_template
+    assert os.path.isfile(os.path.join(out, "generation_config.json"))
+
+
+def run(script, *args):
+    p = subprocess.run([sys.executable, script, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout + p.stderr
+
+
+def test_one_dacp_step(data_root, tmp_path):
+    out = tmp_path / "dacp"
+    printed = run("train.py", "--domain", "telco", "--init-from", REAL, "--data-root", str(data_root), "--out",
+                  str(out), "--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "64",
+                  "--eval-windows", "2", "--save-every", "0", "--lr", "1e-5")
+    assert "documents framed by '<|endoftext|>'" in printed  # not the Instruct checkpoint's <|im_end|>
+    assert_loads_in_transformers_with_our_logits(out)
+
+
+def test_one_sft_step(data_root, tmp_path):
+    out = tmp_path / "sft"
+    run("sft.py", "--init-from", REAL, "--domain", "telco", "--data-root", str(data_root), "--out", str(out),
+        "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "128", "--save-every", "0")
+    assert_loads_in_transformers_with_our_logits(out)
+
+
+def test_one_distillation_step(data_root, tmp_path):
+    out = tmp_path / "draft"
+    run("distill.py", "--teacher", REAL, "--student", "tiny", "--domain", "telco", "--data-root", str(data_root),
+        "--out", str(out), "--data", "text", "--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2",
+        "--seq-len", "64", "--accept-prompts", "1", "--gen-tokens", "8", "--eval-every", "0", "--save-every", "0")
+    assert_loads_in_transformers_with_our_logits(out)
