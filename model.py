@@ -457,6 +457,9 @@ class Transformer(nn.Module):
         model.safetensors.index.json. dtype: a torch dtype or name; None keeps the stored dtype. Tensors are read
         straight to `device` and assigned into a model built on the meta device: memory for one copy, not two."""
         config_path = os.path.join(path, "config.json")
+        if str(path).endswith(".gguf"):
+            raise ValueError(f"{path}: a GGUF file, not an HF directory; de-quantise it into one first "
+                             "(transformers' from_pretrained(folder, gguf_file=...), as prepare_real_model.py does)")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{config_path} not found: expected an HF model directory")
         config = read_config(config_path)

@@ -673,6 +673,8 @@ def load_init(args, device):
                                                                     args.seq_len),
                              tokenizer.bos_id, tokenizer.eos_id, args.seed)
         return model.to(device), tokenizer
+    if args.init_from.endswith(".gguf"):
+        Transformer.from_pretrained(args.init_from)  # (its error says how to convert one)
     if not os.path.isdir(args.init_from):
         raise SystemExit(f"--init-from {args.init_from}: not a directory nor a preset ({', '.join(PRESETS)})")
     tokenizer = Tokenizer.from_pretrained(args.init_from)

@@ -389,3 +389,15 @@ def test_exports_have_the_users_file_mode(tiny_run, tmp_path):
     modes = {f: oct((out / f).stat().st_mode & 0o777) for f in ("model.safetensors", "config.json",
                                                                "tokenizer.json", "tokenizer_config.json")}
     assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def test_a_gguf_file_or_a_folder_without_tokenizer_files_is_named(tiny_run, tmp_path):
+    (tmp_path / "model.Q4_1.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    p = run_train(train_cmd(tiny_run, tmp_path / "o1", "--init-from", str(tmp_path / "model.Q4_1.gguf")), ok=False)
+    assert_user_error(p, r"model\.Q4_1\.gguf: a GGUF file, not an HF directory; de-quantise it")
+    bare = tmp_path / "weights-only"
+    shutil.copytree(tiny_run / "init", bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+    p = run_train(train_cmd(tiny_run, tmp_path / "o2", "--init-from", str(bare)), ok=False)
+    assert_user_error(p, r"weights-only/tokenizer\.json: not found")
