@@ -138,3 +138,19 @@ def test_one_distillation_step(data_root, tmp_path):
         "--out", str(out), "--data", "text", "--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2",
         "--seq-len", "64", "--accept-prompts", "1", "--gen-tokens", "8", "--eval-every", "0", "--save-every", "0")
     assert_loads_in_transformers_with_our_logits(out)
+
+
+def test_evaluation_and_speculative_cli(data_root, tmp_path):
+    """eval.py scores the real checkpoint (bpb, multiple choice, QA: a chat model, so its own template) and
+    speculative.py decodes with it: the remaining stages, end to end."""
+    os.makedirs(data_root / "telco" / "eval", exist_ok=True)
+    for name in ("mcq", "qa"):
+        rows = open(os.path.join(REPO, "data", "telco", "eval", f"{name}.jsonl")).readlines()[:3]
+        (data_root / "telco" / "eval" / f"{name}.jsonl").write_text("".join(rows))
+    run("eval.py", REAL, "--domain", "telco", "--data-root", str(data_root), "--max-new-tokens", "8",
+        "--out", str(tmp_path / "report"))
+    metrics = json.load(open(tmp_path / "report.json"))["metrics"][REAL]
+    assert 0.5 < metrics["bpb/telco"] < 3 and 0 <= metrics["mcq_acc_norm/telco"] <= 1 and "rouge1/telco" in metrics
+    printed = run("speculative.py", "--target", REAL, "--prompt", "What is the capital of France?",
+                  "--max-new-tokens", "12")
+    assert "Paris" in printed
