@@ -277,10 +277,10 @@ def save_checkpoint(model, optimizer, out, step, keep):
     dcp.save(state, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True))
     write_atomic(os.path.join(tmp, f"trainer-{dist.get_rank()}.json"), json.dumps(
         {"step": step, "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}))
-    for name in os.listdir(tmp):  # the shards reach the disk before the checkpoint is renamed
-        fsync(os.path.join(tmp, name))
-    dist.barrier()
+    dist.barrier()  # every process's files are complete: now no one writes in tmp while rank 0 lists it
     if dist.get_rank() == 0:
+        for name in os.listdir(tmp):  # the shards reach the disk before the checkpoint is renamed
+            fsync(os.path.join(tmp, name))
         fsync(tmp)
         os.replace(tmp, path)
         fsync(os.path.dirname(path))
