@@ -347,7 +347,8 @@ def end_of_turn_id(tokenizer):
     """The token the chat template writes after an assistant message (<|im_end|>, <|eot_id|>, </s>): a chat model's
     stop token. None when the tokenizer has no template (or it renders no such token)."""
     try:
-        ids, mask = render_chat(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+        ids, mask = render_chat(tokenizer, [{"role": "user", "content": "Hi"},
+                                            {"role": "assistant", "content": "Hello"}])
     except ValueError:
         return None
     last = max((i for i, m in enumerate(mask) if m), default=None)  # the end of the answer's span

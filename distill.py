@@ -29,8 +29,8 @@ from model import PRESETS, Transformer
 from speculative import (check_same_tokenizer, cost_ratio, cut_at_eos, generate, is_chat_model, pooled_stats,
                          predicted_speedup, speculative_generate, stop_id)
 from tokenizer import Tokenizer
-from train import (COUNT, POSITIVE, Schedule, Step, batch_flops, check_batch_sizes, check_lrs, checkpoint_dirs,
-                   compute_dtype, cosine_lr, export_hf, gather, launch, log, make_optimizer, micro_batches_of, number,
+from train import (COUNT, POSITIVE, Step, batch_flops, check_batch_sizes, check_lrs, checkpoint_dirs, compute_dtype,
+                   cosine_schedule, export_hf, gather, launch, log, make_optimizer, micro_batches_of, number,
                    prepare_out, preset_model, rank_share, resume, setup_distributed, shard_model, tokenize_once,
                    train_loop)
 
@@ -355,12 +355,8 @@ def run(args):
         log(f"distilling {args.teacher} ({teacher.config.num_params() / 1e6:.1f}M) into a "
             f"{student.config.num_params() / 1e6:.1f}M student ({args.student}): {args.loss} loss on "
             f"{args.data} data, {args.max_steps} steps of {args.batch_size} sequences")
-    schedule = Schedule(args.max_steps, lambda step: cosine_lr(step, args.lr, args.min_lr, args.warmup_steps,
-                                                               args.max_steps),
-                        args.grad_clip, args.eval_every, save_every=args.save_every,
-                        keep_checkpoints=args.keep_checkpoints)
-    train_loop(model, optimizer, get_step, loss_fn, schedule, out, start_step=start_step, evaluate_fn=evaluate_fn,
-               device=device)
+    train_loop(model, optimizer, get_step, loss_fn, cosine_schedule(args), out, start_step=start_step,
+               evaluate_fn=evaluate_fn, device=device)
     export_hf(model, student.config, tokenizer, out, torch.float32)
     if rank == 0:
         draft = Transformer.from_pretrained(out, device=device).eval()

@@ -2,12 +2,26 @@
 token caches, checkpoints' run state, reports) is written to a unique temporary name, fsynced, and renamed into
 place, then the directory is fsynced too. A reader sees the old file or the new one, never a half-written one; two
 writers never truncate each other's temporary file; and after a power loss a renamed file is not left empty. A run
-holds a lock on its output directory for as long as it lives (lock_dir)."""
+holds a lock on its output directory for as long as it lives (lock_dir). JSON is read back through read_json, whose
+errors name the file."""
 import atexit
 import fcntl
+import json
 import os
 import socket
 import tempfile
+
+
+def read_json(path, missing=None):
+    """A JSON file's contents, or `missing` when there is no such file; a file that is not UTF-8 JSON is an error
+    naming it."""
+    if not os.path.isfile(path):
+        return missing
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def fsync(path):

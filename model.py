@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from files import commit, fsync, temporary_name
+from files import commit, fsync, read_json, temporary_name
 
 # HF model_type -> the architecture name transformers instantiates for it
 ARCHITECTURES = {
@@ -546,11 +546,7 @@ class Transformer(nn.Module):
 
 def read_config(path):
     """ModelConfig from an HF config.json; a file that is not JSON, or lacks a field, is an error naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    hf = read_json(path)
     if not isinstance(hf, dict):
         raise ValueError(f"{path}: expected a JSON object")
     try:

@@ -2,8 +2,9 @@
 
 A checkpoint's tokenizer.json (byte-level BPE in the GPT-2, Llama-3, Qwen2 or SmolLM2 style) becomes a tiktoken
 Encoding that gives the same ids as HF tokenizers, also for vocabularies that lack some single bytes (HF drops those
-bytes); anything tiktoken cannot reproduce exactly is refused, with an error naming the file and the field. Tokenizer.train is a small byte-level BPE trainer for from-scratch models, and
-save_pretrained writes files that transformers loads with the same ids.
+bytes); anything tiktoken cannot reproduce exactly is refused, with an error naming the file and the field.
+Tokenizer.train is a small byte-level BPE trainer for from-scratch models, and save_pretrained writes files that
+transformers loads with the same ids.
 
     tokenizer = Tokenizer.from_pretrained("path/to/Qwen2.5-0.5B")     # tokenizer.json (+ tokenizer_config.json)
     ids = tokenizer.encode("Hello world")                             # no BOS/EOS added
@@ -23,7 +24,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from files import write_atomic
+from files import read_json, write_atomic
 
 # -----------------------------------------------------------------------------
 # Split patterns, byte alphabet
@@ -84,15 +85,6 @@ def bytes_to_token(b):
 
 
 # ---- reading tokenizer.json: everything tiktoken cannot reproduce exactly is refused
-
-
-def _read_json(file):
-    if not file.is_file():
-        return {}
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
 
 
 def _check_bpe_model(model, file):
@@ -432,7 +424,7 @@ class Tokenizer:
         if not file.is_file():
             raise FileNotFoundError(f"{file}: not found; Tokenizer.from_pretrained needs an HF tokenizer directory "
                                     "with a tokenizer.json holding a byte-level BPE")
-        spec = _read_json(file)
+        spec = read_json(file, {})
         model = spec.get("model")
         if not isinstance(model, dict):
             raise ValueError(f"{file}: no 'model' object")
@@ -446,7 +438,7 @@ class Tokenizer:
         _check_merges(model, ranks, file)
 
         config_file, gen_file = path / "tokenizer_config.json", path / "generation_config.json"
-        config, gen = _read_json(config_file), _read_json(gen_file)
+        config, gen = read_json(config_file, {}), read_json(gen_file, {})
 
         def token_id(key):
             """tokenizer_config.json's eos_token / bos_token (a string or {"content": ...}), else
@@ -472,8 +464,8 @@ class Tokenizer:
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         # The template's variables, as transformers reads them: a special_tokens_map.json overrides the config's
         # tokens when the config has no added_tokens_decoder (its legacy path).
-        named = {**config, **(_read_json(path / "special_tokens_map.json") if "added_tokens_decoder" not in config
-                              else {})}
+        legacy = read_json(path / "special_tokens_map.json", {}) if "added_tokens_decoder" not in config else {}
+        named = {**config, **legacy}
         named = {k: v.get("content") if isinstance(v, dict) else v for k, v in named.items() if k in NAMED_TOKENS}
         eos_id, bos_id = token_id("eos"), token_id("bos")
         try:

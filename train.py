@@ -35,7 +35,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from data import ReplayMixture, corpus_files, find_domains, read_documents, tokenize_corpus
-from files import fsync, lock_dir, write_atomic
+from files import fsync, lock_dir, read_json, write_atomic
 from model import PRESETS, ModelConfig, Transformer, to_dtype
 from tokenizer import Tokenizer
 
@@ -265,9 +265,9 @@ def checkpoint_state(model, optimizer):
 
 
 def save_checkpoint(model, optimizer, out, step, keep):
-    """Each process writes its shards into step_N.tmp and fsyncs them; once all are written, rank 0 renames it to
-    step_N, so a SIGKILL or a power loss at any moment leaves the previous checkpoint intact. Older checkpoints
-    beyond `keep` are pruned (0 keeps all)."""
+    """Each process writes its shards into step_N.tmp; once all are written, rank 0 fsyncs them and renames the
+    folder to step_N, so a SIGKILL or a power loss at any moment leaves the previous checkpoint intact. Older
+    checkpoints beyond `keep` are pruned (0 keeps all)."""
     path = os.path.join(out, "checkpoints", f"step_{step:06d}")
     tmp = path + ".tmp"
     if dist.get_rank() == 0:
@@ -311,7 +311,7 @@ def load_checkpoint(model, optimizer, path):
         dcp.load(state, storage_reader=HuggingFaceStorageReader(path))
     except Exception as e:  # a checkpoint from an older version, or damaged files
         raise ValueError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
-    model_state = {k: state[f"model.{k}"] for k in get_model_state_dict(model) if f"model.{k}" in state}
+    model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     if model.config.tie_embeddings:
         model_state["lm_head.weight"] = model_state["model.embed_tokens.weight"]
     for fqn, tensors in optim["state"].items():
@@ -322,8 +322,7 @@ def load_checkpoint(model, optimizer, path):
     mine = os.path.join(path, f"trainer-{dist.get_rank()}.json")
     if not os.path.exists(mine):  # resumed with more processes than saved: they start from rank 0's RNG
         mine = os.path.join(path, "trainer-0.json")
-    with open(mine) as f:
-        trainer = json.load(f)
+    trainer = read_json(mine)
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(trainer["rng"])), dtype=torch.uint8))
     return trainer["step"]
 
@@ -344,14 +343,7 @@ def export_hf(model, config, tokenizer, out, dtype):
 def write_generation_config(out, config, source):
     """The source checkpoint's generation defaults (sampling settings and all), with this model's bos and eos ids
     (SFT adds the end-of-turn token to them)."""
-    path = os.path.join(source, "generation_config.json") if source else None
-    generation = {}
-    if path and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            try:
-                generation = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+    generation = read_json(os.path.join(source, "generation_config.json"), {}) if source else {}
     for key in ("bos_token_id", "eos_token_id"):
         if getattr(config, key) is not None:
             generation[key] = getattr(config, key)
@@ -378,9 +370,10 @@ def retention(before, after, lower_is_better):
 @torch.no_grad()
 def val_loss_and_bpb(model, val, seq_len, micro_batch_size, token_bytes, device, max_windows):
     """{"val/<name>": mean loss per token, "bpb/<name>": bits per byte} on each val stream's first max_windows
-    windows of seq_len (a stream shorter than that: one window of all of it, never zero). Special tokens (zero bytes) are left out of bpb's nats and bytes alike. Windows are split across
-    processes (rank_share); every process runs the same number of forward passes (FSDP needs all of them in each
-    collective), padding with weight-0 rows. Also runs without a process group (eval.py)."""
+    windows of seq_len (a stream shorter than that: one window of all of it, never zero). Special tokens (zero
+    bytes) are left out of bpb's nats and bytes alike. Windows are split across processes (rank_share); every
+    process runs the same number of forward passes (FSDP needs all of them in each collective), padding with
+    weight-0 rows. Also runs without a process group (eval.py)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     token_bytes = torch.as_tensor(token_bytes, device=device)
     results = {}
@@ -441,6 +434,15 @@ class Schedule:
     def evaluates_after(self, step):
         return step == self.max_steps or step in self.eval_steps or bool(self.eval_every and
                                                                           step % self.eval_every == 0)
+
+
+def cosine_schedule(args):
+    """The Schedule of a run with train.py's flags: --lr warmed up over --warmup-steps and decayed to --min-lr at
+    --max-steps, with its clip, eval and save cadence (train.py and distill.py; sft.py has one per stage)."""
+    return Schedule(args.max_steps, lambda step: cosine_lr(step, args.lr, args.min_lr, args.warmup_steps,
+                                                           args.max_steps),
+                    args.grad_clip, args.eval_every, save_every=args.save_every,
+                    keep_checkpoints=args.keep_checkpoints)
 
 
 def batch_flops(config, rows, width):
@@ -558,12 +560,13 @@ def truncate_metrics(path, step):
 
 
 def on_rank0(fn):
-    """fn() on rank 0 while the other processes wait. A user error there stops every process with rank 0's
-    message, instead of leaving the others waiting forever at their next collective."""
-    error = None
+    """fn() on rank 0 while the other processes wait; returns its result on rank 0 (None elsewhere). A user error
+    there stops every process with rank 0's message, instead of leaving the others waiting forever at their next
+    collective."""
+    error = result = None
     if dist.get_rank() == 0:
         try:
-            fn()
+            result = fn()
         except SystemExit as e:
             error = str(e.code)
         except (ValueError, FileNotFoundError) as e:
@@ -572,14 +575,16 @@ def on_rank0(fn):
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         raise SystemExit(box[0] if dist.get_rank() == 0 else 1)
+    return result
 
 
 def tokenize_once(tokenizer, data_root, domain, split):
     """The token stream of data/<domain>/<split>: rank 0 tokenises it (or finds it cached) while the others wait,
     then every process reads the cache. (Two separate runs tokenising one corpus at once are safe too: each
     writes its own temporary file and renames it into place.)"""
-    on_rank0(lambda: tokenize_corpus(tokenizer, data_root, domain, split))
-    tokens = tokenize_corpus(tokenizer, data_root, domain, split)
+    tokens = on_rank0(lambda: tokenize_corpus(tokenizer, data_root, domain, split))
+    if tokens is None:  # the other processes, once rank 0 has written the cache
+        tokens = tokenize_corpus(tokenizer, data_root, domain, split)
     bos, eos = tokenizer.document_ids()
     framing = " ".join(repr(tokenizer.decode([i])) for i in (bos, eos) if i is not None)
     log(f"{os.path.join(data_root, domain, split)}/: {len(corpus_files(data_root, domain, split))} files, "
@@ -617,11 +622,7 @@ def prepare_out(out, args, inputs):
         if not args.resume:
             write_atomic(settings_file, json.dumps(settings, indent=1) + "\n")
         elif os.path.exists(settings_file):
-            with open(settings_file) as f:
-                try:
-                    saved = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{settings_file}: not valid JSON ({e.msg})") from None
+            saved = read_json(settings_file)
             changed = [k for k in dict.fromkeys([*saved, *settings])
                        if k not in FREE_ON_RESUME and saved.get(k) != settings.get(k)]
             if changed:
@@ -746,11 +747,7 @@ def run(args):
         log(f"training {config.num_params() / 1e6:.1f}M parameters from {args.init_from}; {world} process(es) on "
             f"{device.type}; data/{args.domain}{replay}; {args.max_steps} steps of {args.batch_size} x "
             f"{args.seq_len} tokens")
-    schedule = Schedule(args.max_steps, lambda step: cosine_lr(step, args.lr, args.min_lr, args.warmup_steps,
-                                                               args.max_steps),
-                        args.grad_clip, args.eval_every, save_every=args.save_every,
-                        keep_checkpoints=args.keep_checkpoints)
-    final = train_loop(model, optimizer, get_step, causal_lm_loss, schedule, out, start_step=start_step,
+    final = train_loop(model, optimizer, get_step, causal_lm_loss, cosine_schedule(args), out, start_step=start_step,
                        evaluate_fn=evaluate_fn, device=device)
     before = first_eval(out)
     export_hf(model, config, tokenizer, out, export_dtype)

@@ -132,8 +132,8 @@ def test_resume_refuses_changed_settings_and_allows_cadence(tiny_run, tmp_path):
     run_train(train_cmd(tiny_run, out, "--max-steps", "6"))
     done = losses(out)[0]
     for flags, name in [(["--replay-ratio", "0.25"], "--replay-ratio"), (["--seq-len", "16"], "--seq-len"),
-                        (["--lr", "1e-3"], "--lr"), (["--seed", "7"], "--seed"), (["--batch-size", "8"], "--batch-size"),
-                        (["--domain", "general"], "--domain")]:
+                        (["--lr", "1e-3"], "--lr"), (["--seed", "7"], "--seed"),
+                        (["--batch-size", "8"], "--batch-size"), (["--domain", "general"], "--domain")]:
         p = run_train(train_cmd(tiny_run, out, "--max-steps", "6", *flags, "--resume"), ok=False)
         assert_user_error(p, rf"started with other settings: .*{name} ")
         assert losses(out)[0] == done  # nothing redone, nothing lost
