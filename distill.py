@@ -22,17 +22,20 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.distributed.fsdp import fully_shard
 
 from data import IGNORE, WindowSampler, pad_rows, read_conversations, render_chat, sft_files, sft_row
-from model import PRESETS, Transformer
+from model import PRESETS, Transformer, read_checkpoint
 from speculative import (check_same_tokenizer, cost_ratio, cut_at_eos, generate, is_chat_model, pooled_stats,
                          predicted_speedup, speculative_generate, stop_id)
 from tokenizer import Tokenizer
 from train import (COUNT, POSITIVE, Step, batch_flops, check_batch_sizes, check_lrs, checkpoint_dirs, compute_dtype,
-                   cosine_schedule, export_hf, gather, launch, log, make_optimizer, micro_batches_of, number,
-                   prepare_out, preset_model, rank_share, resume, setup_distributed, shard_model, tokenize_once,
-                   train_loop)
+                   cosine_schedule, export_hf, gather, launch, log, make_optimizer, micro_batches_of,
+                   number, owned_rows, prepare_out, preset_model, rank_share, resume, setup_distributed, shard_model,
+                   tokenize_once, train_loop)
 
 LOSSES = ("fkl", "rkl", "jsd", "tvd")
 
@@ -112,6 +115,97 @@ def get_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # Teacher and student
+#
+# The teacher only runs forward, and under torchrun it is sharded over the processes like the student, so that its
+# memory per process is divided by their number: FSDP2 on each block, gathered just before the block runs and freed
+# after it; the embedding and the output layer (the largest tensors: vocabulary x dim) are split by vocabulary rows
+# and never gathered (Megatron-LM's vocabulary parallelism). Since each process has its own tokens (data
+# parallelism), each of those layers first gathers every process's rows, works on its slice of the vocabulary for
+# all of them, and sends each process the results for its own rows back.
+
+
+# (torch 2.13 renamed these two; the old names still work there, with a warning)
+all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
+def gather_rows(x):
+    """Every process's x [n, ...] (n may differ), padded to the longest: ([world, n_max, ...], this process's n)."""
+    n = torch.tensor([len(x)], device=x.device)
+    sizes = torch.empty(dist.get_world_size(), dtype=n.dtype, device=x.device)
+    all_gather_single(sizes, n)
+    longest = int(sizes.max())
+    out = torch.empty(dist.get_world_size(), longest, *x.shape[1:], dtype=x.dtype, device=x.device)
+    all_gather_single(out, F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - len(x)))[None])
+    return out, len(x)
+
+
+class VocabShardedEmbedding(nn.Module):
+    """Rows [first_row, first_row + n) of an embedding table: this process looks up the tokens in its rows, for
+    every process's tokens (zeros for the others), and each process receives the sum over the slices of its own
+    tokens' lookups: every token's row."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, idx):
+        if dist.get_world_size() == 1:
+            return F.embedding(idx, self.weight)
+        ids, n = gather_rows(idx.flatten())
+        local = ids - self.weight.first_row
+        mine = (local >= 0) & (local < len(self.weight))
+        x = F.embedding(local.clamp(0, max(len(self.weight) - 1, 0)), self.weight) * mine[..., None]
+        out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+        reduce_scatter_single(out, x.flatten(0, 1))
+        return out[:n].view(*idx.shape, -1)
+
+
+class VocabShardedHead(nn.Module):
+    """The output layer's rows for this process's slice of the vocabulary: the logits of the slice for every
+    process's hidden states, exchanged (all-to-all) so that each process gets its own rows' logits over the whole
+    vocabulary."""
+
+    def __init__(self, weight, vocab_size):
+        super().__init__()
+        self.weight, self.vocab_size = weight, vocab_size
+
+    def forward(self, h):
+        world = dist.get_world_size()
+        if world == 1:
+            return F.linear(h, self.weight)
+        hidden, n = gather_rows(h.reshape(-1, h.shape[-1]))
+        width = -(-self.vocab_size // world)  # every slice padded to the same width, as all_to_all needs
+        local = F.pad(F.linear(hidden, self.weight), (0, width - len(self.weight)))  # [world, n_max, width]
+        parts = torch.empty_like(local)
+        dist.all_to_all_single(parts, local)  # parts[r]: slice r's logits of this process's rows
+        logits = parts.permute(1, 0, 2).flatten(1)[:n, :self.vocab_size]
+        return logits.view(*h.shape[:-1], self.vocab_size)
+
+
+def load_teacher(path, device, dtype):
+    """The teacher in dtype, for inference, sharded as described above; each process reads only its own part of
+    the checkpoint (train.load_sharded's way: built on the meta device, sharded, then filled slice by slice)."""
+    config, _ = read_checkpoint(path)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    with torch.device("meta"):
+        teacher = Transformer(config).to(dtype)
+        rows = -(-config.vocab_size // world)  # torch.chunk's split, as FSDP2's
+        first = min(rank * rows, config.vocab_size)
+        shard = [nn.Parameter(torch.empty(min(rows, config.vocab_size - first), config.dim, dtype=dtype),
+                              requires_grad=False) for _ in range(1 if config.tie_embeddings else 2)]
+    teacher.model.embed_tokens = VocabShardedEmbedding(shard[0])
+    teacher.lm_head = VocabShardedHead(shard[-1], config.vocab_size)
+    for block in teacher.model.layers:
+        fully_shard(block, reshard_after_forward=True)
+    fully_shard(teacher, reshard_after_forward=True, ignored_params=set(shard))  # (the final norm)
+    teacher.to_empty(device=device)  # (new tensors: tie them again, and say where their rows start)
+    if config.tie_embeddings:
+        teacher.lm_head.weight = teacher.model.embed_tokens.weight
+    for p in (teacher.model.embed_tokens.weight, teacher.lm_head.weight):
+        p.first_row = first
+    teacher.load_rows(path, owned_rows)
+    return teacher.eval().requires_grad_(False)
 
 
 def load_student(args, teacher, tokenizer, device):
@@ -170,16 +264,19 @@ def seed_of(*key):
 @torch.no_grad()
 def sample_rows(model, prompts, seeds, args, eos_id, dtype):
     """(prompt + sampled continuation, labels on the continuation) per prompt, each drawn under its own seed.
-    Fixed-length generation, cut at eos afterwards: every process then runs the same number of forward passes, as
-    FSDP's collectives need."""
+    Fixed-length generation, cut at eos afterwards: every process runs the same number of forward passes, as
+    FSDP's collectives need (a process with fewer prompts than the others samples its last one again, or the
+    first of the list, and drops those rows)."""
     model.setup_cache(1, model.config.max_seq_len, dtype=dtype)
+    n = len(prompts)
+    most = max(gather([n]))
     rows = []
-    for prompt, seed in zip(prompts, seeds):
+    for prompt, seed in zip(prompts + [(prompts or [[0]])[-1]] * (most - n), seeds + [0] * (most - n)):
         prompt = prompt[-(args.seq_len - args.gen_tokens):]
         with seeded(seed):
             new = generate(model, prompt, args.gen_tokens, temperature=args.gen_temperature)
         rows.append(continuation_row(prompt, cut_at_eos(new, eos_id)))
-    return rows
+    return rows[:n]
 
 
 def continuation_row(prompt, new):
@@ -278,6 +375,26 @@ def acceptance_line(when, r, gamma):
             f"greedy, {r['predicted_speedup_T=1']:.2f}x at T=1")
 
 
+def distilled(student, teacher, batch, kind, temperature=1.0, alpha=0.0):
+    """The distillation loss summed over the positions of a [B, 2, T] (ids, labels) batch that have a label, plus
+    alpha x the cross-entropy on the labels. A chunk of positions at a time: the teacher's final hidden states go
+    through its head chunk by chunk beside the student's (model.ChunkedLoss), so neither model's logits of the
+    whole batch exist at once."""
+    x, labels = batch[:, 0], batch[:, 1]
+    with torch.no_grad():
+        teacher_hidden = teacher(x, return_hidden=True).flatten(0, 1)
+    y = labels.flatten()
+
+    def chunk_loss(logits, rows):
+        with torch.no_grad():
+            teacher_logits = teacher.lm_head(teacher_hidden[rows])
+        loss = distillation_loss(logits, teacher_logits, None, kind, temperature) * len(rows)
+        if alpha:
+            loss = (1 - alpha) * loss + alpha * F.cross_entropy(logits.float(), y[rows], reduction="sum")
+        return loss
+    return student(x, loss_fn=chunk_loss, mask=labels != IGNORE)
+
+
 # -----------------------------------------------------------------------------
 # The run
 
@@ -290,14 +407,14 @@ def run(args):
         raise SystemExit(f"--teacher {args.teacher}: not an HF model directory")
     dtype = compute_dtype(args.dtype, device)
     tokenizer = Tokenizer.from_pretrained(args.teacher)
-    teacher = Transformer.from_pretrained(args.teacher, device=device, dtype=dtype).eval().requires_grad_(False)
+    teacher = load_teacher(args.teacher, device, dtype)
     student = load_student(args, teacher, tokenizer, device)
     if args.seq_len > min(teacher.config.max_seq_len, student.config.max_seq_len):
         raise SystemExit(f"--seq-len {args.seq_len} exceeds a model's context")
     prepare_out(out, args, {"teacher": args.teacher, "student": args.student})
     fresh = not checkpoint_dirs(out)
     held_out = domain_prompts(tokenizer, teacher, args, "val")[:args.accept_prompts]
-    if rank == 0 and fresh:
+    if fresh:  # (on every process: the sharded teacher's forward passes are collectives)
         before = acceptance(teacher, student, tokenizer, held_out, args)
         log(acceptance_line("before distillation", before, args.gamma))
     eos = stop_id(teacher, tokenizer)
@@ -324,17 +441,7 @@ def run(args):
 
     def loss_fn(model, batch):
         """Summed over the distilled tokens (train_loop divides by their global count)."""
-        x, labels = batch[:, 0], batch[:, 1]
-        mask = labels != IGNORE
-        with torch.no_grad():
-            teacher_logits = teacher(x)
-        logits = model(x)
-        loss = distillation_loss(logits, teacher_logits, mask, args.loss, args.temperature) * mask.sum()
-        if args.alpha:
-            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                 reduction="sum")
-            loss = (1 - args.alpha) * loss + args.alpha * ce
-        return loss
+        return distilled(model, teacher, batch, args.loss, args.temperature, args.alpha)
 
     val_rows = None
 
@@ -346,8 +453,7 @@ def run(args):
             val_rows = [continuation_row(p, generate(teacher, p, args.gen_tokens)) for p in held_out]
         batch = torch.from_numpy(pad_rows(val_rows, pad_id)).to(device)
         with torch.no_grad():
-            x, mask = batch[:, 0], batch[:, 1] != IGNORE
-            tvd = distillation_loss(model(x), teacher(x), mask, "tvd").item()
+            tvd = distilled(model, teacher, batch, "tvd").item() / int((batch[:, 1] != IGNORE).sum())
         return {f"tvd/{args.domain}": tvd}
 
     start_step = resume(model, optimizer, out) if args.resume else 0
@@ -358,10 +464,9 @@ def run(args):
     train_loop(model, optimizer, get_step, loss_fn, cosine_schedule(args), out, start_step=start_step,
                evaluate_fn=evaluate_fn, device=device)
     export_hf(model, student.config, tokenizer, out, torch.float32)
-    if rank == 0:
-        draft = Transformer.from_pretrained(out, device=device).eval()
-        after = acceptance(teacher, draft, tokenizer, held_out, args)
-        log(acceptance_line("after distillation", after, args.gamma))
+    draft = Transformer.from_pretrained(out, device=device).eval()
+    after = acceptance(teacher, draft, tokenizer, held_out, args)
+    log(acceptance_line("after distillation", after, args.gamma))
     return out
 
 

@@ -17,13 +17,13 @@ permutation, because RoPE here uses HF's rotate-half layout.
 import json
 import math
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from files import commit, fsync, read_json, temporary_name
@@ -361,6 +361,46 @@ class Block(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# The training loss without the whole batch's logits
+
+# Logits of one chunk of the loss: 2^25 fp32 values are 128 MB (about 220 positions of Qwen2.5's 151,936 tokens),
+# against 5 GB for a 4 x 2048 micro-batch at once.
+LOGITS_PER_CHUNK = 2**25
+
+
+class ChunkedLoss(torch.autograd.Function):
+    """sum over chunks of loss_fn(h[rows] @ W^T, rows): the loss of the head's logits, one chunk of rows at a time.
+
+    The logits are the largest tensor of a training step (micro-batch x seq-len x vocab, in fp32 for the loss), and
+    autograd would keep all of them for backward. Here each chunk's gradient with respect to its logits is taken
+    as soon as its loss is, and turned at once into the gradients of h and W (the chain rule through logits = h W^T:
+    dh = g W, dW = g^T h), as Liger-Kernel's fused linear cross-entropy does. Backward only scales them by the
+    incoming gradient: only one chunk of logits ever exists, and none is recomputed."""
+
+    @staticmethod
+    def forward(ctx, h, weight, loss_fn, chunks):
+        grad_h = torch.zeros_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # summed over chunks in fp32
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for rows in chunks:
+            hc = h[rows]
+            with torch.enable_grad():
+                logits = F.linear(hc, weight).requires_grad_()
+                loss = loss_fn(logits, rows)
+            g, = torch.autograd.grad(loss, logits)
+            grad_h[rows] = g @ weight
+            grad_w.addmm_(g.T.float(), hc.float())
+            total += loss.detach()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_total, grad_w * grad_total, None, None
+
+
+# -----------------------------------------------------------------------------
 # The model
 
 
@@ -381,6 +421,8 @@ class Transformer(nn.Module):
         self.max_batch_size, self.max_seq_len = 0, 0
         # Masks for cached decoding, [max_seq_len, max_seq_len], made by setup_cache; one per distinct window.
         self.cache_masks = {}
+        # Positions per chunk of the training loss: at most LOGITS_PER_CHUNK logits exist at once.
+        self.loss_chunk_rows = max(1, LOGITS_PER_CHUNK // config.vocab_size)
 
     def init_weights(self, std: float = 0.02):
         """Initialise for training from scratch: normal(0, std) matmuls and embeddings, zero biases, unit norms,
@@ -413,9 +455,14 @@ class Transformer(nn.Module):
             if attn.window not in self.cache_masks:
                 self.cache_masks[attn.window] = causal if attn.window is None else causal.triu(-attn.window + 1)
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, *, loss_fn=None, mask=None,
+                return_hidden=False) -> torch.Tensor:
         """idx [B, T] token ids -> logits [B, T, vocab]. Without input_pos: positions 0..T-1, causal attention, no
-        cache. With input_pos (the T absolute positions of idx): reads and writes the KV cache."""
+        cache. With input_pos (the T absolute positions of idx): reads and writes the KV cache.
+
+        With loss_fn (training): the summed loss over the positions where mask [B, T] is True (all without a mask),
+        computed without the logits of the whole batch: see ChunkedLoss. return_hidden: the final normalised hidden
+        states [B, T, dim] instead of logits (a teacher whose head is applied chunk by chunk in the student's loss)."""
         B, T = idx.shape
         if input_pos is None:
             pos = torch.arange(T, device=idx.device)
@@ -437,7 +484,16 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, cos, sin, masks[window], input_pos, use_reentrant=False)
             else:
                 x = block(x, cos, sin, masks[window], input_pos)
-        return self.lm_head(self.model.norm(x))
+        h = self.model.norm(x)
+        if return_hidden:
+            return h
+        if loss_fn is None:
+            return self.lm_head(h)
+        # The positions to score, split into the same number of chunks on every process (a sharded teacher's head
+        # in loss_fn is a collective, so every process must call it equally often).
+        rows = torch.arange(B * T, device=idx.device) if mask is None else mask.flatten().nonzero().squeeze(1)
+        chunks = rows.tensor_split(-(-B * T // self.loss_chunk_rows))
+        return ChunkedLoss.apply(h.flatten(0, 1), self.lm_head.weight, loss_fn, chunks)
 
     def _mask(self, window, pos, cached):
         """Boolean attention mask (True = attend), or None for plain causal attention (SDPA's is_causal)."""
@@ -456,92 +512,63 @@ class Transformer(nn.Module):
         """Load an HF directory: config.json plus model.safetensors, or shards listed in
         model.safetensors.index.json. dtype: a torch dtype or name; None keeps the stored dtype. Tensors are read
         straight to `device` and assigned into a model built on the meta device: memory for one copy, not two."""
-        config_path = os.path.join(path, "config.json")
-        if str(path).endswith(".gguf"):
-            raise ValueError(f"{path}: a GGUF file, not an HF directory; de-quantise it into one first "
-                             "(transformers' from_pretrained(folder, gguf_file=...), as prepare_real_model.py does)")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path} not found: expected an HF model directory")
-        config = read_config(config_path)
+        config, files = read_checkpoint(path)
         dtype = None if dtype is None else to_dtype(dtype)
         state = {}
-        for file in _safetensors_files(path):
-            try:
-                with safe_open(file, framework="pt", device=str(torch.device(device or "cpu"))) as f:
-                    for key in f.keys():
-                        t = f.get_tensor(key)
-                        state[key] = t.to(dtype) if dtype is not None else t
-            except Exception as e:  # safetensors' own error types: a truncated or foreign file
-                raise ValueError(f"{file}: not a readable safetensors file ({e}); was it copied completely?") \
-                    from None
+        for file, keys in files.items():
+            with open_safetensors(file, device) as f:
+                for key in keys:
+                    t = f.get_tensor(key)
+                    state[key] = t.to(dtype) if dtype is not None else t
         return cls.from_state_dict(config, state, device=device, source=path)
 
     @classmethod
     def from_state_dict(cls, config, state, device=None, dtype=None, source="state dict") -> "Transformer":
-        """A model whose parameters ARE the given tensors (HF key names), checked key by key and shape by shape."""
+        """A model whose parameters ARE the given tensors (HF key names), checked key by key and shape by shape.
+        config.dtype stays what it says (from_pretrained: the dtype the checkpoint is stored in, which exports
+        write back, even when the model is loaded in another)."""
+        for key in check_keys(config, {k: v.shape for k, v in state.items()}, source):
+            del state[key]
         with torch.device("meta"):
             model = cls(config)
-        expected = model.state_dict()
-        if config.tie_embeddings:
-            expected.pop("lm_head.weight")
-        for key in list(state):
-            if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and config.tie_embeddings):
-                del state[key]  # recomputed / tied: some checkpoints store them anyway
-            elif key not in expected:
-                raise KeyError(f"{source}: unexpected key {key!r} for a {config.model_type} model")
-            elif state[key].shape != expected[key].shape:
-                raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, "
-                                 f"the config expects {tuple(expected[key].shape)}")
-            elif dtype is not None:
-                state[key] = state[key].to(dtype)
-        missing = [k for k in expected if k not in state]
-        if missing:
-            raise KeyError(f"{source}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(config).to(model.lm_head.weight.device)
-        model.config.dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
         return model
+
+    def load_rows(self, path, owned):
+        """Fill this model's parameters from the HF directory at path, each with only the rows it holds: owned(p)
+        -> (the tensor p keeps, its first row in the full tensor). A process of a sharded model reads its own slice
+        of each tensor from the file (safetensors reads a slice without the rest), so loading needs its share of
+        the model, not the whole. Parameters keep their dtype (the stored one is converted slice by slice)."""
+        config, files = read_checkpoint(path)
+        where = {key: file for file, keys in files.items() for key in keys}
+        with ExitStack() as stack:
+            handles = {file: stack.enter_context(open_safetensors(file)) for file in files}
+            for name, p in self.named_parameters():  # a tied lm_head is the embedding: read once
+                local, start = owned(p)
+                with torch.no_grad():
+                    local.copy_(handles[where[name]].get_slice(name)[start:start + len(local)])
+        self.inv_freq = rope_inv_freq(config).to(self.inv_freq.device)
 
     def save_pretrained(self, path, max_shard_size: int = 5 * 2**30):
         """Write config.json and model.safetensors (or model-0000i-of-0000n.safetensors shards with
         model.safetensors.index.json above max_shard_size bytes), as transformers writes them: tied weights once.
         Files go to a temporary name first and are renamed, so an interrupted save never leaves a broken model."""
-        os.makedirs(path, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach() for k, v in self.state_dict().items()}
         if self.config.tie_embeddings:
             state.pop("lm_head.weight")
         self.config.dtype = str(self.lm_head.weight.dtype).removeprefix("torch.")
-        shards, size = [{}], 0
-        for k, v in state.items():
-            nbytes = v.numel() * v.element_size()
-            if shards[-1] and size + nbytes > max_shard_size:
-                shards.append({})
-                size = 0
-            shards[-1][k] = v
-            size += nbytes
-        names = ["model.safetensors"] if len(shards) == 1 else \
-            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        files = {}  # final name -> its complete, fsynced temporary file
-        for name, shard in zip(names, shards):
-            files[name] = temporary_name(os.path.join(path, name))
-            save_file(shard, files[name], metadata={"format": "pt"})
-        if len(shards) > 1:
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-            files["model.safetensors.index.json"] = _write_json_tmp(path, "model.safetensors.index.json", index)
-        files["config.json"] = _write_json_tmp(path, "config.json", self.config.to_hf())
-        # Everything is on disk: now swap in the new files (config.json last) and drop weight files of an earlier
-        # save.
-        for name, tmp in files.items():
-            fsync(tmp)
-            commit(tmp, os.path.join(path, name))
-        for name in os.listdir(path):
-            if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")) \
-                    and name not in files:
-                os.remove(os.path.join(path, name))
+        specs = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+        order = write_order(specs, max_shard_size)
+        write_weights(path, self.config, specs, (state[k] for k in order), max_shard_size)
+
+
+# -----------------------------------------------------------------------------
+# Reading and writing HF directories: config.json and safetensors files
 
 
 def read_config(path):
@@ -557,20 +584,150 @@ def read_config(path):
         raise ValueError(f"{path}: {e}") from None
 
 
+def read_checkpoint(path):
+    """(config, {safetensors file: [keys]}) of an HF directory, every key and shape checked against the config
+    from the files' headers (no tensor is read yet). The config's dtype is the one the weights are stored in."""
+    config_path = os.path.join(path, "config.json")
+    if str(path).endswith(".gguf"):
+        raise ValueError(f"{path}: a GGUF file, not an HF directory; de-quantise it into one first "
+                         "(transformers' from_pretrained(folder, gguf_file=...), as prepare_real_model.py does)")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: expected an HF model directory")
+    config = read_config(config_path)
+    files, shapes, dtypes = {}, {}, set()
+    for file in _safetensors_files(path):
+        with open_safetensors(file) as f:
+            files[file] = list(f.keys())
+            for key in files[file]:
+                s = f.get_slice(key)
+                shapes[key] = tuple(s.get_shape())
+                dtypes.add(s.get_dtype())
+    ignored = check_keys(config, shapes, path)
+    files = {file: [k for k in keys if k not in ignored] for file, keys in files.items()}
+    floats = [name for name, code in SAFETENSORS_DTYPES.items() if code in dtypes and name.is_floating_point]
+    if len(floats) == 1:
+        config.dtype = str(floats[0]).removeprefix("torch.")
+    return config, files
+
+
+def check_keys(config, shapes, source):
+    """Check a checkpoint's {key: shape} against the model of config: an unexpected or missing key, or a wrong
+    shape, is an error naming it. Returns the keys to skip: rotary inv_freq (recomputed) and a tied lm_head (some
+    checkpoints store both anyway)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    ignored = []
+    for key, shape in shapes.items():
+        if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and config.tie_embeddings):
+            ignored.append(key)
+        elif key not in expected:
+            raise KeyError(f"{source}: unexpected key {key!r} for a {config.model_type} model")
+        elif tuple(shape) != expected[key]:
+            raise ValueError(f"{source}: {key} has shape {tuple(shape)}, the config expects {expected[key]}")
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        raise KeyError(f"{source}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return ignored
+
+
+def open_safetensors(file, device=None):
+    """safe_open, with an error naming the file for a truncated or foreign one."""
+    try:
+        return safe_open(file, framework="pt", device=str(torch.device(device or "cpu")))
+    except Exception as e:  # safetensors' own error types
+        raise ValueError(f"{file}: not a readable safetensors file ({e}); was it copied completely?") from None
+
+
 def _safetensors_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json(index)["weight_map"]
         files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
         for file in files:
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{file} is listed in {index} but does not exist")
         return files
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+# The safetensors format (a little-endian u64 header length, a JSON header of each tensor's dtype, shape and byte
+# offsets, then the raw bytes), written here tensor by tensor so that a model is never in memory twice. The layout is
+# the one safetensors' save_file writes, byte for byte: tensors sorted by dtype (in its enum's order, widest first)
+# then by name, a compact header padded with spaces to 8 bytes.
+SAFETENSORS_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+                      torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32",
+                      torch.float64: "F64", torch.int64: "I64"}
+
+
+def shard_files(specs, max_shard_size):
+    """{key: (shape, dtype)} in state-dict order -> [(file name, [keys in the order they are written])]: shards of
+    at most max_shard_size bytes (a larger tensor alone), named as transformers names them."""
+    shards, size = [[]], 0
+    for key, (shape, dtype) in specs.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    rank = list(SAFETENSORS_DTYPES.values())
+    return [(name, sorted(keys, key=lambda k: (-rank.index(SAFETENSORS_DTYPES[specs[k][1]]), k)))
+            for name, keys in zip(names, shards)]
+
+
+def write_order(specs, max_shard_size):
+    """Every key in the order write_weights consumes the tensors."""
+    return [key for _, keys in shard_files(specs, max_shard_size) for key in keys]
+
+
+def write_safetensors(path, specs, keys, tensors):
+    """Stream tensors (an iterable, in the order of keys) into a safetensors file at path, one at a time."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for key in keys:
+        shape, dtype = specs[key]
+        end = offset + math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for key, t in zip(keys, tensors):
+            if (tuple(t.shape), t.dtype) != specs[key]:
+                raise ValueError(f"{key}: got {tuple(t.shape)} {t.dtype}, expected {specs[key]}")
+            f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+
+
+def write_weights(path, config, specs, tensors, max_shard_size=5 * 2**30):
+    """An HF model directory at path from tensors streamed in write_order(specs): the weight files (and their
+    index above max_shard_size), then config.json. Each file is written under a temporary name, fsynced and
+    renamed, config.json last; weight files of an earlier save that are not part of this one are removed."""
+    os.makedirs(path, exist_ok=True)
+    layout = shard_files(specs, max_shard_size)
+    tensors = iter(tensors)
+    files = {}  # final name -> its complete temporary file
+    for name, keys in layout:
+        files[name] = temporary_name(os.path.join(path, name))
+        write_safetensors(files[name], specs, keys, (next(tensors) for _ in keys))
+    if len(layout) > 1:
+        total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
+        index = {"metadata": {"total_size": total}, "weight_map": {k: name for name, keys in layout for k in keys}}
+        files["model.safetensors.index.json"] = _write_json_tmp(path, "model.safetensors.index.json", index)
+    files["config.json"] = _write_json_tmp(path, "config.json", config.to_hf())
+    for name, tmp in files.items():
+        fsync(tmp)
+        commit(tmp, os.path.join(path, name))
+    for name in os.listdir(path):
+        if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")) \
+                and name not in files:
+            os.remove(os.path.join(path, name))
 
 
 def _write_json_tmp(folder, name, obj):

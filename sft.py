@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from data import IGNORE, Curriculum, end_of_turn_id, read_conversations, sft_files, sft_row
-from model import Transformer, to_dtype
+from model import to_dtype
 from tokenizer import Tokenizer
 from train import (COUNT, POSITIVE, Schedule, Step, batch_flops, check_batch_sizes, checkpoint_dirs, compute_dtype,
-                   cosine_lr, export_hf, launch, log, make_optimizer, micro_batches_of, number, prepare_out,
-                   read_metrics, resume, setup_distributed, shard_model, train_loop)
+                   cosine_lr, export_hf, launch, load_sharded, log, make_optimizer, micro_batches_of, number, prepare_out,
+                   read_metrics, resume, setup_distributed, train_loop)
 
 
 def get_args(argv=None):
@@ -110,9 +110,12 @@ def tokenize_stage(tokenizer, path, seq_len):
 
 
 def sft_loss(model, batch):
-    """Summed cross-entropy over the trained (assistant) tokens of a [B, 2, T] batch of (ids, labels)."""
-    logits = model(batch[:, 0]).float()
-    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1].flatten(), ignore_index=IGNORE, reduction="sum")
+    """Summed cross-entropy over the trained (assistant) tokens of a [B, 2, T] batch of (ids, labels), with the
+    logits of those positions only, a chunk at a time (model.ChunkedLoss)."""
+    labels = batch[:, 1]
+    y = labels.flatten()
+    return model(batch[:, 0], loss_fn=lambda logits, rows: F.cross_entropy(logits.float(), y[rows], reduction="sum"),
+                 mask=labels != IGNORE)
 
 
 @torch.no_grad()
@@ -182,12 +185,10 @@ def run(args):
 
     prepare_out(out, args, {"init-from": init})
     fresh = not checkpoint_dirs(out)
-    model = Transformer.from_pretrained(init, device=device, dtype=torch.float32)
+    model = load_sharded(init, device, compute_dtype(args.dtype, device), compile=args.compile)
     config = model.config
     export_dtype = to_dtype(config.dtype)
-    dtype = compute_dtype(args.dtype, device)
     model.activation_checkpointing = args.activation_checkpointing
-    model = shard_model(model, device, dtype, compile=args.compile)
     optimizer = make_optimizer(model, args.weight_decay, device)
     start_step = resume(model, optimizer, out) if args.resume else 0
     if fresh:

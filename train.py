@@ -19,7 +19,7 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -28,15 +28,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data import ReplayMixture, corpus_files, find_domains, read_documents, tokenize_corpus
 from files import fsync, lock_dir, read_json, write_atomic
-from model import PRESETS, ModelConfig, Transformer, to_dtype
+from model import PRESETS, ModelConfig, Transformer, read_checkpoint, to_dtype, write_order, write_weights
 from tokenizer import Tokenizer
 
 # Peak dense bf16 tensor FLOP/s, for MFU (Chowdhery et al. 2022): achieved model FLOP/s over this.
@@ -189,7 +189,8 @@ def shard_model(model, device, dtype, compile=False):
     reported to sum anyway, pytorch issue 162338: summing on purpose makes both backends agree)."""
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else \
         MixedPrecisionPolicy()
-    model.to(device)
+    if not model.lm_head.weight.is_meta:  # (a model on the meta device is materialised after sharding)
+        model.to(device)
     for block in model.model.layers:
         if compile:
             block.compile()
@@ -200,6 +201,30 @@ def shard_model(model, device, dtype, compile=False):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
     return model
+
+
+def load_sharded(path, device, dtype, compile=False):
+    """An HF checkpoint as a sharded FSDP2 model of fp32 weights, each process reading only its own shards: the
+    model is built on the meta device (no memory), sharded, given storage for this process's shards alone, and
+    filled from the safetensors files slice by slice (Transformer.load_rows). Memory per process while loading:
+    its 1 / world of the model plus one slice, never the whole model (torchtitan loads the same way). The config's
+    dtype stays the one the checkpoint is stored in, which the export writes back."""
+    config, _ = read_checkpoint(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = shard_model(model, device, dtype, compile=compile)
+    model.to_empty(device=device)
+    model.load_rows(path, owned_rows)
+    return model
+
+
+def owned_rows(p):
+    """The part of parameter p this process holds, and its first row in the full tensor: FSDP2 shards dim 0 into
+    chunks of ceil(rows / world), in rank order (torch.chunk's split); a tensor split by rows outside FSDP (a
+    sharded teacher's vocabulary) says where its rows start; anything else is whole."""
+    if isinstance(p, DTensor):
+        return p.to_local(), dist.get_rank() * -(-p.shape[0] // dist.get_world_size())
+    return p.data, getattr(p, "first_row", 0)
 
 
 def compute_dtype(name, device):
@@ -328,16 +353,30 @@ def load_checkpoint(model, optimizer, path):
 
 
 def export_hf(model, config, tokenizer, out, dtype):
-    """Gather the full weights on rank 0 and write <out> as an HF directory: model and config, every tokenizer file
-    (chat template included) and generation_config.json, so transformers, vLLM and lm-eval-harness load it as they
-    load the checkpoint it came from."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    """Write <out> as an HF directory: weights (in dtype) and config, every tokenizer file (chat template included)
+    and generation_config.json, so transformers, vLLM and lm-eval-harness load it as they load the checkpoint it
+    came from. The weights stream out one tensor at a time: every process takes part in gathering each one, rank 0
+    writes it into its file and lets it go, so the export needs one tensor more than training, not the whole model
+    (twice) on rank 0. The files are those Transformer.save_pretrained writes, byte for byte."""
+    state = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and config.tie_embeddings)}
+    specs = {k: (tuple(v.shape), dtype) for k, v in state.items()}
+    tensors = (full_tensor(state[k]).to(dtype) for k in write_order(specs, MAX_SHARD_SIZE))
     if dist.get_rank() == 0:
-        plain = Transformer.from_state_dict(config, state, dtype=dtype)
-        plain.save_pretrained(out)
+        write_weights(out, replace(config, dtype=str(dtype).removeprefix("torch.")), specs, tensors, MAX_SHARD_SIZE)
         tokenizer.save_pretrained(out)
         write_generation_config(out, config, tokenizer.source)
+    else:
+        for _ in tensors:  # the same gathers, in the same order, as rank 0's
+            pass
     dist.barrier()
+
+
+MAX_SHARD_SIZE = 5 * 2**30  # bytes per safetensors file of an export, as transformers' save_pretrained
+
+
+def full_tensor(t):
+    """A parameter's whole value from its FSDP2 shards (a collective: every process must call it)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def write_generation_config(out, config, source):
@@ -390,12 +429,17 @@ def val_loss_and_bpb(model, val, seq_len, micro_batch_size, token_bytes, device,
             weight = 1.0 if idx else 0.0
             rows = [tokens[i * window:i * window + window + 1] for i in (idx or [0])]
             batch = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device)
-            x, y = batch[:, :-1], batch[:, 1:]
-            nats = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="none")
-            nbytes = token_bytes[y.flatten()]
-            sums[0] += weight * nats.sum().item()
+            x, y = batch[:, :-1], batch[:, 1:].flatten()
+            nbytes = token_bytes[y]
+            byte_nats = []
+
+            def score(logits, rows):  # the nats of a chunk of positions, and those of its byte-bearing tokens
+                nats = F.cross_entropy(logits.float(), y[rows], reduction="none")
+                byte_nats.append(nats[nbytes[rows] > 0].sum().item())
+                return nats.sum()
+            sums[0] += weight * model(x, loss_fn=score).item()
             sums[1] += weight * y.numel()
-            sums[2] += weight * nats[nbytes > 0].sum().item()
+            sums[2] += weight * sum(byte_nats)
             sums[3] += weight * nbytes.sum().item()
         nats, count, byte_nats, nbytes = all_sum(sums, device)
         results[f"val/{name}"] = nats / max(count, 1)
@@ -451,9 +495,10 @@ def batch_flops(config, rows, width):
 
 
 def causal_lm_loss(model, batch):
-    """Summed next-token cross-entropy of a [B, T + 1] token batch (pretraining: every target is trained)."""
-    x, y = batch[:, :-1], batch[:, 1:]
-    return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="sum")
+    """Summed next-token cross-entropy of a [B, T + 1] token batch (pretraining: every target is trained),
+    computed a chunk of positions at a time (model.ChunkedLoss): the batch's logits never exist at once."""
+    x, y = batch[:, :-1], batch[:, 1:].flatten()
+    return model(x, loss_fn=lambda logits, rows: F.cross_entropy(logits.float(), y[rows], reduction="sum"))
 
 
 def train_loop(model, optimizer, get_step, loss_fn, schedule, out, *, start_step=0, evaluate_fn=None,
@@ -660,8 +705,9 @@ def check_batch_sizes(args, world):
 # DACP: the command line
 
 
-def load_init(args, device):
-    """Model config, tokenizer, and an fp32 model on `device` from --init-from (an HF directory or a preset)."""
+def load_init(args, device, dtype):
+    """Tokenizer and the sharded fp32 model (FSDP2, computing in dtype) from --init-from: an HF directory, each
+    process loading only its shards, or a new model of a preset shape."""
     if args.init_from in PRESETS:
         if args.tokenizer:
             tokenizer = Tokenizer.from_pretrained(args.tokenizer)
@@ -673,14 +719,13 @@ def load_init(args, device):
         model = preset_model(args.init_from, tokenizer.n_vocab, max(PRESETS[args.init_from]["max_seq_len"],
                                                                     args.seq_len),
                              tokenizer.bos_id, tokenizer.eos_id, args.seed)
-        return model.to(device), tokenizer
+        return shard_model(model, device, dtype, compile=args.compile), tokenizer
     if args.init_from.endswith(".gguf"):
         Transformer.from_pretrained(args.init_from)  # (its error says how to convert one)
     if not os.path.isdir(args.init_from):
         raise SystemExit(f"--init-from {args.init_from}: not a directory nor a preset ({', '.join(PRESETS)})")
     tokenizer = Tokenizer.from_pretrained(args.init_from)
-    model = Transformer.from_pretrained(args.init_from, device=device, dtype=torch.float32)
-    return model, tokenizer
+    return load_sharded(args.init_from, device, dtype, compile=args.compile), tokenizer
 
 
 def run(args):
@@ -705,7 +750,8 @@ def run(args):
     prepare_out(out, args, {"init-from": args.init_from, "tokenizer": args.tokenizer})
     fresh = not checkpoint_dirs(out)
 
-    model, tokenizer = load_init(args, device)
+    dtype = compute_dtype(args.dtype, device)
+    model, tokenizer = load_init(args, device, dtype)
     config = model.config
     if tokenizer.n_vocab > config.vocab_size:
         raise SystemExit(f"the tokenizer of {args.init_from} has {tokenizer.n_vocab} tokens but the model's "
@@ -713,9 +759,7 @@ def run(args):
     if args.seq_len > config.max_seq_len:
         raise SystemExit(f"--seq-len {args.seq_len} exceeds the model's context ({config.max_seq_len} tokens)")
     export_dtype = to_dtype(config.dtype)  # the checkpoint's own (fp32 for a preset)
-    dtype = compute_dtype(args.dtype, device)
     model.activation_checkpointing = args.activation_checkpointing
-    model = shard_model(model, device, dtype, compile=args.compile)
     optimizer = make_optimizer(model, args.weight_decay, device)
 
     # Data: the domain and replay token streams (tokenised once, cached), and their val streams for evaluation.

@@ -137,6 +137,26 @@ def test_export_sharded_and_bf16(tmp_path):
     assert Transformer.from_pretrained(tmp_path, dtype=torch.float32).lm_head.weight.dtype == torch.float32
 
 
+def test_streamed_files_are_those_of_safetensors_save_file(tmp_path):
+    """save_pretrained streams each tensor into its file (model.write_safetensors); the bytes are those safetensors'
+    save_file writes from the whole state dict, for one file and for shards, in fp32 and in mixed dtypes."""
+    config = ModelConfig.from_preset("tiny", vocab_size=96, tie_embeddings=False)
+    model = Transformer(config)
+    randomize(model)
+    model.model.norm.to(torch.bfloat16)  # two dtypes in one file: safetensors orders them by dtype, then by name
+    for max_shard_size in (5 * 2**30, 200_000):
+        out = tmp_path / str(max_shard_size)
+        model.save_pretrained(out, max_shard_size=max_shard_size)
+        names = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+        assert (len(names) > 1) == (max_shard_size < 2**30)
+        state = model.state_dict()
+        for name in names:
+            ours = (out / name).read_bytes()
+            keys = list(load_file(out / name))
+            save_file({k: state[k] for k in keys}, tmp_path / "reference", metadata={"format": "pt"})
+            assert ours == (tmp_path / "reference").read_bytes(), name
+
+
 @pytest.mark.parametrize("family", ["llama3-rope", "qwen2", "qwen3", "mistral", "qwen2-sliding"])
 def test_kv_cache_decoding_equals_full_forward(tmp_path, family):
     make_hf(tmp_path, family)

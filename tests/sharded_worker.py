@@ -1,0 +1,129 @@
+"""Run under torchrun by tests/test_scale.py: the memory-scaled paths against the plain ones they replace, on one
+HF checkpoint. Every process checks; a mismatch raises (non-zero exit).
+
+    torchrun --nproc_per_node=2 tests/sharded_worker.py <checkpoint> <teacher> <tokenizer dir> <out dir>
+
+  - sharded loading (train.load_sharded, distill.load_teacher) gives the weights Transformer.from_pretrained gives;
+  - the chunked losses (DACP, SFT's masked one, distillation with the sharded teacher) give the losses and the
+    gradients of the whole-logits formulas on the replicated models;
+  - the streaming export writes the files safetensors' own save_file writes from the gathered state dict.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from distill import distillation_loss, distilled, load_teacher  # noqa: E402
+from model import Transformer  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+from train import causal_lm_loss, export_hf, full_tensor, load_sharded, setup_distributed, shard_model  # noqa: E402
+
+path, teacher_path, tokenizer_dir, out = sys.argv[1:5]
+rank, world, device = setup_distributed()
+fp32 = torch.float32
+
+
+def close(a, b, what, rtol=1e-5):
+    scale = max(b.abs().max().item(), 1e-6)
+    err = (a - b).abs().max().item() / scale
+    if not err <= rtol:
+        raise AssertionError(f"{what}: relative difference {err:.3g}")
+
+
+def grads(model):
+    return {n: full_tensor(p.grad) for n, p in model.named_parameters()}
+
+
+def batch(seed, rows=2 * world, width=13):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, plain.config.vocab_size, (rows, width), generator=g)
+
+
+plain = Transformer.from_pretrained(path, dtype=fp32)
+
+# Sharded loading: each process's shards are exactly the slices of the checkpoint's tensors
+sharded = load_sharded(path, device, fp32)
+for name, p in plain.named_parameters():
+    if not torch.equal(full_tensor(dict(sharded.named_parameters())[name]).detach(), p.detach()):
+        raise AssertionError(f"load_sharded: {name} differs from from_pretrained")
+assert sharded.config.dtype == plain.config.dtype, (sharded.config.dtype, plain.config.dtype)
+
+# The chunked DACP loss against cross-entropy on the whole logits; the same global batch split over the processes
+reference = shard_model(Transformer.from_pretrained(path, dtype=fp32), device, fp32)
+sharded.loss_chunk_rows = 5  # several chunks, the last one shorter
+tokens = batch(1)
+mine = tokens[rank * 2:(rank + 1) * 2]
+loss = causal_lm_loss(sharded, mine)
+loss.backward()
+x, y = mine[:, :-1], mine[:, 1:]
+ref = F.cross_entropy(reference(x).float().flatten(0, 1), y.flatten(), reduction="sum")
+ref.backward()
+close(loss.detach(), ref.detach(), "chunked DACP loss")
+ref_grads = grads(reference)
+for name, g in grads(sharded).items():
+    close(g, ref_grads[name], f"chunked DACP loss: gradient of {name}")
+sharded.zero_grad()
+reference.zero_grad()
+
+# SFT's masked loss: only the trained positions' logits are computed
+labels = batch(2)
+labels[:, :6] = -100
+ids = batch(3)
+from sft import sft_loss  # noqa: E402
+
+mine = torch.stack([ids, labels], dim=1)[rank * 2:(rank + 1) * 2]
+loss = sft_loss(sharded, mine)
+loss.backward()
+ref = F.cross_entropy(reference(mine[:, 0]).float().flatten(0, 1), mine[:, 1].flatten(), ignore_index=-100,
+                      reduction="sum")
+ref.backward()
+close(loss.detach(), ref.detach(), "chunked SFT loss")
+ref_grads = grads(reference)
+for name, g in grads(sharded).items():
+    close(g, ref_grads[name], f"chunked SFT loss: gradient of {name}")
+sharded.zero_grad()
+reference.zero_grad()
+
+# The sharded teacher (another checkpoint of the same shape): its logits, and the distillation loss and gradients
+teacher, plain_teacher = load_teacher(teacher_path, device, fp32), Transformer.from_pretrained(teacher_path, dtype=fp32)
+with torch.no_grad():
+    close(teacher(ids), plain_teacher(ids), "sharded teacher logits", rtol=1e-6)
+for kind, alpha in (("fkl", 0.0), ("tvd", 0.5)):
+    loss = distilled(sharded, teacher, mine, kind, temperature=2.0, alpha=alpha)
+    loss.backward()
+    x, labels_ = mine[:, 0], mine[:, 1]
+    mask = labels_ != -100
+    with torch.no_grad():
+        teacher_logits = plain_teacher(x)
+    logits = reference(x)
+    ref = distillation_loss(logits, teacher_logits, mask, kind, 2.0) * mask.sum()
+    if alpha:
+        ce = F.cross_entropy(logits.float().flatten(0, 1), labels_.flatten(), ignore_index=-100, reduction="sum")
+        ref = (1 - alpha) * ref + alpha * ce
+    ref.backward()
+    close(loss.detach(), ref.detach(), f"distillation loss {kind}")
+    ref_grads = grads(reference)
+    for name, g in grads(sharded).items():
+        close(g, ref_grads[name], f"distillation {kind}: gradient of {name}")
+    sharded.zero_grad()
+    reference.zero_grad()
+
+# The streaming export: the bytes safetensors writes from the whole state dict, in the checkpoint's own dtype
+dtype = getattr(torch, plain.config.dtype)
+export_hf(sharded, sharded.config, Tokenizer.from_pretrained(tokenizer_dir), out, dtype)
+if rank == 0:
+    state = {k: v.detach().to(dtype) for k, v in plain.state_dict().items()
+             if not (k == "lm_head.weight" and plain.config.tie_embeddings)}
+    save_file(state, os.path.join(out, "reference.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out, "model.safetensors"), "rb") as a, \
+            open(os.path.join(out, "reference.safetensors"), "rb") as b:
+        if a.read() != b.read():
+            raise AssertionError("the streamed export differs from save_file's bytes")
+dist.barrier()
+print(f"rank {rank}: all equal")
+dist.destroy_process_group()
