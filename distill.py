@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
+import memory
 from data import IGNORE, WindowSampler, pad_rows, read_conversations, render_chat, sft_files, sft_row
 from model import PRESETS, Transformer, read_checkpoint
 from speculative import (check_same_tokenizer, cost_ratio, cut_at_eos, generate, is_chat_model, pooled_stats,
@@ -107,6 +108,9 @@ def get_args(argv=None):
     p.add_argument("--accept-prompts", type=COUNT, default=12, help="held-out prompts for the acceptance rate")
     p.add_argument("--gamma", type=POSITIVE, default=4, help="draft tokens per round, for the acceptance measurement")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--replicate-teacher", action="store_true",
+                   help="keep the whole teacher on every process instead of sharding it: more memory, but sampling "
+                        "and the acceptance measurement need no collective per token (faster over gloo on CPUs)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     args = p.parse_args(argv)
     check_lrs(p, args)
@@ -407,12 +411,15 @@ def run(args):
         raise SystemExit(f"--teacher {args.teacher}: not an HF model directory")
     dtype = compute_dtype(args.dtype, device)
     tokenizer = Tokenizer.from_pretrained(args.teacher)
-    teacher = load_teacher(args.teacher, device, dtype)
-    student = load_student(args, teacher, tokenizer, device)
-    if args.seq_len > min(teacher.config.max_seq_len, student.config.max_seq_len):
-        raise SystemExit(f"--seq-len {args.seq_len} exceeds a model's context")
     prepare_out(out, args, {"teacher": args.teacher, "student": args.student})
     fresh = not checkpoint_dirs(out)
+    with memory.stage(out, "load", device):  # (the teacher, then the student)
+        with memory.stage(out, "load teacher", device):
+            teacher = Transformer.from_pretrained(args.teacher, device, dtype).eval().requires_grad_(False) \
+                if args.replicate_teacher else load_teacher(args.teacher, device, dtype)
+        student = load_student(args, teacher, tokenizer, device)
+    if args.seq_len > min(teacher.config.max_seq_len, student.config.max_seq_len):
+        raise SystemExit(f"--seq-len {args.seq_len} exceeds a model's context")
     held_out = domain_prompts(tokenizer, teacher, args, "val")[:args.accept_prompts]
     if fresh:  # (on every process: the sharded teacher's forward passes are collectives)
         before = acceptance(teacher, student, tokenizer, held_out, args)
@@ -463,10 +470,12 @@ def run(args):
             f"{args.data} data, {args.max_steps} steps of {args.batch_size} sequences")
     train_loop(model, optimizer, get_step, loss_fn, cosine_schedule(args), out, start_step=start_step,
                evaluate_fn=evaluate_fn, device=device)
-    export_hf(model, student.config, tokenizer, out, torch.float32)
+    with memory.stage(out, "export", device):
+        export_hf(model, student.config, tokenizer, out, torch.float32)
     draft = Transformer.from_pretrained(out, device=device).eval()
     after = acceptance(teacher, draft, tokenizer, held_out, args)
     log(acceptance_line("after distillation", after, args.gamma))
+    log(memory.table(out))
     return out
 
 

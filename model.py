@@ -17,7 +17,6 @@ permutation, because RoPE here uses HF's rotate-half layout.
 import json
 import math
 import os
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -363,9 +362,15 @@ class Block(nn.Module):
 # -----------------------------------------------------------------------------
 # The training loss without the whole batch's logits
 
-# Logits of one chunk of the loss: 2^25 fp32 values are 128 MB (about 220 positions of Qwen2.5's 151,936 tokens),
-# against 5 GB for a 4 x 2048 micro-batch at once.
-LOGITS_PER_CHUNK = 2**25
+# Logits of one chunk of the loss: 2^23 fp32 values are 32 MB (55 positions of Qwen2.5's 151,936 tokens, 170 of
+# SmolLM2's 49,152), against 5 GB for a 4 x 2048 micro-batch at once. A distillation loss makes about ten tensors of
+# that size per chunk, so larger chunks would not be much faster, only larger.
+LOGITS_PER_CHUNK = 2**23
+
+
+def loss_chunk_rows(vocab_size):
+    """Positions per chunk of the training loss: at most LOGITS_PER_CHUNK logits exist at once."""
+    return max(1, LOGITS_PER_CHUNK // vocab_size)
 
 
 class ChunkedLoss(torch.autograd.Function):
@@ -421,8 +426,7 @@ class Transformer(nn.Module):
         self.max_batch_size, self.max_seq_len = 0, 0
         # Masks for cached decoding, [max_seq_len, max_seq_len], made by setup_cache; one per distinct window.
         self.cache_masks = {}
-        # Positions per chunk of the training loss: at most LOGITS_PER_CHUNK logits exist at once.
-        self.loss_chunk_rows = max(1, LOGITS_PER_CHUNK // config.vocab_size)
+        self.loss_chunk_rows = loss_chunk_rows(config.vocab_size)
 
     def init_weights(self, std: float = 0.02):
         """Initialise for training from scratch: normal(0, std) matmuls and embeddings, zero biases, unit norms,
@@ -541,17 +545,16 @@ class Transformer(nn.Module):
 
     def load_rows(self, path, owned):
         """Fill this model's parameters from the HF directory at path, each with only the rows it holds: owned(p)
-        -> (the tensor p keeps, its first row in the full tensor). A process of a sharded model reads its own slice
-        of each tensor from the file (safetensors reads a slice without the rest), so loading needs its share of
-        the model, not the whole. Parameters keep their dtype (the stored one is converted slice by slice)."""
+        -> (the tensor p keeps, its first row in the full tensor). A process of a sharded model reads its own rows
+        of each tensor from the files (read_rows: those bytes alone), so loading needs its share of the model, not
+        the whole. Parameters keep their dtype (the stored one is converted a slice at a time)."""
         config, files = read_checkpoint(path)
         where = {key: file for file, keys in files.items() for key in keys}
-        with ExitStack() as stack:
-            handles = {file: stack.enter_context(open_safetensors(file)) for file in files}
-            for name, p in self.named_parameters():  # a tied lm_head is the embedding: read once
-                local, start = owned(p)
-                with torch.no_grad():
-                    local.copy_(handles[where[name]].get_slice(name)[start:start + len(local)])
+        headers = {file: safetensors_header(file) for file in files}
+        for name, p in self.named_parameters():  # a tied lm_head is the embedding: read once
+            local, start = owned(p)
+            with torch.no_grad():
+                read_rows(where[name], headers[where[name]], name, start, start + len(local), into=local)
         self.inv_freq = rope_inv_freq(config).to(self.inv_freq.device)
 
     def save_pretrained(self, path, max_shard_size: int = 5 * 2**30):
@@ -680,6 +683,30 @@ def shard_files(specs, max_shard_size):
     rank = list(SAFETENSORS_DTYPES.values())
     return [(name, sorted(keys, key=lambda k: (-rank.index(SAFETENSORS_DTYPES[specs[k][1]]), k)))
             for name, keys in zip(names, shards)]
+
+
+def safetensors_header(file):
+    """The JSON header of a safetensors file ({key: {"dtype", "shape", "data_offsets"}}), and where data starts."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)), 8 + n
+
+
+def read_rows(file, header, key, start, stop, into):
+    """Copy rows [start, stop) of tensor `key` of a safetensors file into the tensor `into`. A row-major tensor's
+    rows are contiguous bytes: one positioned read of them and nothing else, straight into `into` when the dtypes
+    agree, else through one slice in the stored dtype (no memory map, whose pages would count as the process's)."""
+    entries, data = header
+    entry = entries[key]
+    shape, dtype = entry["shape"], {v: k for k, v in SAFETENSORS_DTYPES.items()}[entry["dtype"]]
+    row = math.prod(shape[1:]) * dtype.itemsize
+    direct = into.dtype == dtype and into.is_contiguous() and into.device.type == "cpu"
+    out = into if direct else torch.empty(into.shape, dtype=dtype)
+    with open(file, "rb") as f:
+        f.seek(data + entry["data_offsets"][0] + start * row)
+        f.readinto(out.view(-1).view(torch.uint8).numpy())
+    if not direct:
+        into.copy_(out)
 
 
 def write_order(specs, max_shard_size):

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import memory
 from data import IGNORE, Curriculum, end_of_turn_id, read_conversations, sft_files, sft_row
 from model import to_dtype
 from tokenizer import Tokenizer
 from train import (COUNT, POSITIVE, Schedule, Step, batch_flops, check_batch_sizes, checkpoint_dirs, compute_dtype,
-                   cosine_lr, export_hf, launch, load_sharded, log, make_optimizer, micro_batches_of, number, prepare_out,
-                   read_metrics, resume, setup_distributed, train_loop)
+                   cosine_lr, export_hf, launch, load_sharded, log, make_optimizer, micro_batches_of, number,
+                   prepare_out, read_metrics, resume, setup_distributed, train_loop)
 
 
 def get_args(argv=None):
@@ -185,7 +186,8 @@ def run(args):
 
     prepare_out(out, args, {"init-from": init})
     fresh = not checkpoint_dirs(out)
-    model = load_sharded(init, device, compute_dtype(args.dtype, device), compile=args.compile)
+    with memory.stage(out, "load", device):
+        model = load_sharded(init, device, compute_dtype(args.dtype, device), compile=args.compile)
     config = model.config
     export_dtype = to_dtype(config.dtype)
     model.activation_checkpointing = args.activation_checkpointing
@@ -211,9 +213,11 @@ def run(args):
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     config.eos_token_id = [e for e in eos if e is not None] + [end_of_turn_id(tokenizer)]
     config.eos_token_id = list(dict.fromkeys(config.eos_token_id))
-    export_hf(model, config, tokenizer, out, export_dtype)
+    with memory.stage(out, "export", device):
+        export_hf(model, config, tokenizer, out, export_dtype)
     if rank == 0:
         print(stage_table(os.path.join(out, "metrics.jsonl"), curriculum))
+        print(memory.table(out))
     return out
 
 

@@ -34,6 +34,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+import memory
 from data import ReplayMixture, corpus_files, find_domains, read_documents, tokenize_corpus
 from files import fsync, lock_dir, read_json, write_atomic
 from model import PRESETS, ModelConfig, Transformer, read_checkpoint, to_dtype, write_order, write_weights
@@ -520,6 +521,7 @@ def train_loop(model, optimizer, get_step, loss_fn, schedule, out, *, start_step
                disable=rank != 0, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
+        memory.reset_peak(device)
 
         # learning rate
         lr = schedule.lr_fn(step)
@@ -549,7 +551,8 @@ def train_loop(model, optimizer, get_step, loss_fn, schedule, out, *, start_step
         tokens += data.n_trained
         dt = time.perf_counter() - t0
         row = {"step": step + 1, "loss": round(loss_value, 6), "lr": lr, "grad_norm": round(grad_norm.item(), 4),
-               "tokens": tokens, "tokens_per_s": round(data.n_trained / dt, 1)}
+               "tokens": tokens, "tokens_per_s": round(data.n_trained / dt, 1),
+               "peak_mb": memory.per_process(round(memory.peak_mb(device)))}  # each process's, in this step
         if peak:  # MFU (Chowdhery et al. 2022): achieved model FLOP/s over the peak of all devices
             row["mfu"] = round(data.flops / dt / (peak * dist.get_world_size()), 4)
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
@@ -639,7 +642,7 @@ def tokenize_once(tokenizer, data_root, domain, split):
 
 # Settings that change nothing a run learns: a --resume may change them (and the number of processes).
 FREE_ON_RESUME = {"resume", "eval_every", "eval_windows", "save_every", "keep_checkpoints", "compile",
-                  "activation_checkpointing", "micro_batch_size", "accept_prompts", "base_steps"}
+                  "activation_checkpointing", "micro_batch_size", "accept_prompts", "base_steps", "replicate_teacher"}
 LOCKS = []  # the lock files of the output directories this process holds (open until it exits)
 
 
@@ -751,7 +754,8 @@ def run(args):
     fresh = not checkpoint_dirs(out)
 
     dtype = compute_dtype(args.dtype, device)
-    model, tokenizer = load_init(args, device, dtype)
+    with memory.stage(out, "load", device):
+        model, tokenizer = load_init(args, device, dtype)
     config = model.config
     if tokenizer.n_vocab > config.vocab_size:
         raise SystemExit(f"the tokenizer of {args.init_from} has {tokenizer.n_vocab} tokens but the model's "
@@ -794,9 +798,11 @@ def run(args):
     final = train_loop(model, optimizer, get_step, causal_lm_loss, cosine_schedule(args), out, start_step=start_step,
                        evaluate_fn=evaluate_fn, device=device)
     before = first_eval(out)
-    export_hf(model, config, tokenizer, out, export_dtype)
+    with memory.stage(out, "export", device):
+        export_hf(model, config, tokenizer, out, export_dtype)
     if rank == 0:
         print(summary_table(before, final, args.domain, args.replay_domain))
+        print(memory.table(out))
     return final
 
 

@@ -186,6 +186,11 @@ def test_one_and_two_processes_give_the_same_losses(tiny_run, tmp_path):
     assert len(norms) == 6 and all(a == pytest.approx(b, rel=1e-3) for a, b in norms), norms
     assert one[6] < one[1]  # it learns
     assert {"val/telco", "bpb/telco", "val/general", "bpb/general"} <= set(rows[0])  # before training
+    # each step's peak memory of each process, and the load and export stages' (memory.py)
+    assert all(len(r["peak_mb"]) == 2 and min(r["peak_mb"]) > 0 for r in rows2 if "loss" in r)
+    with open(tmp_path / "two" / "memory.json") as f:
+        stages = json.load(f)
+    assert set(stages) == {"load", "export"} and all(len(s["peak_mb"]) == 2 for s in stages.values())
     # the output is an HF directory that transformers loads
     import transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "two")

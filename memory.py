@@ -1,0 +1,370 @@
+"""
+Memory per process: measured while the stages run, and planned before they do.
+
+Measured: the peak of each process in each stage (max RSS on CPU, max allocated on GPU), reset at the stage's start.
+train_loop puts each training step's peak in its metrics row; loading and export are recorded by `stage()` in
+<out>/memory.json, and every run ends with a table of them.
+
+Planned: the model is built on the meta device (no memory) and the bytes each process holds at each stage's peak are
+added up from its shapes, for a world size, micro-batch, sequence length and dtype:
+
+    python memory.py plan Qwen2.5-7B --world 8 --micro-batch-size 4 --seq-len 2048 --dtype bfloat16
+    python memory.py plan out/telco --world 2 --micro-batch-size 1 --seq-len 256 --teacher out/telco-sft
+    python memory.py measure            # 1 and 2 processes on a random 315M, 152k-vocabulary checkpoint (CPU)
+
+The plan counts tensors only; a CPU process also holds its own code and libraries (the "baseline" of the measured
+table, a few hundred MB), which is why the measured column subtracts it.
+"""
+import argparse
+import ctypes
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from files import read_json, write_atomic
+from model import PRESETS, ModelConfig, Transformer, loss_chunk_rows, read_checkpoint, to_dtype
+
+MB = 2**20
+
+
+# -----------------------------------------------------------------------------
+# Measured
+
+
+def reset_peak(device):
+    """Start a new peak: the GPU allocator's counter, or on Linux the kernel's high-water mark of the resident set
+    (writing 5 to /proc/self/clear_refs sets it to the current RSS). Elsewhere the peak is the process's since it
+    started."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        try:  # glibc keeps freed memory in the heap: hand it back, so the new peak starts from what is live
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def peak_mb(device):
+    """This process's peak memory since reset_peak, in MB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / MB
+    if os.path.exists("/proc/self/status"):
+        return _status("VmHWM") / MB
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KB elsewhere
+    return maxrss / (MB if sys.platform == "darwin" else 1024)
+
+
+def current_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / MB
+    if os.path.exists("/proc/self/status"):
+        return _status("VmRSS") / MB
+    return peak_mb(device)
+
+
+def per_process(value):
+    """[value of rank 0, rank 1, ...] on every process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+@contextmanager
+def stage(out, name, device):
+    """Record the peak memory of each process over the with-block as <out>/memory.json's entry `name`:
+    {"peak_mb": [per process], "start_mb": [per process, at the block's start]}."""
+    reset_peak(device)
+    start = current_mb(device)
+    yield
+    entry = {"peak_mb": [round(v) for v in per_process(peak_mb(device))],
+             "start_mb": [round(v) for v in per_process(start)]}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        path = os.path.join(out, "memory.json")
+        record = read_json(path) if os.path.exists(path) else {}
+        record[name] = entry
+        write_atomic(path, json.dumps(record, indent=1) + "\n")
+
+
+def table(out):
+    """The end-of-run line: peak MB per process at each recorded stage and in the training steps."""
+    path, metrics = os.path.join(out, "memory.json"), os.path.join(out, "metrics.jsonl")
+    stages = read_json(path) if os.path.exists(path) else {}
+    steps = []
+    if os.path.exists(metrics):
+        with open(metrics) as f:
+            steps = [json.loads(line)["peak_mb"] for line in f if '"peak_mb"' in line]
+    if steps:
+        stages["train step"] = {"peak_mb": [max(s[r] for s in steps) for r in range(len(steps[0]))]}
+    cells = [f"{name} {' / '.join(str(v) for v in e['peak_mb'])}" for name, e in stages.items()]
+    return "peak memory per process (MB): " + "; ".join(cells) if cells else ""
+
+
+# -----------------------------------------------------------------------------
+# Planned
+
+
+# Public configurations (their config.json's numbers) of the sizes the README plans for
+PUBLIC = {
+    "Qwen2.5-0.5B": dict(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, hidden_dim=4864, vocab_size=151936,
+                         tie_embeddings=True),
+    "Qwen2.5-1.5B": dict(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, hidden_dim=8960, vocab_size=151936,
+                         tie_embeddings=True),
+    "Qwen2.5-7B": dict(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, hidden_dim=18944, vocab_size=152064,
+                       tie_embeddings=False),
+    "Qwen2.5-72B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=29568, vocab_size=152064,
+                        tie_embeddings=False),
+}
+
+
+def model_config(name):
+    """A ModelConfig from an HF directory, a preset or a PUBLIC name."""
+    if name in PUBLIC:
+        return ModelConfig(model_type="qwen2", qkv_bias=True, max_seq_len=32768, dtype="bfloat16", **PUBLIC[name])
+    if name in PRESETS:
+        return ModelConfig.from_preset(name)
+    return read_checkpoint(name)[0]
+
+
+def shapes(config):
+    """{name: shape} of the model's parameters (a tied lm_head once), from the meta device."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def activation_bytes(config, tokens, size, checkpointing=False):
+    """Bytes autograd keeps for backward in one forward pass over `tokens` positions, counted from what model.py's
+    ops save (tests/test_memory.py checks this against the tensors autograd really saves): per block the inputs of
+    both norms, their normalised outputs and 1/rms, q and k after RoPE, v, attention's output and log-sum-exp, and
+    SwiGLU's four hidden-size tensors; then the final norm's. With activation checkpointing each block keeps its
+    input only, and one block's worth lives while it is recomputed."""
+    d, q, kv, h = config.dim, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.hidden_dim
+    per_block = (6 * d + 2 * q + 2 * kv + 4 * h) * size + (2 + config.n_heads) * 4  # 1/rms and lse in fp32
+    if config.qk_norm:
+        per_block += (2 * q + 2 * kv) * size + (config.n_heads + config.n_kv_heads) * 4
+    head = (2 * d) * size + 4 + 8  # the final norm's input and output, 1/rms, and the int64 token id
+    if checkpointing:
+        return tokens * (config.n_layers * d * size + per_block + head)
+    return tokens * (config.n_layers * per_block + head)
+
+
+def plan(config, world, micro_batch_size, seq_len, dtype, teacher=None, checkpointing=False, device="cuda",
+         export_dtype=None):
+    """Planned peak bytes per process of each stage: {stage: (bytes, what they are)}, from the shapes alone.
+
+    The weights are fp32 shards (FSDP2: 1 / world of every tensor). A training step peaks at one of two moments:
+    as backward starts (weights and AdamW's moments, the gathered root (embedding, head) and two blocks in the
+    compute dtype, every block's activations, and ChunkedLoss's gradients of h and W (fp32) with W's scaled copy
+    that backward hands on), or in the optimizer step (weights, gradients and both moments; on CPU AdamW's
+    one-tensor-at-a-time loop adds two temporaries of a tensor's shard). Distillation adds the teacher's shards and
+    its two gathered blocks, and its loss chunk holds about ten [positions, vocabulary] tensors. The export adds
+    one gathered tensor (and its copy in the export dtype) to what training holds."""
+    size = dtype.itemsize
+    params = shapes(config)
+    n = sum(math.prod(s) for s in params.values())
+    largest = max(math.prod(s) for s in params.values())
+    root = sum(math.prod(s) for k, s in params.items() if not k.startswith("model.layers."))
+    block = sum(math.prod(s) for k, s in params.items() if k.startswith("model.layers.0."))
+    tokens = micro_batch_size * seq_len
+    V, d = config.vocab_size, config.dim
+    rows = min(tokens, loss_chunk_rows(V))
+    adam_temporaries = 0 if device == "cuda" else 2 * largest / world * 4  # (fused AdamW on GPU)
+
+    def step(chunk, extra=0):
+        backward_start = (12 * n / world + (root + 2 * block) * size + activation_bytes(config, tokens, size,
+                                                                                         checkpointing)
+                          + tokens * d * size + 2 * V * d * 4 + chunk + extra)
+        optimizer = 16 * n / world + adam_temporaries + extra
+        return max(backward_start, optimizer)
+
+    stages = {
+        "load": (load_bytes(params, world, 4, config_bytes(config)), "fp32 shards, one slice being read"),
+        "train step": (step(rows * V * (size + 3 * 4)),
+                       "fp32 weights, gradients and AdamW's two moments (1/world each); gathered root and blocks; "
+                       "activations; the loss's gradients and chunk"),
+        "export (above training)": (largest * 4 + (largest * export_dtype.itemsize if export_dtype not in
+                                                   (None, torch.float32) else 0), "one gathered tensor"),
+    }
+    if teacher is not None:
+        t = shapes(teacher)
+        tn = sum(math.prod(s) for s in t.values())
+        tblock = sum(math.prod(s) for k, s in t.items() if k.startswith("model.layers."))
+        tblock /= teacher.n_layers
+        held = tn * size / world + 2 * tblock * size + tokens * teacher.dim * size
+        stages["load teacher"] = (load_bytes(t, world, size, config_bytes(teacher)),
+                                  "the teacher's shards in the compute dtype")
+        stages["distill step (teacher + student)"] = (
+            step(rows * V * (3 * size + 10 * 4), extra=held),
+            "the teacher's shards in the compute dtype, two gathered blocks and its hidden states; the student's "
+            "step, with the distillation loss's chunk")
+    return stages
+
+
+def load_bytes(params, world, size, stored):
+    """The peak of Transformer.load_rows: the shards filled so far, plus the slice being read when the stored dtype
+    is not the model's (a shard's memory becomes resident as it is filled)."""
+    filled = peak = 0
+    for shape in params.values():
+        shard = math.prod(shape) / world
+        peak = max(peak, filled + shard * size + (shard * stored if stored != size else 0))
+        filled += shard * size
+    return peak
+
+
+def config_bytes(config):
+    """Bytes per value of the checkpoint's stored dtype."""
+    return to_dtype(config.dtype).itemsize
+
+
+def plan_table(stages):
+    lines = ["| stage | planned per process | what |", "| --- | --- | --- |"]
+    for name, (nbytes, what) in stages.items():
+        lines.append(f"| {name} | {nbytes / 2**30:.2f} GB | {what} |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Measuring the plan against the real thing: 1 and 2 processes of train.py and distill.py (CPU, gloo)
+
+MEASURED = dict(model_type="qwen2", dim=896, n_layers=12, n_heads=14, n_kv_heads=2, hidden_dim=4864,
+                vocab_size=151936, tie_embeddings=True, qkv_bias=True, max_seq_len=2048)
+
+
+def make_checkpoint(path, data_root):
+    """A random checkpoint of MEASURED's shape (315M parameters, Qwen2.5's vocabulary size) with a small BPE
+    tokenizer of the telco corpus (the model's vocabulary is padded past it, as Qwen's is)."""
+    from data import corpus_files, read_documents
+    from tokenizer import Tokenizer
+    if os.path.exists(os.path.join(path, "config.json")):
+        return
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**MEASURED))
+    model.init_weights()
+    tokenizer = Tokenizer.train(list(read_documents(corpus_files(data_root, "telco", "train"))), 1024)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path)
+
+
+def run(cmd, nproc):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 \
+        else [sys.executable]
+    t0 = time.time()
+    subprocess.run(launcher + cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.time() - t0
+
+
+def measured(out):
+    """{stage: peak MB per process} of a finished run, above the process's RSS before loading (the export: above
+    its own start, what it adds to training)."""
+    record = read_json(os.path.join(out, "memory.json"))
+    base = record["load"]["start_mb"]
+    result = {name: [p - b for p, b in zip(e["peak_mb"], base if name == "load" else e["start_mb"])]
+              for name, e in record.items()}
+    result["export (above training)"] = result.pop("export")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        steps = [json.loads(line)["peak_mb"] for line in f if '"peak_mb"' in line]
+    result["step"] = [max(s[r] for s in steps) - b for r, b in enumerate(base)]
+    return result, max(base)
+
+
+def measure(args):
+    root = args.work
+    os.makedirs(root, exist_ok=True)
+    ckpt = os.path.join(root, "random-315m")
+    make_checkpoint(ckpt, args.data_root)
+    config = read_checkpoint(ckpt)[0]
+    student = ModelConfig.from_preset("tiny", vocab_size=config.vocab_size, max_seq_len=config.max_seq_len)
+    common = ["--domain", "telco", "--data-root", args.data_root, "--seq-len", str(args.seq_len), "--micro-batch-size",
+              "1", "--eval-every", "0", "--save-every", "0", "--max-steps", "2", "--warmup-steps", "1"]
+    results, times, baselines = {}, {}, []
+    for nproc in (1, 2):
+        runs = {"train": ["train.py", "--init-from", ckpt, "--replay-ratio", "0", "--eval-windows", "1"],
+                "distill": ["distill.py", "--teacher", ckpt, "--student", "tiny", "--data", "text",
+                            "--accept-prompts", "1", "--gen-tokens", "4"]}
+        for name, cmd in runs.items():
+            out = os.path.join(root, f"{name}-{nproc}")
+            if not os.path.exists(os.path.join(out, "memory.json")):
+                times[f"{name}.py, {nproc} process(es)"] = run(cmd + ["--out", out, "--batch-size", str(nproc),
+                                                                      *common], nproc)
+            results[name, nproc], base = measured(out)
+            baselines.append(base)
+    rows = []
+    for nproc in (1, 2):
+        planned = plan(config, nproc, 1, args.seq_len, torch.float32, device="cpu", export_dtype=torch.float32)
+        planned_d = plan(student, nproc, 1, args.seq_len, torch.float32, teacher=config, device="cpu")
+        train, distill = results["train", nproc], results["distill", nproc]
+        rows += [(nproc, "load", train["load"], planned["load"][0]),
+                 (nproc, "distill: load the teacher", distill["load teacher"], planned_d["load teacher"][0]),
+                 (nproc, "train step", train["step"], planned["train step"][0]),
+                 (nproc, "distill step (teacher + student)", distill["step"],
+                  planned_d["distill step (teacher + student)"][0]),
+                 (nproc, "export (above training)", train["export (above training)"],
+                  planned["export (above training)"][0])]
+    one = {stage: max(got) for nproc, stage, got, _ in rows if nproc == 1}
+    lines = ["| stage | processes | measured peak per process (MB) | planned (MB) | planned / measured | "
+             "2 processes / 1 |", "| --- | --- | --- | --- | --- | --- |"]
+    for nproc, stage, got, want in rows:
+        ratio = f"{max(got) / one[stage]:.2f}" if nproc == 2 else ""
+        lines.append(f"| {stage} | {nproc} | {' / '.join(str(g) for g in got)} | {want / MB:.0f} | "
+                     f"{want / MB / max(got):.2f} | {ratio} |")
+    print(f"random checkpoint {ckpt}: {config.num_params() / 1e6:.0f}M parameters ({4 * config.num_params() / MB:.0f}"
+          f" MB in fp32), vocabulary {config.vocab_size}; micro-batch 1 x {args.seq_len} tokens, fp32 on CPU; "
+          f"measured above each process's RSS before loading (at most {max(baselines)} MB; the export and "
+          "the teacher's load: above their own start)")
+    print("\n".join(lines))
+    if times:
+        print("run times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    pp = sub.add_parser("plan", help="planned peak memory per process of each stage")
+    pp.add_argument("model", help=f"an HF directory, a preset ({', '.join(PRESETS)}) or {', '.join(PUBLIC)}")
+    pp.add_argument("--world", type=int, default=8, help="processes (GPUs)")
+    pp.add_argument("--micro-batch-size", type=int, default=4)
+    pp.add_argument("--seq-len", type=int, default=2048)
+    pp.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="the compute dtype")
+    pp.add_argument("--teacher", default=None, help="plan distillation from this teacher (MODEL is the student)")
+    pp.add_argument("--activation-checkpointing", action="store_true")
+    pp.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="(AdamW is fused on GPU only)")
+    pm = sub.add_parser("measure", help="measure 1 and 2 processes on a random 315M checkpoint, beside the plan")
+    pm.add_argument("--work", default=os.path.join("out", "memory"))
+    pm.add_argument("--data-root", default="data")
+    pm.add_argument("--seq-len", type=int, default=512)
+    args = p.parse_args(argv)
+    if args.command == "measure":
+        return measure(args)
+    try:
+        config = model_config(args.model)
+        teacher = model_config(args.teacher) if args.teacher else None
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"{args.model}: {config.num_params() / 1e9:.2f}B parameters; {args.world} processes, micro-batch "
+          f"{args.micro_batch_size} x {args.seq_len}, {args.dtype}")
+    print(plan_table(plan(config, args.world, args.micro_batch_size, args.seq_len, to_dtype(args.dtype), teacher,
+                          args.activation_checkpointing, args.device, to_dtype(config.dtype))))
+
+
+if __name__ == "__main__":
+    main()
