@@ -8,8 +8,8 @@ train_loop puts each training step's peak in its metrics row; loading and export
 Planned: the model is built on the meta device (no memory) and the bytes each process holds at each stage's peak are
 added up from its shapes, for a world size, micro-batch, sequence length and dtype:
 
-    python memory.py plan Qwen2.5-7B --world 8 --micro-batch-size 4 --seq-len 2048 --dtype bfloat16
-    python memory.py plan out/telco --world 2 --micro-batch-size 1 --seq-len 256 --teacher out/telco-sft
+    python memory.py plan Qwen2.5-0.5B Qwen2.5-7B --world 8 --micro-batch-size 4 --seq-len 2048
+    python memory.py plan out/telco-draft --world 2 --micro-batch-size 1 --seq-len 256 --teacher out/telco-sft
     python memory.py measure            # 1 and 2 processes on a random 315M, 152k-vocabulary checkpoint (CPU)
 
 The plan counts tensors only; a CPU process also holds its own code and libraries (the "baseline" of the measured
@@ -170,10 +170,11 @@ def plan(config, world, micro_batch_size, seq_len, dtype, teacher=None, checkpoi
          export_dtype=None):
     """Planned peak bytes per process of each stage: {stage: (bytes, what they are)}, from the shapes alone.
 
-    The weights are fp32 shards (FSDP2: 1 / world of every tensor). A training step peaks at one of two moments:
+    The weights are fp32 shards (FSDP2: 1 / world of every tensor). A training step peaks at one of three moments:
     as backward starts (weights and AdamW's moments, the gathered root (embedding, head) and two blocks in the
-    compute dtype, every block's activations, and ChunkedLoss's gradients of h and W (fp32) with W's scaled copy
-    that backward hands on), or in the optimizer step (weights, gradients and both moments; on CPU AdamW's
+    compute dtype, every block's activations, and ChunkedLoss's gradients of h and W, in fp32), as it ends (all
+    the sharded gradients, and the root's whole gradient beside the embedding's dense one or beside the
+    reduce-scatter's input copy, and its output; on CPU also the activations' freed heap), or in the optimizer step (weights, gradients and both moments; on CPU AdamW's
     one-tensor-at-a-time loop adds two temporaries of a tensor's shard). Distillation adds the teacher's shards and
     its two gathered blocks, and its loss chunk holds about ten [positions, vocabulary] tensors. The export adds
     one gathered tensor (and its copy in the export dtype) to what training holds."""
@@ -187,21 +188,26 @@ def plan(config, world, micro_batch_size, seq_len, dtype, teacher=None, checkpoi
     V, d = config.vocab_size, config.dim
     rows = min(tokens, loss_chunk_rows(V))
     adam_temporaries = 0 if device == "cuda" else 2 * largest / world * 4  # (fused AdamW on GPU)
+    # On CPU the activations' memory, freed during backward in pieces smaller than glibc's mmap threshold, stays
+    # in the heap (and in the RSS) until trimmed; a GPU's max_memory_allocated counts live tensors only.
+    retained = 0 if device == "cuda" else activation_bytes(config, tokens, size, checkpointing)
 
     def step(chunk, extra=0):
         backward_start = (12 * n / world + (root + 2 * block) * size + activation_bytes(config, tokens, size,
                                                                                          checkpointing)
-                          + tokens * d * size + 2 * V * d * 4 + chunk + extra)
-        optimizer = 16 * n / world + adam_temporaries + extra
-        return max(backward_start, optimizer)
+                          + tokens * d * size + V * d * 4 + chunk)
+        backward_end = 16 * n / world + root * size + 2 * root * 4 + root * 4 / world + retained
+        optimizer = 16 * n / world + adam_temporaries
+        return max(backward_start, backward_end, optimizer) + extra
 
     stages = {
         "load": (load_bytes(params, world, 4, config_bytes(config)), "fp32 shards, one slice being read"),
         "train step": (step(rows * V * (size + 3 * 4)),
                        "fp32 weights, gradients and AdamW's two moments (1/world each); gathered root and blocks; "
                        "activations; the loss's gradients and chunk"),
-        "export (above training)": (largest * 4 + (largest * export_dtype.itemsize if export_dtype not in
-                                                   (None, torch.float32) else 0), "one gathered tensor"),
+        "export (above training)": ((largest * 4 if world > 1 else 0) + (largest * export_dtype.itemsize if
+                                    export_dtype not in (None, torch.float32) else 0),
+                                    "one gathered tensor (one process: the shard is the tensor)"),
     }
     if teacher is not None:
         t = shapes(teacher)
@@ -234,10 +240,13 @@ def config_bytes(config):
     return to_dtype(config.dtype).itemsize
 
 
-def plan_table(stages):
-    lines = ["| stage | planned per process | what |", "| --- | --- | --- |"]
-    for name, (nbytes, what) in stages.items():
-        lines.append(f"| {name} | {nbytes / 2**30:.2f} GB | {what} |")
+def plan_table(plans):
+    """{model name: plan(...)} -> a markdown table, one row per model, GB per process at each stage."""
+    stages = list(next(iter(plans.values()))[1])
+    lines = ["| model | parameters | " + " | ".join(stages) + " |", "| --- " * (len(stages) + 2) + "|"]
+    for name, (config, stage) in plans.items():
+        lines.append(f"| {name} | {config.num_params() / 1e9:.2f} B | " +
+                     " | ".join(f"{stage[s][0] / 2**30:.1f} GB" for s in stages) + " |")
     return "\n".join(lines)
 
 
@@ -287,6 +296,35 @@ def measured(out):
     return result, max(base)
 
 
+def loss_peak(ckpt, seq_len, chunked):
+    """Peak MB above the start of one forward + backward of a 1 x seq_len batch, the loss chunked
+    (train.causal_lm_loss) or on the whole logits (the formula before model.ChunkedLoss)."""
+    import torch.nn.functional as F
+
+    from train import causal_lm_loss
+    device = torch.device("cpu")
+    model = Transformer.from_pretrained(ckpt, dtype=torch.float32)
+    batch = torch.randint(0, model.config.vocab_size, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    x, y = batch[:, :-1], batch[:, 1:]
+    reset_peak(device)
+    start = current_mb(device)
+    loss = causal_lm_loss(model, batch) if chunked else \
+        F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="sum")
+    loss.backward()
+    return peak_mb(device) - start
+
+
+def loss_peaks(ckpt, seq_len):
+    """loss_peak of both losses, each in a process of its own, and the whole logits' planned share: N x V x 4
+    bytes for each of the logits, their log-softmax and its gradient."""
+    peaks = {}
+    for name, chunked in (("whole logits", False), ("chunked", True)):
+        code = f"import memory; print(memory.loss_peak({ckpt!r}, {seq_len}, {chunked}))"
+        peaks[name] = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                           text=True).stdout.split()[-1])
+    return peaks, 3 * seq_len * read_checkpoint(ckpt)[0].vocab_size * 4 / MB
+
+
 def measure(args):
     root = args.work
     os.makedirs(root, exist_ok=True)
@@ -324,9 +362,10 @@ def measure(args):
     lines = ["| stage | processes | measured peak per process (MB) | planned (MB) | planned / measured | "
              "2 processes / 1 |", "| --- | --- | --- | --- | --- | --- |"]
     for nproc, stage, got, want in rows:
-        ratio = f"{max(got) / one[stage]:.2f}" if nproc == 2 else ""
-        lines.append(f"| {stage} | {nproc} | {' / '.join(str(g) for g in got)} | {want / MB:.0f} | "
-                     f"{want / MB / max(got):.2f} | {ratio} |")
+        ratio = f"{max(got) / one[stage]:.2f}" if nproc == 2 and one[stage] > 0 else ""
+        planned_over = f"{want / MB / max(got):.2f}" if max(got) > 0 else ""
+        lines.append(f"| {stage} | {nproc} | {' / '.join(str(g) for g in got)} | {want / MB:.0f} | {planned_over} | "
+                     f"{ratio} |")
     print(f"random checkpoint {ckpt}: {config.num_params() / 1e6:.0f}M parameters ({4 * config.num_params() / MB:.0f}"
           f" MB in fp32), vocabulary {config.vocab_size}; micro-batch 1 x {args.seq_len} tokens, fp32 on CPU; "
           f"measured above each process's RSS before loading (at most {max(baselines)} MB; the export and "
@@ -334,13 +373,21 @@ def measure(args):
     print("\n".join(lines))
     if times:
         print("run times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    peaks, share = loss_peaks(ckpt, args.loss_seq_len)
+    print(f"\nforward + backward of 1 x {args.loss_seq_len} tokens, one process (peak MB above its start):")
+    print("| loss | measured peak (MB) |\n| --- | --- |")
+    for name, mb in peaks.items():
+        print(f"| {name} | {mb:.0f} |")
+    print(f"the chunked loss saves {peaks['whole logits'] - peaks['chunked']:.0f} MB; the whole logits' planned "
+          f"share: {share:.0f} MB (logits, log-softmax, gradient: 3 x {args.loss_seq_len} x "
+          f"{read_checkpoint(ckpt)[0].vocab_size} x 4 bytes)")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     pp = sub.add_parser("plan", help="planned peak memory per process of each stage")
-    pp.add_argument("model", help=f"an HF directory, a preset ({', '.join(PRESETS)}) or {', '.join(PUBLIC)}")
+    pp.add_argument("model", nargs="+", help=f"HF directories, presets ({', '.join(PRESETS)}) or {', '.join(PUBLIC)}")
     pp.add_argument("--world", type=int, default=8, help="processes (GPUs)")
     pp.add_argument("--micro-batch-size", type=int, default=4)
     pp.add_argument("--seq-len", type=int, default=2048)
@@ -352,18 +399,24 @@ def main(argv=None):
     pm.add_argument("--work", default=os.path.join("out", "memory"))
     pm.add_argument("--data-root", default="data")
     pm.add_argument("--seq-len", type=int, default=512)
+    pm.add_argument("--loss-seq-len", type=int, default=2048, help="tokens of the chunked-loss comparison")
     args = p.parse_args(argv)
     if args.command == "measure":
         return measure(args)
     try:
-        config = model_config(args.model)
+        configs = {name: model_config(name) for name in args.model}
         teacher = model_config(args.teacher) if args.teacher else None
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"{args.model}: {config.num_params() / 1e9:.2f}B parameters; {args.world} processes, micro-batch "
-          f"{args.micro_batch_size} x {args.seq_len}, {args.dtype}")
-    print(plan_table(plan(config, args.world, args.micro_batch_size, args.seq_len, to_dtype(args.dtype), teacher,
-                          args.activation_checkpointing, args.device, to_dtype(config.dtype))))
+    dtype = to_dtype(args.dtype)
+    plans = {name: (c, plan(c, args.world, args.micro_batch_size, args.seq_len, dtype, teacher,
+                            args.activation_checkpointing, args.device, to_dtype(c.dtype)))
+             for name, c in configs.items()}
+    print(f"planned peak memory per process: {args.world} processes, micro-batch {args.micro_batch_size} x "
+          f"{args.seq_len} tokens, {args.dtype} compute, fp32 weights and AdamW"
+          f"{', activation checkpointing' if args.activation_checkpointing else ''}"
+          f"{f', distilled from {args.teacher}' if teacher else ''}")
+    print(plan_table(plans))
 
 
 if __name__ == "__main__":

@@ -400,9 +400,9 @@ class ChunkedLoss(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_total):  # (scaled in place: W's gradient is as large as W, and backward runs once)
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_total, grad_w * grad_total, None, None
+        return grad_h.mul_(grad_total), grad_w.mul_(grad_total), None, None
 
 
 # -----------------------------------------------------------------------------

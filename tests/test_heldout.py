@@ -5,6 +5,8 @@ import os
 import re
 from collections import Counter
 
+import pytest
+
 import eval as ev
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,3 +88,11 @@ def test_val_text_shares_under_1_percent_of_its_8grams_with_the_replay_corpus():
         grams |= ngrams(read(path))
     shared = grams & train
     assert len(shared) / len(grams) < 0.01, sorted(" ".join(g) for g in shared)[:10]
+
+
+def test_an_evaluation_only_domain_has_a_val_split_and_no_train_split():
+    """data/heldout has val/ and eval/ only: eval.py reads its val text for bpb; training on it is refused."""
+    from data import corpus_files
+    assert len(corpus_files(os.path.join(REPO, "data"), "heldout", "val")) == 15
+    with pytest.raises(ValueError, match="unknown domain 'heldout'"):
+        corpus_files(os.path.join(REPO, "data"), "heldout", "train")
