@@ -269,8 +269,8 @@ def seed_of(*key):
 def sample_rows(model, prompts, seeds, args, eos_id, dtype):
     """(prompt + sampled continuation, labels on the continuation) per prompt, each drawn under its own seed.
     Fixed-length generation, cut at eos afterwards: every process runs the same number of forward passes, as
-    FSDP's collectives need (a process with fewer prompts than the others samples its last one again, or the
-    first of the list, and drops those rows)."""
+    FSDP's collectives need (a process with fewer prompts than the others samples its last one again, or a
+    one-token prompt if it has none, and drops those rows)."""
     model.setup_cache(1, model.config.max_seq_len, dtype=dtype)
     n = len(prompts)
     most = max(gather([n]))

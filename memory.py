@@ -40,17 +40,19 @@ MB = 2**20
 # Measured
 
 
-def reset_peak(device):
+def reset_peak(device, trim=False):
     """Start a new peak: the GPU allocator's counter, or on Linux the kernel's high-water mark of the resident set
     (writing 5 to /proc/self/clear_refs sets it to the current RSS). Elsewhere the peak is the process's since it
-    started."""
+    started. trim (a stage's start, not every step: the pages handed back would be faulted in again): first give
+    the heap glibc keeps after frees back to the system, so the stage's peak starts from what is live."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     elif os.path.exists("/proc/self/clear_refs"):
-        try:  # glibc keeps freed memory in the heap: hand it back, so the new peak starts from what is live
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+        if trim:
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
 
@@ -91,7 +93,7 @@ def per_process(value):
 def stage(out, name, device):
     """Record the peak memory of each process over the with-block as <out>/memory.json's entry `name`:
     {"peak_mb": [per process], "start_mb": [per process, at the block's start]}."""
-    reset_peak(device)
+    reset_peak(device, trim=True)
     start = current_mb(device)
     yield
     entry = {"peak_mb": [round(v) for v in per_process(peak_mb(device))],
@@ -306,7 +308,7 @@ def loss_peak(ckpt, seq_len, chunked):
     model = Transformer.from_pretrained(ckpt, dtype=torch.float32)
     batch = torch.randint(0, model.config.vocab_size, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
     x, y = batch[:, :-1], batch[:, 1:]
-    reset_peak(device)
+    reset_peak(device, trim=True)
     start = current_mb(device)
     loss = causal_lm_loss(model, batch) if chunked else \
         F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="sum")
