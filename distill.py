@@ -187,11 +187,14 @@ class VocabShardedHead(nn.Module):
         return logits.view(*h.shape[:-1], self.vocab_size)
 
 
-def load_teacher(path, device, dtype):
+def load_teacher(path, device, dtype, replicate=False):
     """The teacher in dtype, for inference, sharded as described above; each process reads only its own part of
-    the checkpoint (train.load_sharded's way: built on the meta device, sharded, then filled slice by slice)."""
-    config, _ = read_checkpoint(path)
+    the checkpoint (train.load_sharded's way: built on the meta device, sharded, then filled slice by slice). In one
+    process, or with --replicate-teacher, the plain model: no collectives, no FSDP hooks in every decoding step."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    if world == 1 or replicate:
+        return Transformer.from_pretrained(path, device, dtype).eval().requires_grad_(False)
+    config, _ = read_checkpoint(path)
     with torch.device("meta"):
         teacher = Transformer(config).to(dtype)
         rows = -(-config.vocab_size // world)  # torch.chunk's split, as FSDP2's
@@ -415,8 +418,7 @@ def run(args):
     fresh = not checkpoint_dirs(out)
     with memory.stage(out, "load", device):  # (the teacher, then the student)
         with memory.stage(out, "load teacher", device):
-            teacher = Transformer.from_pretrained(args.teacher, device, dtype).eval().requires_grad_(False) \
-                if args.replicate_teacher else load_teacher(args.teacher, device, dtype)
+            teacher = load_teacher(args.teacher, device, dtype, args.replicate_teacher)
         student = load_student(args, teacher, tokenizer, device)
     if args.seq_len > min(teacher.config.max_seq_len, student.config.max_seq_len):
         raise SystemExit(f"--seq-len {args.seq_len} exceeds a model's context")
