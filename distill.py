@@ -395,7 +395,8 @@ def distilled(student, teacher, batch, kind, temperature=1.0, alpha=0.0):
     def chunk_loss(logits, rows):
         with torch.no_grad():
             teacher_logits = teacher.lm_head(teacher_hidden[rows])
-        loss = distillation_loss(logits, teacher_logits, None, kind, temperature) * len(rows)
+        everywhere = torch.ones(len(rows), device=logits.device)  # (a chunk may be empty: its sum is 0, not NaN)
+        loss = distillation_loss(logits, teacher_logits, everywhere, kind, temperature) * len(rows)
         if alpha:
             loss = (1 - alpha) * loss + alpha * F.cross_entropy(logits.float(), y[rows], reduction="sum")
         return loss
