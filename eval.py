@@ -274,7 +274,7 @@ def eval_model(path, args, tasks, draft=None):
 def load_tasks(args):
     """{domain: {"mcq": rows, "qa": rows}} for --domain and --general; the domain must have eval files."""
     tasks = {}
-    for d in dict.fromkeys([args.domain, args.general]):
+    for d in dict.fromkeys([args.domain, *args.general]):
         corpus_files(args.data_root, d, "val")  # a clear error for an unknown domain or a missing val split
         folder = Path(args.data_root) / d / "eval"
         found = {name: folder / f"{name}.jsonl" for name in ("mcq", "qa") if (folder / f"{name}.jsonl").is_file()}
@@ -324,7 +324,9 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("models", nargs="+", help="HF directories; the first is the baseline for retention")
     p.add_argument("--domain", required=True, help="the domain: data/<domain>/val and data/<domain>/eval/")
-    p.add_argument("--general", default="general", help="the general corpus whose retention is measured")
+    p.add_argument("--general", default=["general"], type=lambda s: [d for d in s.split(",") if d],
+                   help="the general corpora whose retention is measured, comma-separated: general,heldout gives "
+                        "the replay corpus's own writing beside text and questions kept apart from it")
     p.add_argument("--data-root", default="data")
     p.add_argument("--draft", help="HF directory of a draft model: QA answers by speculative decoding")
     p.add_argument("--gamma", type=POSITIVE, default=4)
@@ -350,7 +352,8 @@ def main(argv=None):
             results[path], answers[path] = eval_model(path, args, tasks, draft)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    add_retention(results, args.general)
+    for general in args.general:
+        add_retention(results, general)
     table = markdown_table(results, list(tasks))
     print(table)
     out = Path(args.out or os.path.join("out", f"eval-{args.domain}"))

@@ -182,6 +182,24 @@ def test_cli_report_with_retention(checkpoint, tmp_path):
     assert ev.qa_prompt(model, tok, {"prompt": "hi"})[-3:] == tok.encode("assistant\n")[-3:]
 
 
+def test_retention_on_several_general_sets_one_of_them_evaluation_only(checkpoint, tmp_path):
+    """--general general,heldout: retention on the replay corpus's own writing and on a held-out set that has no
+    train/ split (data/heldout's layout), side by side."""
+    path, _ = checkpoint
+    write_data(tmp_path / "data")
+    held = tmp_path / "data" / "heldout"
+    shutil.copytree(os.path.join(REPO, "data", "heldout", "val"), held / "val")
+    os.makedirs(held / "eval")
+    (held / "eval" / "mcq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MCQ))
+    out = tmp_path / "report"
+    ev.main([str(path), str(path), "--domain", "telco", "--general", "general,heldout", "--data-root",
+             str(tmp_path / "data"), "--max-new-tokens", "4", "--out", str(out)])
+    metrics = json.loads(out.with_suffix(".json").read_text())["metrics"][str(path)]
+    for general in ("general", "heldout"):
+        assert metrics[f"retention_bpb/{general}"] == 1.0 and metrics[f"retention_mcq/{general}"] == 1.0
+    assert "heldout: general retention, bpb" in out.with_suffix(".md").read_text()
+
+
 @pytest.mark.parametrize("line,message", [
     ('{"question": "q", "choices": ["a", "b"]}', r"mcq.jsonl:2: \"answer\" must be an index"),
     ('{"question": "q", "choices": "ab", "answer": 0}', r"mcq.jsonl:2: \"choices\" must be a list"),
