@@ -827,9 +827,14 @@ def summary_table(before, after, domain, replay):
 
 
 def launch(run, args):
-    """Run a training command (train.py, sft.py, distill.py) and leave the process group cleanly."""
+    """Run a training command (train.py, sft.py, distill.py) and leave the process group cleanly: after a
+    successful run every process waits for the others before the group is destroyed (one process tearing its
+    gloo connections down while another still holds them has aborted the latter at exit)."""
     try:
-        return run(args)
+        result = run(args)
+        if dist.is_initialized():
+            dist.barrier()
+        return result
     except FloatingPointError as e:  # a diverged run: say which step and which checkpoint is good, no traceback
         raise SystemExit(str(e)) from None
     except (ValueError, FileNotFoundError, KeyError) as e:  # a user's file or flag, named in the message
