@@ -81,12 +81,17 @@ def current_mb(device):
 
 
 def per_process(value):
-    """[value of rank 0, rank 1, ...] on every process."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [value]
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
+    """[value of rank 0, rank 1, ...] on every process (train.gather; imported here, not at the top: train.py
+    imports this module)."""
+    from train import gather
+    return gather([value])
+
+
+def step_peaks(out):
+    """Each process's highest `peak_mb` over the training steps of <out>/metrics.jsonl ([] before any step)."""
+    from train import read_metrics
+    steps = [r["peak_mb"] for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "peak_mb" in r]
+    return [max(s[r] for s in steps) for r in range(len(steps[0]))] if steps else []
 
 
 @contextmanager
@@ -107,14 +112,11 @@ def stage(out, name, device):
 
 def table(out):
     """The end-of-run line: peak MB per process at each recorded stage and in the training steps."""
-    path, metrics = os.path.join(out, "memory.json"), os.path.join(out, "metrics.jsonl")
+    path = os.path.join(out, "memory.json")
     stages = read_json(path) if os.path.exists(path) else {}
-    steps = []
-    if os.path.exists(metrics):
-        with open(metrics) as f:
-            steps = [json.loads(line)["peak_mb"] for line in f if '"peak_mb"' in line]
-    if steps:
-        stages["train step"] = {"peak_mb": [max(s[r] for s in steps) for r in range(len(steps[0]))]}
+    peaks = step_peaks(out)
+    if peaks:
+        stages["train step"] = {"peak_mb": peaks}
     cells = [f"{name} {' / '.join(str(v) for v in e['peak_mb'])}" for name, e in stages.items()]
     return "peak memory per process (MB): " + "; ".join(cells) if cells else ""
 
@@ -176,8 +178,9 @@ def plan(config, world, micro_batch_size, seq_len, dtype, teacher=None, checkpoi
     as backward starts (weights and AdamW's moments, the gathered root (embedding, head) and two blocks in the
     compute dtype, every block's activations, and ChunkedLoss's gradients of h and W, in fp32), as it ends (all
     the sharded gradients, and the root's whole gradient beside the embedding's dense one or beside the
-    reduce-scatter's input copy, and its output; on CPU also the activations' freed heap), or in the optimizer step (weights, gradients and both moments; on CPU AdamW's
-    one-tensor-at-a-time loop adds two temporaries of a tensor's shard). Distillation adds the teacher's shards and
+    reduce-scatter's input copy, and its output; on CPU also the activations' freed heap), or in the optimizer
+    step (weights, gradients and both moments; on CPU AdamW's one-tensor-at-a-time loop adds two temporaries of a
+    tensor's shard). Distillation adds the teacher's shards and
     its two gathered blocks, and its loss chunk holds about ten [positions, vocabulary] tensors. The export adds
     one gathered tensor (and its copy in the export dtype) to what training holds."""
     size = dtype.itemsize
@@ -292,9 +295,7 @@ def measured(out):
     result = {name: [p - b for p, b in zip(e["peak_mb"], base if name == "load" else e["start_mb"])]
               for name, e in record.items()}
     result["export (above training)"] = result.pop("export")
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        steps = [json.loads(line)["peak_mb"] for line in f if '"peak_mb"' in line]
-    result["step"] = [max(s[r] for s in steps) - b for r, b in enumerate(base)]
+    result["step"] = [p - b for p, b in zip(step_peaks(out), base)]
     return result, max(base)
 
 

@@ -39,6 +39,18 @@ def grads(model):
     return {n: full_tensor(p.grad) for n, p in model.named_parameters()}
 
 
+def same_loss_and_gradients(loss, ref, what):
+    """Backward both losses; the losses and every gradient of `sharded` and `reference` must agree."""
+    loss.backward()
+    ref.backward()
+    close(loss.detach(), ref.detach(), what)
+    ref_grads = grads(reference)
+    for name, g in grads(sharded).items():
+        close(g, ref_grads[name], f"{what}: gradient of {name}")
+    sharded.zero_grad()
+    reference.zero_grad()
+
+
 def batch(seed, rows=2 * world, width=13):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, plain.config.vocab_size, (rows, width), generator=g)
@@ -58,17 +70,10 @@ reference = shard_model(Transformer.from_pretrained(path, dtype=fp32), device, f
 sharded.loss_chunk_rows = 5  # several chunks, the last one shorter
 tokens = batch(1)
 mine = tokens[rank * 2:(rank + 1) * 2]
-loss = causal_lm_loss(sharded, mine)
-loss.backward()
 x, y = mine[:, :-1], mine[:, 1:]
-ref = F.cross_entropy(reference(x).float().flatten(0, 1), y.flatten(), reduction="sum")
-ref.backward()
-close(loss.detach(), ref.detach(), "chunked DACP loss")
-ref_grads = grads(reference)
-for name, g in grads(sharded).items():
-    close(g, ref_grads[name], f"chunked DACP loss: gradient of {name}")
-sharded.zero_grad()
-reference.zero_grad()
+same_loss_and_gradients(causal_lm_loss(sharded, mine),
+                        F.cross_entropy(reference(x).float().flatten(0, 1), y.flatten(), reduction="sum"),
+                        "chunked DACP loss")
 
 # SFT's masked loss: only the trained positions' logits are computed
 labels = batch(2)
@@ -77,17 +82,10 @@ ids = batch(3)
 from sft import sft_loss  # noqa: E402
 
 mine = torch.stack([ids, labels], dim=1)[rank * 2:(rank + 1) * 2]
-loss = sft_loss(sharded, mine)
-loss.backward()
-ref = F.cross_entropy(reference(mine[:, 0]).float().flatten(0, 1), mine[:, 1].flatten(), ignore_index=-100,
-                      reduction="sum")
-ref.backward()
-close(loss.detach(), ref.detach(), "chunked SFT loss")
-ref_grads = grads(reference)
-for name, g in grads(sharded).items():
-    close(g, ref_grads[name], f"chunked SFT loss: gradient of {name}")
-sharded.zero_grad()
-reference.zero_grad()
+same_loss_and_gradients(sft_loss(sharded, mine),
+                        F.cross_entropy(reference(mine[:, 0]).float().flatten(0, 1), mine[:, 1].flatten(),
+                                        ignore_index=-100, reduction="sum"),
+                        "chunked SFT loss")
 
 # The sharded teacher (another checkpoint of the same shape): its logits, and the distillation loss and gradients
 teacher, plain_teacher = load_teacher(teacher_path, device, fp32), Transformer.from_pretrained(teacher_path, dtype=fp32)
@@ -95,7 +93,6 @@ with torch.no_grad():
     close(teacher(ids), plain_teacher(ids), "sharded teacher logits", rtol=1e-6)
 for kind, alpha in (("fkl", 0.0), ("tvd", 0.5)):
     loss = distilled(sharded, teacher, mine, kind, temperature=2.0, alpha=alpha)
-    loss.backward()
     x, labels_ = mine[:, 0], mine[:, 1]
     mask = labels_ != -100
     with torch.no_grad():
@@ -105,13 +102,7 @@ for kind, alpha in (("fkl", 0.0), ("tvd", 0.5)):
     if alpha:
         ce = F.cross_entropy(logits.float().flatten(0, 1), labels_.flatten(), ignore_index=-100, reduction="sum")
         ref = (1 - alpha) * ref + alpha * ce
-    ref.backward()
-    close(loss.detach(), ref.detach(), f"distillation loss {kind}")
-    ref_grads = grads(reference)
-    for name, g in grads(sharded).items():
-        close(g, ref_grads[name], f"distillation {kind}: gradient of {name}")
-    sharded.zero_grad()
-    reference.zero_grad()
+    same_loss_and_gradients(loss, ref, f"distillation loss {kind}")
 
 # The streaming export: the bytes safetensors writes from the whole state dict, in the checkpoint's own dtype
 dtype = getattr(torch, plain.config.dtype)
