@@ -38,8 +38,8 @@ import speculative
 from data import corpus_files, find_domains, read_documents
 from files import write_atomic
 from model import PRESETS, ModelConfig, Transformer, to_dtype
-from speculative import (bench_prompts, check_same_tokenizer, compare_decoders, generate, load, pooled_stats,
-                         prompt_ids, speculative_generate, timed)
+from speculative import (bench_prompts, check_same_tokenizer, compare_decoders, generate, generate_batch, load,
+                         pooled_stats, prompt_ids, speculative_generate, timed)
 from tokenizer import Tokenizer
 from train import PEAK_FLOPS, by_gpu_name, make_optimizer
 
@@ -183,6 +183,15 @@ def hf_generate(model, ids, max_new_tokens, **kwargs):
     return out[0, len(ids):].tolist()
 
 
+def hf_generate_batch(model, prompts, max_new_tokens):
+    """transformers' batched greedy generation: left-padded, the padding masked out by attention_mask."""
+    W = max(map(len, prompts))
+    idx = torch.tensor([[0] * (W - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (W - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    out = model.generate(idx, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens)
+    return out[:, W:].tolist()
+
+
 def time_decoding(ours_fn, theirs_fn, prompts, device):
     """Each prompt through ours then theirs (speculative.compare_decoders); tokens/s of each."""
     (n_ours, t_ours), (n_theirs, t_theirs), same = compare_decoders(ours_fn, theirs_fn, prompts, device)
@@ -215,6 +224,12 @@ def bench_decode(args, device):
         print(f"[decode] {mode}: {len(prompts)} prompts x {N} new tokens, plain greedy", flush=True)
         plain = time_decoding(lambda ids: generate(target, ids, N),
                               lambda ids: hf_generate(target_hf, ids, N, **hf_kwargs), prompts, device)
+        print(f"[decode] {mode}: {args.decode_batch} prompts per forward pass, greedy", flush=True)
+        batch = [prompts[i % len(prompts)] for i in range(args.decode_batch)]
+        # one "prompt" of compare_decoders is the whole batch; its tokens are every row's, concatenated
+        batched = time_decoding(lambda b: sum(generate_batch(target, b, N), []),
+                                lambda b: sum(hf_generate_batch(target_hf, b, N), []), [batch], device)
+        batched.update(prompts=args.decode_batch, identical=args.decode_batch if batched["identical"] else "not all")
         print(f"[decode] {mode}: speculative, gamma {args.gamma}", flush=True)
         runs = []
 
@@ -226,7 +241,8 @@ def bench_decode(args, device):
         spec = time_decoding(ours_speculative, lambda ids: hf_generate(target_hf, ids, N, assistant_model=draft_hf),
                              prompts, device)
         spec.update(acceptance_rate=pooled_stats(runs[1:], args.gamma)["acceptance_rate"])
-        for name, r in (("greedy decoding", plain), (f"speculative greedy, gamma {args.gamma}", spec)):
+        for name, r in (("greedy decoding", plain), (f"batched greedy decoding, {args.decode_batch} rows", batched),
+                        (f"speculative greedy, gamma {args.gamma}", spec)):
             notes = f"identical outputs {r['identical']}/{r['prompts']}; {r['prompts']} prompts x {N} tokens"
             if name.startswith("speculative"):
                 notes += (f"; acceptance {r['acceptance_rate']:.3f}; theirs: assisted generation "
@@ -240,7 +256,7 @@ def bench_decode(args, device):
                           f"vs {r['bandwidth_fraction_theirs']:.1%}")
             rows.append(row(f"{name}, tokens/s ({args.dtype}, {mode})", r["tokens_per_s_ours"],
                             r["tokens_per_s_theirs"], notes))
-        result[mode] = dict(plain=plain, speculative=spec)
+        result[mode] = dict(plain=plain, batched=batched, speculative=spec)
     return result, rows
 
 
@@ -313,6 +329,8 @@ def get_args(argv=None):
     g.add_argument("--n-prompts", type=int, default=4)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per round, both sides")
+    g.add_argument("--decode-batch", type=int, default=8, help="rows of the batched decoding row (the prompts, "
+                   "repeated as needed)")
     g = p.add_argument_group("tokenize")
     g.add_argument("--tokenizer", help="HF directory with tokenizer.json (default: --target)")
     g.add_argument("--data-root", default="data", help="the text: every <domain>/train/ here, concatenated")

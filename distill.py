@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -28,10 +29,11 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import memory
-from data import IGNORE, WindowSampler, pad_rows, read_conversations, render_chat, sft_files, sft_row
+from files import write_atomic
+from data import IGNORE, WindowSampler, pad_rows, read_conversations, read_jsonl, render_chat, sft_files, sft_row
 from model import PRESETS, Transformer, read_checkpoint
-from speculative import (check_same_tokenizer, cost_ratio, cut_at_eos, generate, is_chat_model, pooled_stats,
-                         predicted_speedup, speculative_generate, stop_id)
+from speculative import (check_same_tokenizer, cost_ratio, cut_at_eos, generate_batch, is_chat_model, pooled_stats,
+                         predicted_speedup, prompt_ids, speculative_generate, stop_id)
 from tokenizer import Tokenizer
 from train import (COUNT, POSITIVE, Step, batch_flops, check_batch_sizes, check_lrs, checkpoint_dirs, compute_dtype,
                    cosine_schedule, export_hf, gather, launch, log, make_optimizer, micro_batches_of,
@@ -75,6 +77,8 @@ def get_args(argv=None):
     p.add_argument("--teacher", required=True, help="HF directory of the target model (e.g. out/telco-sft)")
     p.add_argument("--student", default="tiny", help="HF directory of the draft, or a preset (" +
                    ", ".join(PRESETS) + ") for a new one on the teacher's tokenizer")
+    p.add_argument("--student-layers", type=POSITIVE, help="with an HF --student: keep only its first N layers "
+                   "(a truncated copy of the target is a draft that shares its embeddings and tokenizer)")
     p.add_argument("--domain", default="telco")
     p.add_argument("--data-root", default="data")
     p.add_argument("--data", default="teacher", choices=["text", "sft", "teacher", "student"],
@@ -89,6 +93,8 @@ def get_args(argv=None):
                    "prompt")
     p.add_argument("--gen-temperature", type=number(float, 0), default=1.0,
                    help="sampling temperature for generated data (0: greedy)")
+    p.add_argument("--gen-batch-size", type=POSITIVE, default=16, help="teacher/student data: prompts sampled "
+                   "together, in one forward pass per token")
     p.add_argument("--prompt-tokens", type=POSITIVE, default=32, help="base teachers: corpus prefix length as prompt")
     p.add_argument("--out", default=None, help="output directory (default out/<domain>-draft)")
     p.add_argument("--batch-size", type=POSITIVE, default=16)
@@ -218,6 +224,8 @@ def load_teacher(path, device, dtype, replicate=False):
 def load_student(args, teacher, tokenizer, device):
     """The draft: a new model of a preset shape on the teacher's tokenizer, or an HF checkpoint that must share it."""
     if args.student in PRESETS:
+        if args.student_layers:
+            raise SystemExit(f"--student-layers: only for an HF --student, not the preset {args.student}")
         tc = teacher.config
         return preset_model(args.student, tc.vocab_size, tc.max_seq_len, tc.bos_token_id, tc.eos_token_id,
                             args.seed).to(device)
@@ -227,6 +235,14 @@ def load_student(args, teacher, tokenizer, device):
                          f"student ({args.student})")
     student = Transformer.from_pretrained(args.student, device=device, dtype=torch.float32)
     student.config.eos_token_id = teacher.config.eos_token_id  # stop where the teacher stops
+    if args.student_layers:
+        if args.student_layers > student.config.n_layers:
+            raise SystemExit(f"--student-layers {args.student_layers}: {args.student} has only "
+                             f"{student.config.n_layers} layers")
+        # A truncated copy: the first layers, the final norm and the head. It starts on the teacher's embeddings
+        # and early features, so distillation only has to teach the last layers' work to fewer of them.
+        del student.model.layers[args.student_layers:]
+        student.config = replace(student.config, n_layers=args.student_layers)
     return student
 
 
@@ -235,11 +251,14 @@ def load_student(args, teacher, tokenizer, device):
 
 
 def domain_prompts(tokenizer, teacher, args, split):
-    """Prompts from the domain: for a chat teacher, the user turns of data/<domain>/sft/[val/]*.jsonl rendered
-    with the assistant header; for a base teacher, the first --prompt-tokens tokens of corpus windows."""
+    """Prompts from the domain. For a chat teacher: the user turns of data/<domain>/sft/[val/]*.jsonl rendered with
+    the assistant header; held out (split "val") without sft/val/, the questions of data/<domain>/eval/qa.jsonl
+    (never trained on; speculative.py --bench decodes them). For a base teacher, or a chat teacher with neither:
+    the first --prompt-tokens tokens of corpus windows."""
+    chat = is_chat_model(teacher, tokenizer)
     try:
-        files = sft_files(args.data_root, args.domain, split) if is_chat_model(teacher, tokenizer) else []
-    except ValueError:  # no conversations for this split: corpus prefixes instead
+        files = sft_files(args.data_root, args.domain, split) if chat else []
+    except ValueError:  # no conversations for this split
         files = []
     if files:
         prompts = []
@@ -248,6 +267,10 @@ def domain_prompts(tokenizer, teacher, args, split):
                 first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
                 prompts.append(render_chat(tokenizer, messages[:first], add_generation_prompt=True)[0])
         return prompts
+    qa = os.path.join(args.data_root, args.domain, "eval", "qa.jsonl")
+    if chat and split == "val" and os.path.isfile(qa):
+        return [prompt_ids(teacher, tokenizer, row["prompt"]) for _, row in read_jsonl(qa)
+                if isinstance(row.get("prompt"), str)]
     tokens = tokenize_once(tokenizer, args.data_root, args.domain, split)
     n = (len(tokens) - 1) // args.seq_len
     return [tokens[i * args.seq_len:i * args.seq_len + args.prompt_tokens].tolist() for i in range(n)]
@@ -270,19 +293,23 @@ def seed_of(*key):
 
 @torch.no_grad()
 def sample_rows(model, prompts, seeds, args, eos_id, dtype):
-    """(prompt + sampled continuation, labels on the continuation) per prompt, each drawn under its own seed.
-    Fixed-length generation, cut at eos afterwards: every process runs the same number of forward passes, as
-    FSDP's collectives need (a process with fewer prompts than the others samples its last one again, or a
-    one-token prompt if it has none, and drops those rows)."""
-    model.setup_cache(1, model.config.max_seq_len, dtype=dtype)
+    """(prompt + sampled continuation, labels on the continuation) per prompt, --gen-batch-size prompts per forward
+    pass (generate_batch), each drawn from its own generator seeded by its seed: a prompt's sample does not depend
+    on the prompts batched with it. Fixed-length generation, cut at eos afterwards: every process runs the same
+    number of forward passes, as FSDP's collectives need (a process with fewer prompts than the others samples its
+    last one again, or a one-token prompt if it has none, and drops those rows)."""
+    device = model.lm_head.weight.device
+    model.setup_cache(args.gen_batch_size, min(args.seq_len, model.config.max_seq_len), dtype=dtype)
     n = len(prompts)
     most = max(gather([n]))
+    prompts = [p[-(args.seq_len - args.gen_tokens):] for p in prompts + [(prompts or [[0]])[-1]] * (most - n)]
+    seeds = seeds + [0] * (most - n)
     rows = []
-    for prompt, seed in zip(prompts + [(prompts or [[0]])[-1]] * (most - n), seeds + [0] * (most - n)):
-        prompt = prompt[-(args.seq_len - args.gen_tokens):]
-        with seeded(seed):
-            new = generate(model, prompt, args.gen_tokens, temperature=args.gen_temperature)
-        rows.append(continuation_row(prompt, cut_at_eos(new, eos_id)))
+    for b in range(0, most, args.gen_batch_size):
+        batch = prompts[b:b + args.gen_batch_size]
+        generators = [torch.Generator(device).manual_seed(s) for s in seeds[b:b + args.gen_batch_size]]
+        news = generate_batch(model, batch, args.gen_tokens, temperature=args.gen_temperature, generators=generators)
+        rows += [continuation_row(p, cut_at_eos(new, eos_id)) for p, new in zip(batch, news)]
     return rows[:n]
 
 
@@ -382,6 +409,15 @@ def acceptance_line(when, r, gamma):
             f"greedy, {r['predicted_speedup_T=1']:.2f}x at T=1")
 
 
+def record_acceptance(out, when, result, rank):
+    """<out>/acceptance.json: {"before": ..., "after": ...}, what distillation added (the undistilled draft's
+    acceptance and predicted speedup beside the distilled one's; report.py reads it)."""
+    if rank == 0:
+        path = os.path.join(out, "acceptance.json")
+        done = json.loads(open(path).read()) if os.path.exists(path) else {}
+        write_atomic(path, json.dumps({**done, when: result}, indent=2) + "\n")
+
+
 def distilled(student, teacher, batch, kind, temperature=1.0, alpha=0.0):
     """The distillation loss summed over the positions of a [B, 2, T] (ids, labels) batch that have a label, plus
     alpha x the cross-entropy on the labels. A chunk of positions at a time: the teacher's final hidden states go
@@ -427,6 +463,7 @@ def run(args):
     if fresh:  # (on every process: the sharded teacher's forward passes are collectives)
         before = acceptance(teacher, student, tokenizer, held_out, args)
         log(acceptance_line("before distillation", before, args.gamma))
+        record_acceptance(out, "before", before, rank)
     eos = stop_id(teacher, tokenizer)
     pad_id = tokenizer.eos_id or 0
     model = shard_model(student, device, dtype, compile=args.compile)
@@ -460,7 +497,8 @@ def run(args):
         acceptance of a draft token)."""
         nonlocal val_rows
         if val_rows is None:
-            val_rows = [continuation_row(p, generate(teacher, p, args.gen_tokens)) for p in held_out]
+            val_rows = [continuation_row(p, new) for p, new in
+                        zip(held_out, generate_batch(teacher, held_out, args.gen_tokens))]
         batch = torch.from_numpy(pad_rows(val_rows, pad_id)).to(device)
         with torch.no_grad():
             tvd = distilled(model, teacher, batch, "tvd").item() / int((batch[:, 1] != IGNORE).sum())
@@ -478,6 +516,7 @@ def run(args):
     draft = Transformer.from_pretrained(out, device=device).eval()
     after = acceptance(teacher, draft, tokenizer, held_out, args)
     log(acceptance_line("after distillation", after, args.gamma))
+    record_acceptance(out, "after", after, rank)
     log(memory.table(out))
     return out
 

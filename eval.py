@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from data import check_messages, corpus_files, read_jsonl, render_chat, tokenize_corpus
 from files import write_atomic
-from speculative import (check_same_tokenizer, generate, is_chat_model, load, pooled_stats, prompt_ids,
+from model import to_dtype
+from speculative import (check_same_tokenizer, generate_batch, is_chat_model, load, pooled_stats, prompt_ids,
                          speculative_generate, stop_id)
 from train import POSITIVE, retention, val_loss_and_bpb
 
@@ -220,19 +221,28 @@ def answer_text(model, tokenizer, ids):
     return text.strip() if is_chat_model(model, tokenizer) else text.strip().split("\n")[0].strip()
 
 
-def qa(model, tokenizer, rows, max_new_tokens, draft=None, gamma=4, desc="qa"):
-    """Greedy answers (speculative with a draft: identical text, faster) scored against the references."""
-    hyps, runs = [], []
-    for row in tqdm(rows, desc=desc, unit="q", leave=False):
-        ids = qa_prompt(model, tokenizer, row)
-        max_new = min(max_new_tokens, model.config.max_seq_len - len(ids) - gamma - 1)
-        if draft is None:
-            new = generate(model, ids, max_new, eos_id=stop_id(model, tokenizer))
-        else:
-            new, stats = speculative_generate(model, draft, ids, max_new, gamma=gamma,
-                                              eos_id=stop_id(model, tokenizer))
+def qa(model, tokenizer, rows, max_new_tokens, draft=None, gamma=4, desc="qa", batch_size=16):
+    """Greedy answers scored against the references. Without a draft, batch_size questions are answered in one
+    forward pass per token (generate_batch; questions of similar length together, so little padding); with one,
+    by speculative decoding one at a time (the same text, faster at batch 1)."""
+    eos = stop_id(model, tokenizer)
+    prompts = [qa_prompt(model, tokenizer, row) for row in rows]
+    new, runs = [None] * len(rows), []
+    if draft is None:
+        order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+        batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+        for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+            width = max(len(prompts[i]) for i in batch)
+            answers = generate_batch(model, [prompts[i] for i in batch],
+                                     min(max_new_tokens, model.config.max_seq_len - width), eos_id=eos)
+            for i, answer in zip(batch, answers):
+                new[i] = answer
+    else:
+        for i, ids in enumerate(tqdm(prompts, desc=desc, unit="q", leave=False)):
+            max_new = min(max_new_tokens, model.config.max_seq_len - len(ids) - gamma - 1)
+            new[i], stats = speculative_generate(model, draft, ids, max_new, gamma=gamma, eos_id=eos)
             runs.append(stats)
-        hyps.append(answer_text(model, tokenizer, new))
+    hyps = [answer_text(model, tokenizer, ids) for ids in new]
     refs = [r["reference"] for r in rows]
     result = {"rouge1": rouge1(hyps, refs), "bleu4": bleu4(hyps, refs)}
     if runs:
@@ -247,25 +257,25 @@ def qa(model, tokenizer, rows, max_new_tokens, draft=None, gamma=4, desc="qa"):
 def eval_model(path, args, tasks, draft=None):
     """Every metric of one model: {"bpb/<d>": ..., "ppl/<d>": ..., "mcq_acc_norm/<d>": ..., ...}."""
     device = torch.device(args.device)
-    model, tokenizer = load(path, device)
+    model, tokenizer = load(path, device, args.dtype)
     if draft is not None:
         check_same_tokenizer(tokenizer, draft[1], a_name=f"model {path}", b_name=f"--draft {args.draft}")
     metrics, answers = {}, {}
-    val = {d: tokenize_corpus(tokenizer, args.data_root, d, "val") for d in tasks}
+    val = {d: tokenize_corpus(tokenizer, args.data_root, d, "val") for d in tasks} if "bpb" in args.tasks else {}
     for key, value in val_loss_and_bpb(model, val, min(args.seq_len, model.config.max_seq_len), args.batch_size,
-                               tokenizer.token_byte_lengths(), device, max_windows=10 ** 9).items():
+                                       tokenizer.token_byte_lengths(), device, max_windows=10 ** 9).items():
         kind, d = key.split("/")
         if kind == "bpb":
             metrics[f"bpb/{d}"] = value
         else:
             metrics[f"ppl/{d}"] = math.exp(value)  # per token: depends on the tokenizer, unlike bpb
     for d, files in tasks.items():
-        if "mcq" in files:
+        if "mcq" in files and "mcq" in args.tasks:
             for k, v in multiple_choice(model, tokenizer, files["mcq"], args.batch_size).items():
                 metrics[f"mcq_{k}/{d}"] = v
-        if "qa" in files:
+        if "qa" in files and "qa" in args.tasks:
             result, hyps = qa(model, tokenizer, files["qa"], args.max_new_tokens, draft and draft[0], args.gamma,
-                              desc=f"{Path(path).name} qa/{d}")
+                              desc=f"{Path(path).name} qa/{d}", batch_size=args.batch_size)
             metrics.update({f"{k}/{d}": v for k, v in result.items()})
             answers[d] = hyps
     return metrics, answers
@@ -319,6 +329,9 @@ def markdown_table(results, domains):
     return "\n".join(lines)
 
 
+TASKS = ("bpb", "mcq", "qa")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -334,9 +347,17 @@ def get_args(argv=None):
     p.add_argument("--limit", type=POSITIVE, help="score only the first N rows of each eval file (quick runs)")
     p.add_argument("--seq-len", type=POSITIVE, default=512, help="window for bpb")
     p.add_argument("--batch-size", type=POSITIVE, default=16)
+    p.add_argument("--tasks", default="bpb,mcq,qa", help="comma-separated: any of " + ", ".join(TASKS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="weights and compute (default: bfloat16 on GPU, the checkpoint's own dtype on CPU)")
     p.add_argument("--out", help="report prefix: writes <out>.md and <out>.json (default: out/eval-<domain>)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    if not args.tasks or set(args.tasks) - set(TASKS):
+        p.error(f"--tasks {','.join(args.tasks)}: expected a comma-separated list of {', '.join(TASKS)}")
+    args.dtype = to_dtype(args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else None)
+    return args
 
 
 def main(argv=None):
@@ -346,7 +367,7 @@ def main(argv=None):
         for path in args.models + ([args.draft] if args.draft else []):
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise FileNotFoundError(f"{path}: not an HF model directory (no config.json)")
-        draft = load(args.draft, torch.device(args.device)) if args.draft else None
+        draft = load(args.draft, torch.device(args.device), args.dtype) if args.draft else None
         results, answers = {}, {}
         for path in tqdm(args.models, desc="models", unit="model"):
             results[path], answers[path] = eval_model(path, args, tasks, draft)

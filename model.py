@@ -460,9 +460,13 @@ class Transformer(nn.Module):
                 self.cache_masks[attn.window] = causal if attn.window is None else causal.triu(-attn.window + 1)
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, *, loss_fn=None, mask=None,
-                return_hidden=False) -> torch.Tensor:
+                return_hidden=False, filled=None) -> torch.Tensor:
         """idx [B, T] token ids -> logits [B, T, vocab]. Without input_pos: positions 0..T-1, causal attention, no
         cache. With input_pos (the T absolute positions of idx): reads and writes the KV cache.
+
+        filled [B, max_seq_len] (with input_pos): False at the cache columns of each row's left padding, which no
+        query reads (see speculative.generate_batch). A row's tokens then sit at positions shifted by its padding;
+        RoPE makes attention depend only on the distance between positions, so the shift changes nothing.
 
         With loss_fn (training): the summed loss over the positions where mask [B, T] is True (all without a mask),
         computed without the logits of the whole batch: see ChunkedLoss. return_hidden: the final normalised hidden
@@ -483,7 +487,7 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             window = block.self_attn.window
             if window not in masks:
-                masks[window] = self._mask(window, pos, input_pos is not None)
+                masks[window] = self._mask(window, pos, input_pos is not None, filled)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, masks[window], input_pos, use_reentrant=False)
             else:
@@ -499,8 +503,12 @@ class Transformer(nn.Module):
         chunks = rows.tensor_split(-(-B * T // self.loss_chunk_rows))
         return ChunkedLoss.apply(h.flatten(0, 1), self.lm_head.weight, loss_fn, chunks)
 
-    def _mask(self, window, pos, cached):
+    def _mask(self, window, pos, cached, filled=None):
         """Boolean attention mask (True = attend), or None for plain causal attention (SDPA's is_causal)."""
+        if cached and filled is not None:  # per row: not its padding, but a padding query sees itself (no NaN)
+            S = self.max_seq_len
+            itself = torch.arange(S, device=pos.device) == pos[:, None]
+            return (self.cache_masks[window][pos] & (filled[:, None, :S] | itself))[:, None]
         if cached:  # the query rows at pos, over the whole static cache
             return self.cache_masks[window][pos][None, None]
         if window is None:

@@ -81,13 +81,13 @@ def compile_decoding():
     model_forward = torch.compile(model_forward, mode=mode, fullgraph=True, dynamic=False)
 
 
-def ensure_cache(model, length):
-    """A KV cache for batch 1 and at least `length` positions (kept between calls when big enough)."""
+def ensure_cache(model, length, batch=1):
+    """A KV cache for `batch` rows and at least `length` positions (kept between calls when big enough)."""
     if length > model.config.max_seq_len:
         raise ValueError(f"prompt + new tokens need {length} positions; the model's max_seq_len is "
                          f"{model.config.max_seq_len}")
-    if model.max_batch_size < 1 or model.max_seq_len < length:
-        model.setup_cache(1, min(model.config.max_seq_len, max(length, 256)))
+    if model.max_batch_size < batch or model.max_seq_len < length:
+        model.setup_cache(max(batch, model.max_batch_size), min(model.config.max_seq_len, max(length, 256)))
 
 
 def cut_at_eos(tokens, eos_id):
@@ -127,6 +127,42 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
     if new:
         out += torch.cat(new).tolist()
     return cut_at_eos(out, eos_id)
+
+
+@torch.no_grad()
+def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=None,
+                   generators=None, sync_every=16):
+    """generate() for several prompts in one forward pass per token: the prompts are left-padded to one width W,
+    so every row's next token goes to the same cache column W + i, and `filled` hides each row's padding from
+    attention (Transformer.forward). Returns one list of new tokens per prompt, each cut after eos_id; decoding
+    stops when every row has produced it (or after max_new_tokens). generators: one torch.Generator per row, so a
+    row's sample does not depend on the rows beside it (distill.py draws each prompt under its own seed)."""
+    device = model.lm_head.weight.device
+    B, W = len(prompts), max(map(len, prompts), default=0)
+    if B == 0 or min(map(len, prompts)) == 0 or max_new_tokens < 1:
+        raise ValueError("generate_batch needs non-empty prompts and max_new_tokens >= 1")
+    ensure_cache(model, W + max_new_tokens, B)
+    pad = torch.tensor([W - len(p) for p in prompts], device=device)
+    idx = torch.tensor([[0] * (W - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    filled = torch.arange(model.max_seq_len, device=device)[None] >= pad[:, None]
+
+    def draw(logits):
+        probs = logits_to_probs(logits, temperature, top_k, top_p)
+        if generators is None or temperature == 0:
+            return sample(probs)
+        race = torch.stack([torch.empty_like(p).exponential_(1, generator=g) for p, g in zip(probs, generators)])
+        return torch.argmax(probs / race, dim=-1)  # sample()'s exponential race, one stream per row
+
+    token = draw(model(idx, torch.arange(W, device=device), filled=filled)[:, -1])
+    new = [token]
+    input_pos = torch.tensor([W], device=device)
+    for i in range(1, max_new_tokens):
+        if eos_id is not None and i % sync_every == 0 and (torch.stack(new) == eos_id).any(0).all():
+            break
+        token = draw(model(token[:, None], input_pos, filled=filled)[:, -1])
+        new.append(token)
+        input_pos += 1
+    return [cut_at_eos(row, eos_id) for row in torch.stack(new, 1).tolist()]
 
 
 def fit_vocab(logits, size):

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The workshop: the whole recipe on the sample data, each stage taking the previous stage's HF directory.
 #
-#   bash workshop.sh                      # about 20 minutes on a 2-core CPU; writes out/workshop/
+#   bash workshop.sh                      # about 12 minutes on a 2-core CPU; writes out/workshop/
 #   DOMAIN=finance bash workshop.sh       # the same on the finance sample corpus
+#   TARGET=models/smollm2-135m-instruct bash workshop.sh
+#                                         # the real-model track (about 45 minutes): from a public checkpoint
+#                                         # (python prepare_real_model.py), writes out/real/ and the paper table
 #
 # Each `run` line below is one stage's ordinary command, printed before it runs (the README walks through them).
 # A stage whose output directory already holds a finished model is skipped, and an interrupted one is resumed
@@ -11,26 +14,54 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-OUT=${OUT:-out/workshop}
+TARGET=${TARGET:-small}            # the target: a preset (5.8M parameters, pretrained here first) or an HF directory
+if [ -f "$TARGET/config.json" ]; then
+    REAL=1                         # a real checkpoint: it is the base; bf16 compute (faster on this CPU)
+    OUT=${OUT:-out/real}
+    DRAFT=${DRAFT:-$OUT/${DOMAIN:-telco}-sft}   # the draft: a truncated copy of the SFT target ...
+    DRAFT_LAYERS=${DRAFT_LAYERS:-4}             # ... keeping its first 4 of 30 layers
+    DACP_STEPS=${DACP_STEPS:-40}   # x 8 sequences x 256 tokens
+    DACP_LR=${DACP_LR:-1e-4}
+    SFT_LR=${SFT_LR:-5e-5}
+    DISTILL_STEPS=${DISTILL_STEPS:-100}
+    DISTILL_LR=${DISTILL_LR:-2e-3}
+    GAMMA=${GAMMA:-1}              # draft tokens per round: on a CPU the verify pass grows with them (README)
+    DTYPE=${DTYPE:-bfloat16}
+else
+    REAL=
+    OUT=${OUT:-out/workshop}
+    DRAFT=${DRAFT:-tiny}           # the draft's preset (0.9M parameters, 2 layers), on the target's tokenizer
+    DRAFT_LAYERS=${DRAFT_LAYERS:-}
+    DACP_STEPS=${DACP_STEPS:-150}  # continual pretraining on the domain with 50 % replay
+    DACP_LR=${DACP_LR:-3e-4}
+    SFT_LR=${SFT_LR:-2e-4}
+    DISTILL_STEPS=${DISTILL_STEPS:-60}
+    DISTILL_LR=${DISTILL_LR:-1e-3}
+    GAMMA=${GAMMA:-4}
+    DTYPE=${DTYPE:-float32}
+fi
 DOMAIN=${DOMAIN:-telco}
 NPROC=${NPROC:-2}                  # processes for the pretraining stages (FSDP2 over gloo on a CPU)
-TARGET=${TARGET:-small}            # the target's preset (5.8M parameters)
-DRAFT=${DRAFT:-tiny}               # the draft's preset (0.9M parameters, 2 layers), on the target's tokenizer
 BASE_STEPS=${BASE_STEPS:-150}      # pretraining the base from scratch on the general corpus (more overfits it)
-DACP_STEPS=${DACP_STEPS:-150}      # continual pretraining on the domain with 50 % replay
 SFT_EPOCHS=${SFT_EPOCHS:-2}        # per curriculum stage
-DISTILL_STEPS=${DISTILL_STEPS:-60}
+SFT_BATCH=${SFT_BATCH:-16}         # conversations per SFT step
 GEN_TOKENS=${GEN_TOKENS:-64}       # teacher continuation length for distillation
 EVAL_LIMIT=${EVAL_LIMIT:-}         # score only the first N rows of each eval set (empty: all)
 BENCH_PROMPTS=${BENCH_PROMPTS:-8}
+BENCH_TOKENS=${BENCH_TOKENS:-128}  # new tokens per prompt in the speculative benchmark
+DATA=${DATA:-data}                 # the corpora, conversations and eval sets
+RATIOS=${RATIOS:-0,0.1,0.25,0.5,0.75}  # ABLATION=replay: the replay ratios
 
 took=()
+times="$OUT/stage-times${ABLATION:+-$ABLATION}.txt"  # each stage's seconds and command, as it finishes
+mkdir -p "$OUT"
 run() {
     echo
     echo "+ $*"
     local start=$SECONDS
     "$@"
     took+=("$(( SECONDS - start )) s  $*")
+    printf '%s\n' "${took[@]}" > "$times"
 }
 
 # stage <output dir> <command...>: skip a finished stage, resume an interrupted one.
@@ -49,30 +80,72 @@ stage() {
 
 torchrun="torchrun --nproc_per_node=$NPROC"
 
-# 1. A tokenizer (BPE, trained on the sample corpora) and a base model pretrained from scratch on general text.
-stage "$OUT/base" $torchrun train.py --domain general --replay-ratio 0 --init-from "$TARGET" --out "$OUT/base" \
-    --max-steps "$BASE_STEPS" --lr 1e-3 --min-lr 1e-4 --warmup-steps 20 --eval-every 0
-
+# 1. A tokenizer (BPE, trained on the sample corpora) and a base model pretrained from scratch on general text;
+#    a real checkpoint is its own base.
+if [ -n "$REAL" ]; then
+    BASE=$TARGET
+else
+    BASE=$OUT/base
+    stage "$BASE" $torchrun train.py --domain general --replay-ratio 0 --init-from "$TARGET" --out "$BASE" \
+        --data-root "$DATA" --max-steps "$BASE_STEPS" --lr 1e-3 --min-lr 1e-4 --warmup-steps 20 --eval-every 0
+fi
 # 2. DACP: continual pretraining on the domain corpus with 50 % general replay, the LR re-warmed (ixi-GEN).
-stage "$OUT/$DOMAIN" $torchrun train.py --domain "$DOMAIN" --replay-ratio 0.5 --init-from "$OUT/base" \
-    --out "$OUT/$DOMAIN" --max-steps "$DACP_STEPS" --eval-every 0
+dacp=(--domain "$DOMAIN" --data-root "$DATA" --init-from "$BASE" --max-steps "$DACP_STEPS" --lr "$DACP_LR")
+dacp+=(--eval-every 0 --dtype "$DTYPE")
+dacp+=(${REAL:+--batch-size 8 --micro-batch-size 4 --warmup-steps 5})  # a real checkpoint: 8 x 256 tokens a step
+stage "$OUT/$DOMAIN" $torchrun train.py "${dacp[@]}" --replay-ratio 0.5 --out "$OUT/$DOMAIN"
 
 # 3. Curriculum SFT: general conversations, then domain, then expert (SOAEsV2).
-stage "$OUT/$DOMAIN-sft" python sft.py --init-from "$OUT/$DOMAIN" --domain "$DOMAIN" --out "$OUT/$DOMAIN-sft" \
-    --epochs "$SFT_EPOCHS"
+sft=(--domain "$DOMAIN" --data-root "$DATA" --epochs "$SFT_EPOCHS" --lr "$SFT_LR" --dtype "$DTYPE")
+sft+=(--batch-size "$SFT_BATCH" --micro-batch-size "$(( SFT_BATCH < 8 ? SFT_BATCH : 8 ))")
+stage "$OUT/$DOMAIN-sft" python sft.py "${sft[@]}" --init-from "$OUT/$DOMAIN" --out "$OUT/$DOMAIN-sft"
+
+# The ablations, each its own command from the track's outputs: ABLATION=replay or ABLATION=sft.
+if [ -n "${ABLATION:-}" ]; then
+    case $ABLATION in
+    replay)  # ixi-GEN Fig. 3: the same DACP at each replay ratio (0.5 is the track's run), scored on held-out text
+        mkdir -p "$OUT/replay-sweep"
+        [ -e "$OUT/replay-sweep/replay-0.5" ] || ln -s "../$DOMAIN" "$OUT/replay-sweep/replay-0.5"
+        run $torchrun replay_sweep.py "${dacp[@]}" --ratios "$RATIOS" --out "$OUT/replay-sweep"
+        run python eval.py "$BASE" $(printf " $OUT/replay-sweep/replay-%s" ${RATIOS//,/ }) --domain "$DOMAIN" \
+            --data-root "$DATA" --general general,heldout --tasks bpb,mcq --dtype "$DTYPE" \
+            --out "$OUT/eval-replay-$DOMAIN" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} ;;
+    sft)  # SOAEsV2's baselines: the same SFT without DACP, and single-stage SFT after DACP
+        stage "$OUT/$DOMAIN-sft-alone" python sft.py "${sft[@]}" --init-from "$BASE" --out "$OUT/$DOMAIN-sft-alone"
+        stage "$OUT/$DOMAIN-sft-single" python sft.py "${sft[@]}" --single-stage --init-from "$OUT/$DOMAIN" \
+            --out "$OUT/$DOMAIN-sft-single"
+        run python eval.py "$OUT/$DOMAIN-sft-alone" "$OUT/$DOMAIN-sft-single" --domain "$DOMAIN" --tasks bpb,qa \
+            --data-root "$DATA" --dtype "$DTYPE" --out "$OUT/eval-sft-$DOMAIN" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} ;;
+    *)
+        echo "ABLATION=$ABLATION: expected replay or sft" >&2
+        exit 2 ;;
+    esac
+    run python report.py "$OUT" --domain "$DOMAIN" --data-root "$DATA"
+    printf '  %s\n' "${took[@]}"
+    exit 0
+fi
 
 # 4. A draft: a smaller model distilled from the SFT target on the target's own outputs (DistillSpec), generated
 #    greedily because stages 5 and 6 decode greedily: the draft learns the continuations it will be asked to guess.
-stage "$OUT/$DOMAIN-draft" python distill.py --teacher "$OUT/$DOMAIN-sft" --student "$DRAFT" --domain "$DOMAIN" \
-    --out "$OUT/$DOMAIN-draft" --max-steps "$DISTILL_STEPS" --gen-tokens "$GEN_TOKENS" --gen-temperature 0
+stage "$OUT/$DOMAIN-draft" python distill.py --teacher "$OUT/$DOMAIN-sft" --student "$DRAFT" \
+    ${DRAFT_LAYERS:+--student-layers "$DRAFT_LAYERS"} --domain "$DOMAIN" --data-root "$DATA" \
+    --out "$OUT/$DOMAIN-draft" --max-steps "$DISTILL_STEPS" --lr "$DISTILL_LR" --gen-tokens "$GEN_TOKENS" \
+    --gen-temperature 0 --gamma "$GAMMA" --dtype "$DTYPE"
 
 # 5. Speculative decoding with that draft against plain decoding of the target, on the same prompts.
-run python speculative.py --target "$OUT/$DOMAIN-sft" --draft "$OUT/$DOMAIN-draft" --bench \
-    --prompts "data/$DOMAIN/eval/qa.jsonl" --n-prompts "$BENCH_PROMPTS" --json "$OUT/speculative-$DOMAIN.json"
+run python speculative.py --target "$OUT/$DOMAIN-sft" --draft "$OUT/$DOMAIN-draft" --bench --gamma "$GAMMA" \
+    --prompts "$DATA/$DOMAIN/eval/qa.jsonl" --n-prompts "$BENCH_PROMPTS" --max-new-tokens "$BENCH_TOKENS" \
+    --json "$OUT/speculative-$DOMAIN.json"
 
-# 6. Every stage side by side: domain and general bpb, multiple choice, QA (ROUGE-1, BLEU-4), retention.
-run python eval.py "$OUT/base" "$OUT/$DOMAIN" "$OUT/$DOMAIN-sft" --domain "$DOMAIN" --out "$OUT/eval-$DOMAIN" \
-    ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"}
+# 6. Every stage side by side: domain and general bpb, multiple choice, QA (ROUGE-1, BLEU-4), retention (on a real
+#    checkpoint also on data/heldout, general text and questions kept apart from the replay corpus).
+run python eval.py "$BASE" "$OUT/$DOMAIN" "$OUT/$DOMAIN-sft" --domain "$DOMAIN" --out "$OUT/eval-$DOMAIN" \
+    --data-root "$DATA" ${REAL:+--general general,heldout} --dtype "$DTYPE" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"}
+
+# 7. The papers' headline results beside ours (and the ablations', once ABLATION=... has run them).
+if [ -n "$REAL" ]; then
+    run python report.py "$OUT" --domain "$DOMAIN" --data-root "$DATA"
+fi
 
 echo
 echo "time per stage:"

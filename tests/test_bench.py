@@ -26,7 +26,8 @@ def test_bench_all_sections(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["--device", "cpu", "--json", str(out), "--preset", "tiny", "--vocab-size", "300", "--batch-size",
                 "2", "--seq-len", "16", "--steps", "1", "--warmup", "1", "--target", str(tmp_path / "target"),
-                "--draft", str(tmp_path / "draft"), "--prompt", "What is VoLTE?", "--max-new-tokens", "8",
+                "--draft", str(tmp_path / "draft"), "--prompt", "What is VoLTE?", "--prompt",
+                "Why does a handover fail when the neighbour cell is congested?", "--max-new-tokens", "8",
                 "--gamma", "2", "--data-root", str(tmp_path / "data"), "--tokenize-mb", "0.01", "--repeats", "1"])
     result = json.loads(out.read_text())
     assert result["train"]["loss_match"]
@@ -34,7 +35,9 @@ def test_bench_all_sections(tmp_path):
                - result["train"]["runs"]["eager"]["last_loss_theirs"]) < 1e-3
     for kind in ("plain", "speculative"):
         run = result["decode"]["eager"][kind]
-        assert run["identical"] == run["prompts"] == 1
-        assert run["tokens_ours"] == run["tokens_theirs"] == 8
+        assert run["identical"] == run["prompts"] == 2
+        assert run["tokens_ours"] == run["tokens_theirs"] == 16
+    batched = result["decode"]["eager"]["batched"]  # 8 left-padded rows of 2 prompts: transformers' batched tokens
+    assert batched["identical"] == batched["prompts"] == 8 and batched["tokens_ours"] == batched["tokens_theirs"] == 64
     assert result["tokenize"]["1 string"]["ids_equal"]
-    assert len(result["rows"]) == 1 + 2 + 4 and all(r["ratio"] > 0 for r in result["rows"])
+    assert len(result["rows"]) == 1 + 3 + 4 and all(r["ratio"] > 0 for r in result["rows"])

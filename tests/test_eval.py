@@ -138,6 +138,22 @@ def test_multiple_choice_equals_direct_loglikelihoods(checkpoint):
     assert ev.multiple_choice(model, tok, MCQ) == {"acc": acc / len(MCQ), "acc_norm": acc_norm / len(MCQ)}
 
 
+def test_batched_qa_answers_equal_transformers_greedy_one_at_a_time(checkpoint):
+    """QA answers several questions per forward pass (left-padded, questions of different lengths in one batch):
+    each answer is transformers' greedy continuation of that question alone."""
+    path, hf = checkpoint
+    tok, model = Tokenizer.from_pretrained(path), Transformer.from_pretrained(path).eval()
+    rows = [{"prompt": q, "reference": "x"} for q in ("What is VoLTE?", "Name the node that pages an idle phone "
+            "in LTE, and say why", "MME?", "How does a prepaid balance run out?", "IMS")]
+    _, hyps = ev.qa(model, tok, rows, 10, batch_size=3)
+    for row, hyp in zip(rows, hyps):
+        ids = ev.qa_prompt(model, tok, row)
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              do_sample=False, max_new_tokens=10, eos_token_id=None, pad_token_id=0)
+        assert hyp == ev.answer_text(model, tok, out[0, len(ids):].tolist())
+
+
 # -----------------------------------------------------------------------------
 # The command line
 

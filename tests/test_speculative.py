@@ -8,7 +8,8 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from model import ModelConfig, Transformer
-from speculative import check_same_tokenizer, generate, logits_to_probs, predicted_speedup, speculative_generate
+from speculative import (check_same_tokenizer, generate, generate_batch, logits_to_probs, predicted_speedup,
+                         speculative_generate)
 from tokenizer import Tokenizer
 
 
@@ -50,6 +51,31 @@ def test_greedy_speculative_equals_greedy_target(draft_kind, gamma):
     assert stats["target_calls"] == stats["rounds"] + 1  # + the prefill
     if draft_kind != "unrelated":
         assert 0 < stats["acceptance_rate"] < 1  # both branches (accept, reject) were exercised
+
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time():
+    """generate_batch: several left-padded prompts per forward pass give each prompt's own greedy tokens, each
+    cut after its eos (one row stopping early, the others going on)."""
+    model = tiny(0)
+    prompts = [PROMPT, [9, 2], list(range(3, 20)), [11]]
+    alone = [generate(model, p, 30) for p in prompts]
+    assert generate_batch(model, prompts, 30) == alone
+    eos = alone[1][4]
+    assert generate_batch(model, prompts, 30, eos_id=eos) == [generate(model, p, 30, eos_id=eos) for p in prompts]
+
+
+def test_batched_sampling_draws_each_row_from_its_own_generator():
+    """With one generator per row, a row's sample is the same whatever rows are beside it (distill.py draws each
+    prompt under its own seed, so its teacher pool does not depend on the batch size or the number of processes)."""
+    model = tiny(0)
+    prompts = [PROMPT, [9, 2], list(range(3, 20))]
+
+    def drawn(rows):
+        gens = [torch.Generator().manual_seed(100 + i) for i in rows]
+        return generate_batch(model, [prompts[i] for i in rows], 20, temperature=1.0, generators=gens)
+    together = drawn([0, 1, 2])
+    assert [drawn([i])[0] for i in range(3)] == together
+    assert together != generate_batch(model, prompts, 20)  # sampled, not greedy
 
 
 def test_generate_equals_uncached_argmax():

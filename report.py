@@ -1,0 +1,181 @@
+"""The papers' headline results beside ours: one table from the real-model track's outputs.
+
+    TARGET=models/smollm2-135m-instruct bash workshop.sh          # the track; its last stage runs this
+    python report.py out/real --domain telco                       # again, after the ablations of workshop.sh
+
+Reads what the stages wrote under <out>: eval-<domain>.json (base, DACP, DACP + SFT), speculative-<domain>.json,
+<domain>-draft/acceptance.json (the draft before and after distillation), stage-times.txt, and each ablation's
+output once it has run (ABLATION=... in workshop.sh). A row whose ablation has not run names the command that
+fills it. Writes <out>/paper-vs-ours.md and .json.
+
+Every number carries its noise: an accuracy over n questions has a standard error of sqrt(p (1 - p) / n), and one
+question is worth 100 / n points.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+from files import write_atomic
+
+# The papers' figures, as the issue that asked for this table quotes them.
+PAPER = {
+    "retention": "SOAEsV2: 99.8 % of general ability retained",
+    "domain": "ixi-GEN: telco benchmarks up, general kept",
+    "replay": "ixi-GEN Fig. 3: more replay forgets less and learns the domain less; 50 % chosen",
+    "sft_alone": "SOAEsV2: ROUGE-1 x1.08, BLEU-4 x1.17",
+    "curriculum": "SOAEsV2: ROUGE-1 x1.02, BLEU-4 x1.06",
+    "speculative": "SOAEsV2: 1.39-1.52x",
+    "distillation": "DistillSpec: 10-45 % faster than the undistilled draft",
+}
+
+
+def read(path):
+    """A JSON file, or None when that stage or ablation has not run."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def metrics_by_stage(report, names):
+    """{name: metrics} of an eval.py report whose models were given in the order of `names`."""
+    return dict(zip(names, report["metrics"].values())) if report else {}
+
+
+def pct(x):
+    return f"{100 * x:.1f} %"
+
+
+def accuracy(p, n):
+    """An accuracy with its standard error over n questions."""
+    return f"{100 * p:.1f} % (± {100 * math.sqrt(p * (1 - p) / n):.1f})"
+
+
+def ratio(a, b):
+    return f"x{a / b:.2f}" if b else "n/a"
+
+
+def rows(out, domain, n_items):
+    """[(key, result, ours, command)] for the table, in the issue's order."""
+    track = f"TARGET=<checkpoint> OUT={out} bash workshop.sh"
+    ablation = f"TARGET=<checkpoint> OUT={out} ABLATION={{}} bash workshop.sh"
+    stages = metrics_by_stage(read(os.path.join(out, f"eval-{domain}.json")), ("base", "dacp", "sft"))
+    base, dacp, sft = (stages.get(k, {}) for k in ("base", "dacp", "sft"))
+    table = []
+
+    # DACP keeps general ability: retention on the held-out set (the meaningful one) beside the replay corpus's own
+    if dacp:
+        held = (f"held-out general: bpb retention {pct(dacp['retention_bpb/heldout'])}, MCQ acc_norm "
+                f"{accuracy(base['mcq_acc_norm/heldout'], n_items['heldout'])} -> "
+                f"{accuracy(dacp['mcq_acc_norm/heldout'], n_items['heldout'])} (retention "
+                f"{pct(dacp['retention_mcq/heldout'])}); in-distribution (the replay corpus's own writing, not a "
+                f"measure of general ability): bpb retention {pct(dacp['retention_bpb/general'])}")
+        table.append(("retention", "DACP keeps general ability", held, track))
+        gain = (f"{domain} bpb {base[f'bpb/{domain}']:.4f} -> {dacp[f'bpb/{domain}']:.4f}; MCQ acc_norm "
+                f"{accuracy(base[f'mcq_acc_norm/{domain}'], n_items[domain])} -> "
+                f"{accuracy(dacp[f'mcq_acc_norm/{domain}'], n_items[domain])}; ROUGE-1 {base[f'rouge1/{domain}']:.2f}"
+                f" -> {dacp[f'rouge1/{domain}']:.2f}; BLEU-4 {base[f'bleu4/{domain}']:.2f} -> "
+                f"{dacp[f'bleu4/{domain}']:.2f}")
+        table.append(("domain", "DACP gains the domain", gain, track))
+
+    # the replay sweep: domain bpb against held-out retention, one DACP run per ratio
+    report = read(os.path.join(out, f"eval-replay-{domain}.json"))
+    if report:  # its models: the base, then <out>/replay-sweep/replay-<ratio> for each ratio
+        sweep = {os.path.basename(path).removeprefix("replay-"): m for path, m in report["metrics"].items()}
+        cells = [f"{r}: {domain} bpb {m[f'bpb/{domain}']:.4f}, held-out bpb retention "
+                 f"{pct(m['retention_bpb/heldout'])}, MCQ {pct(m['mcq_acc_norm/heldout'])}"
+                 for r, m in list(sweep.items())[1:]]
+        table.append(("replay", "the replay trade-off", "replay ratio " + "; ".join(cells),
+                      ablation.format("replay")))
+    else:
+        table.append(("replay", "the replay trade-off", "not run yet", ablation.format("replay")))
+
+    # SFT ablations: the same SFT from the base (no DACP), and single-stage SFT after DACP
+    sft_ab = metrics_by_stage(read(os.path.join(out, f"eval-sft-{domain}.json")), ("alone", "single"))
+    for key, name, other, what in (("sft_alone", "DACP + SFT against SFT alone", "alone", "SFT alone"),
+                                   ("curriculum", "curriculum against single-stage SFT", "single", "single-stage")):
+        if sft and other in sft_ab:
+            o = sft_ab[other]
+            ours = (f"ROUGE-1 {sft[f'rouge1/{domain}']:.2f} vs {o[f'rouge1/{domain}']:.2f} ({what}): "
+                    f"{ratio(sft[f'rouge1/{domain}'], o[f'rouge1/{domain}'])}; BLEU-4 {sft[f'bleu4/{domain}']:.2f} "
+                    f"vs {o[f'bleu4/{domain}']:.2f}: {ratio(sft[f'bleu4/{domain}'], o[f'bleu4/{domain}'])}")
+        else:
+            ours = "not run yet"
+        table.append((key, name, ours, ablation.format("sft")))
+
+    # speculative decoding with the distilled draft, measured side by side with plain decoding
+    spec = read(os.path.join(out, f"speculative-{domain}.json"))
+    if spec:
+        ours = (f"{spec['measured_speedup']:.2f}x ({spec['speculative_tokens_per_s']:.1f} vs "
+                f"{spec['autoregressive_tokens_per_s']:.1f} tokens/s, {spec['prompts']} prompts, greedy, gamma "
+                f"{spec['gamma']}); acceptance {spec['acceptance_rate']:.3f}, draft cost c {spec['cost_ratio']:.3f}; "
+                f"predicted {spec['predicted_speedup']:.2f}x ({spec['predicted_speedup_measured_verify']:.2f}x with "
+                f"the measured verify cost {spec['verify_cost']:.2f}); outputs identical {spec['identical_outputs']}")
+        table.append(("speculative", "speculative decoding with the distilled draft", ours, track))
+
+    # what distillation adds: the same draft before and after, on the same held-out prompts
+    acc = read(os.path.join(out, f"{domain}-draft", "acceptance.json"))
+    if acc and {"before", "after"} <= set(acc):
+        b, a = acc["before"], acc["after"]
+        ours = (f"greedy acceptance {b['acceptance_greedy']:.3f} -> {a['acceptance_greedy']:.3f}, predicted "
+                f"speedup {b['predicted_speedup_greedy']:.2f}x -> {a['predicted_speedup_greedy']:.2f}x "
+                f"(+{100 * (a['predicted_speedup_greedy'] / b['predicted_speedup_greedy'] - 1):.0f} %); at T=1 "
+                f"{b['acceptance_T=1']:.3f} -> {a['acceptance_T=1']:.3f}")
+        table.append(("distillation", "what distillation adds", ours, track))
+    return table
+
+
+def stage_times(out):
+    """{"track": lines, "replay": lines, "sft": lines}: each stage's seconds and command, as workshop.sh wrote them
+    (stage-times.txt, stage-times-<ablation>.txt), for those that have run."""
+    times = {}
+    for name, file in (("track", "stage-times.txt"), ("replay", "stage-times-replay.txt"),
+                       ("sft", "stage-times-sft.txt")):
+        path = os.path.join(out, file)
+        if os.path.isfile(path):
+            times[name] = open(path, encoding="utf-8").read().splitlines()
+    return times
+
+
+def eval_sizes(data_root, domain):
+    """Questions per MCQ set: what one question is worth."""
+    sizes = {}
+    for d in (domain, "general", "heldout"):
+        path = os.path.join(data_root, d, "eval", "mcq.jsonl")
+        sizes[d] = sum(1 for line in open(path, encoding="utf-8") if line.strip()) if os.path.isfile(path) else 1
+    return sizes
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="the track's output directory (e.g. out/real)")
+    p.add_argument("--domain", default="telco")
+    p.add_argument("--data-root", default="data")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.out):
+        raise SystemExit(f"{args.out}: no such directory (run the track first: TARGET=<checkpoint> bash workshop.sh)")
+    try:
+        table = rows(args.out, args.domain, eval_sizes(args.data_root, args.domain))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{args.out}: a stage's report lacks {e} (rerun that stage)")
+    lines = ["| result | paper | ours | command |", "| --- | --- | --- | --- |"]
+    lines += [f"| {name} | {PAPER[key]} | {ours} | `{cmd}` |" for key, name, ours, cmd in table]
+    times = stage_times(args.out)
+    for name, stages in times.items():
+        what = "the track" if name == "track" else f"ABLATION={name}"
+        total = sum(int(t.split()[0]) for t in stages)
+        lines += ["", f"time per stage of {what} ({total // 60} min {total % 60} s in all):", ""]
+        lines += [f"    {t}" for t in stages]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    write_atomic(os.path.join(args.out, "paper-vs-ours.md"), text)
+    write_atomic(os.path.join(args.out, "paper-vs-ours.json"),
+                 json.dumps({"rows": [dict(key=k, result=n, paper=PAPER[k], ours=o, command=c)
+                                      for k, n, o, c in table], "stage_times": times}, indent=2) + "\n")
+    print(f"written: {os.path.join(args.out, 'paper-vs-ours.md')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
