@@ -29,8 +29,8 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import memory
-from files import write_atomic
 from data import IGNORE, WindowSampler, pad_rows, read_conversations, read_jsonl, render_chat, sft_files, sft_row
+from files import write_atomic
 from model import PRESETS, Transformer, read_checkpoint
 from speculative import (check_same_tokenizer, cost_ratio, cut_at_eos, generate_batch, is_chat_model, pooled_stats,
                          predicted_speedup, prompt_ids, speculative_generate, stop_id)

@@ -8,8 +8,9 @@ Reads what the stages wrote under <out>: eval-<domain>.json (base, DACP, DACP + 
 output once it has run (ABLATION=... in workshop.sh). A row whose ablation has not run names the command that
 fills it. Writes <out>/paper-vs-ours.md and .json.
 
-Every number carries its noise: an accuracy over n questions has a standard error of sqrt(p (1 - p) / n), and one
-question is worth 100 / n points.
+Every number carries its noise: an accuracy over n questions has a standard error of sqrt(p (1 - p) / n) (one
+question is worth 100 / n points), and a ROUGE-1 difference between two models on the same questions the standard
+error of its per-question differences.
 """
 import argparse
 import json
@@ -17,6 +18,8 @@ import math
 import os
 import sys
 
+from data import read_jsonl
+from eval import rouge1
 from files import write_atomic
 
 # The papers' figures, as the issue that asked for this table quotes them.
@@ -57,11 +60,26 @@ def ratio(a, b):
     return f"x{a / b:.2f}" if b else "n/a"
 
 
-def rows(out, domain, n_items):
+def paired_rouge1(hyps_a, hyps_b, refs):
+    """ROUGE-1 of a minus b with its standard error, paired over the same questions: the mean of the per-question
+    F1 differences and their standard deviation over sqrt(n)."""
+    d = [rouge1([a], [r]) - rouge1([b], [r]) for a, b, r in zip(hyps_a, hyps_b, refs)]
+    mean = sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1))
+    return f"difference {mean:+.2f} ± {sd / math.sqrt(len(d)):.2f} (paired over {len(d)} questions)"
+
+
+def answers_of(report, index, domain):
+    """The QA answers of the index-th model of an eval.py report."""
+    return list(report["answers"].values())[index][domain]
+
+
+def rows(out, domain, n_items, refs):
     """[(key, result, ours, command)] for the table, in the issue's order."""
     track = f"TARGET=<checkpoint> OUT={out} bash workshop.sh"
     ablation = f"TARGET=<checkpoint> OUT={out} ABLATION={{}} bash workshop.sh"
-    stages = metrics_by_stage(read(os.path.join(out, f"eval-{domain}.json")), ("base", "dacp", "sft"))
+    track_report = read(os.path.join(out, f"eval-{domain}.json"))
+    stages = metrics_by_stage(track_report, ("base", "dacp", "sft"))
     base, dacp, sft = (stages.get(k, {}) for k in ("base", "dacp", "sft"))
     table = []
 
@@ -93,14 +111,18 @@ def rows(out, domain, n_items):
         table.append(("replay", "the replay trade-off", "not run yet", ablation.format("replay")))
 
     # SFT ablations: the same SFT from the base (no DACP), and single-stage SFT after DACP
-    sft_ab = metrics_by_stage(read(os.path.join(out, f"eval-sft-{domain}.json")), ("alone", "single"))
+    sft_report = read(os.path.join(out, f"eval-sft-{domain}.json"))
+    sft_ab = metrics_by_stage(sft_report, ("alone", "single"))
     for key, name, other, what in (("sft_alone", "DACP + SFT against SFT alone", "alone", "SFT alone"),
                                    ("curriculum", "curriculum against single-stage SFT", "single", "single-stage")):
         if sft and other in sft_ab:
             o = sft_ab[other]
+            noise = paired_rouge1(answers_of(track_report, 2, domain),
+                                  answers_of(sft_report, ("alone", "single").index(other), domain), refs)
             ours = (f"ROUGE-1 {sft[f'rouge1/{domain}']:.2f} vs {o[f'rouge1/{domain}']:.2f} ({what}): "
-                    f"{ratio(sft[f'rouge1/{domain}'], o[f'rouge1/{domain}'])}; BLEU-4 {sft[f'bleu4/{domain}']:.2f} "
-                    f"vs {o[f'bleu4/{domain}']:.2f}: {ratio(sft[f'bleu4/{domain}'], o[f'bleu4/{domain}'])}")
+                    f"{ratio(sft[f'rouge1/{domain}'], o[f'rouge1/{domain}'])}, {noise}; BLEU-4 "
+                    f"{sft[f'bleu4/{domain}']:.2f} vs {o[f'bleu4/{domain}']:.2f}: "
+                    f"{ratio(sft[f'bleu4/{domain}'], o[f'bleu4/{domain}'])}")
         else:
             ours = "not run yet"
         table.append((key, name, ours, ablation.format("sft")))
@@ -139,6 +161,12 @@ def stage_times(out):
     return times
 
 
+def qa_references(data_root, domain):
+    """The reference answers of data/<domain>/eval/qa.jsonl, in order (eval.py --limit N scores the first N)."""
+    path = os.path.join(data_root, domain, "eval", "qa.jsonl")
+    return [row["reference"] for _, row in read_jsonl(path)] if os.path.isfile(path) else []
+
+
 def eval_sizes(data_root, domain):
     """Questions per MCQ set: what one question is worth."""
     sizes = {}
@@ -157,7 +185,8 @@ def main(argv=None):
     if not os.path.isdir(args.out):
         raise SystemExit(f"{args.out}: no such directory (run the track first: TARGET=<checkpoint> bash workshop.sh)")
     try:
-        table = rows(args.out, args.domain, eval_sizes(args.data_root, args.domain))
+        table = rows(args.out, args.domain, eval_sizes(args.data_root, args.domain),
+                     qa_references(args.data_root, args.domain))
     except (KeyError, json.JSONDecodeError) as e:
         raise SystemExit(f"{args.out}: a stage's report lacks {e} (rerun that stage)")
     lines = ["| result | paper | ours | command |", "| --- | --- | --- | --- |"]
