@@ -4,7 +4,7 @@
 #   bash workshop.sh                      # about 12 minutes on a 2-core CPU; writes out/workshop/
 #   DOMAIN=finance bash workshop.sh       # the same on the finance sample corpus
 #   TARGET=models/smollm2-135m-instruct bash workshop.sh
-#                                         # the real-model track (about 45 minutes): from a public checkpoint
+#                                         # the real-model track (about 35 minutes): from a public checkpoint
 #                                         # (python prepare_real_model.py), writes out/real/ and the paper table
 #
 # Each `run` line below is one stage's ordinary command, printed before it runs (the README walks through them).
