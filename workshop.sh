@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The workshop: the whole recipe on the sample data, each stage taking the previous stage's HF directory.
 #
-#   bash workshop.sh                      # about 12 minutes on a 2-core CPU; writes out/workshop/
+#   bash workshop.sh                      # about 8 minutes on a 2-core CPU; writes out/workshop/
 #   DOMAIN=finance bash workshop.sh       # the same on the finance sample corpus
 #   TARGET=models/smollm2-135m-instruct bash workshop.sh
 #                                         # the real-model track (about 35 minutes): from a public checkpoint
