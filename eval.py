@@ -27,9 +27,8 @@ from tqdm import tqdm
 
 from data import check_messages, corpus_files, read_jsonl, render_chat, tokenize_corpus
 from files import write_atomic
-from model import to_dtype
-from speculative import (check_same_tokenizer, generate_batch, is_chat_model, load, pooled_stats, prompt_ids,
-                         speculative_generate, stop_id)
+from speculative import (check_same_tokenizer, decode_dtype, generate_batch, is_chat_model, load, pooled_stats,
+                         prompt_ids, speculative_generate, stop_id)
 from train import POSITIVE, retention, val_loss_and_bpb
 
 # -----------------------------------------------------------------------------
@@ -356,7 +355,7 @@ def get_args(argv=None):
     args.tasks = [t for t in args.tasks.split(",") if t]
     if not args.tasks or set(args.tasks) - set(TASKS):
         p.error(f"--tasks {','.join(args.tasks)}: expected a comma-separated list of {', '.join(TASKS)}")
-    args.dtype = to_dtype(args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else None)
+    args.dtype = decode_dtype(args.dtype, args.device)
     return args
 
 

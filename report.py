@@ -83,19 +83,21 @@ def rows(out, domain, n_items, refs):
     base, dacp, sft = (stages.get(k, {}) for k in ("base", "dacp", "sft"))
     table = []
 
+    def change(key, show):  # base -> DACP of one metric
+        return f"{show(base[key])} -> {show(dacp[key])}"
+
+    def mcq(d):
+        return change(f"mcq_acc_norm/{d}", lambda p: accuracy(p, n_items[d]))
+
     # DACP keeps general ability: retention on the held-out set (the meaningful one) beside the replay corpus's own
     if dacp:
         held = (f"held-out general: bpb retention {pct(dacp['retention_bpb/heldout'])}, MCQ acc_norm "
-                f"{accuracy(base['mcq_acc_norm/heldout'], n_items['heldout'])} -> "
-                f"{accuracy(dacp['mcq_acc_norm/heldout'], n_items['heldout'])} (retention "
-                f"{pct(dacp['retention_mcq/heldout'])}); in-distribution (the replay corpus's own writing, not a "
-                f"measure of general ability): bpb retention {pct(dacp['retention_bpb/general'])}")
+                f"{mcq('heldout')} (retention {pct(dacp['retention_mcq/heldout'])}); in-distribution (the replay "
+                f"corpus's own writing, not a measure of general ability): bpb retention "
+                f"{pct(dacp['retention_bpb/general'])}")
         table.append(("retention", "DACP keeps general ability", held, track))
-        gain = (f"{domain} bpb {base[f'bpb/{domain}']:.4f} -> {dacp[f'bpb/{domain}']:.4f}; MCQ acc_norm "
-                f"{accuracy(base[f'mcq_acc_norm/{domain}'], n_items[domain])} -> "
-                f"{accuracy(dacp[f'mcq_acc_norm/{domain}'], n_items[domain])}; ROUGE-1 {base[f'rouge1/{domain}']:.2f}"
-                f" -> {dacp[f'rouge1/{domain}']:.2f}; BLEU-4 {base[f'bleu4/{domain}']:.2f} -> "
-                f"{dacp[f'bleu4/{domain}']:.2f}")
+        gain = (f"{domain} bpb {change(f'bpb/{domain}', '{:.4f}'.format)}; MCQ acc_norm {mcq(domain)}; ROUGE-1 "
+                f"{change(f'rouge1/{domain}', '{:.2f}'.format)}; BLEU-4 {change(f'bleu4/{domain}', '{:.2f}'.format)}")
         table.append(("domain", "DACP gains the domain", gain, track))
 
     # the replay sweep: domain bpb against held-out retention, one DACP run per ratio

@@ -68,9 +68,9 @@ def sample(probs):
 # Decoding
 
 
-def model_forward(model, idx, input_pos):
+def model_forward(model, idx, input_pos, filled=None):
     """One cached forward pass; replaced by a compiled version by compile_decoding()."""
-    return model(idx, input_pos)
+    return model(idx, input_pos, filled=filled)
 
 
 def compile_decoding():
@@ -97,36 +97,14 @@ def cut_at_eos(tokens, eos_id):
     return tokens
 
 
-@torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=None,
              sync_every=16):
     """Autoregressive decoding: prefill the prompt, then one token per forward pass on the KV cache. Returns the new
     tokens (up to and including eos_id). Tokens stay on the device and are checked for eos every sync_every steps,
     so the loop does not wait on the GPU after each token (output is the same; up to sync_every - 1 forward passes
-    may run past eos)."""
-    device = model.lm_head.weight.device
-    prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)[None]
-    T = prompt.shape[1]
-    if T == 0 or max_new_tokens < 1:
-        raise ValueError("generate needs a non-empty prompt and max_new_tokens >= 1")
-    ensure_cache(model, T + max_new_tokens)
-    logits = model(prompt, torch.arange(T, device=device))[:, -1]
-    token = sample(logits_to_probs(logits, temperature, top_k, top_p))
-    new, out = [token], []
-    input_pos = torch.tensor([T], device=device)
-    for i in range(1, max_new_tokens):
-        if eos_id is not None and i % sync_every == 0:
-            out += torch.cat(new).tolist()
-            new = []
-            if eos_id in out:
-                break
-        logits = model_forward(model, token[None], input_pos)[:, -1]
-        token = sample(logits_to_probs(logits, temperature, top_k, top_p))
-        new.append(token)
-        input_pos += 1
-    if new:
-        out += torch.cat(new).tolist()
-    return cut_at_eos(out, eos_id)
+    may run past eos). generate_batch with one row."""
+    return generate_batch(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, eos_id,
+                          sync_every=sync_every)[0]
 
 
 @torch.no_grad()
@@ -144,7 +122,8 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_k=None, 
     ensure_cache(model, W + max_new_tokens, B)
     pad = torch.tensor([W - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (W - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
-    filled = torch.arange(model.max_seq_len, device=device)[None] >= pad[:, None]
+    # no padding (one prompt, or prompts of one length): plain causal attention on the cache
+    filled = torch.arange(model.max_seq_len, device=device)[None] >= pad[:, None] if pad.any() else None
 
     def draw(logits):
         probs = logits_to_probs(logits, temperature, top_k, top_p)
@@ -159,7 +138,7 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_k=None, 
     for i in range(1, max_new_tokens):
         if eos_id is not None and i % sync_every == 0 and (torch.stack(new) == eos_id).any(0).all():
             break
-        token = draw(model(token[:, None], input_pos, filled=filled)[:, -1])
+        token = draw(model_forward(model, token[:, None], input_pos, filled)[:, -1])
         new.append(token)
         input_pos += 1
     return [cut_at_eos(row, eos_id) for row in torch.stack(new, 1).tolist()]
@@ -305,6 +284,12 @@ def is_chat_model(model, tokenizer):
 def stop_id(model, tokenizer):
     """Where generation stops: the end-of-turn token for a chat model, else end of text."""
     return end_of_turn_id(tokenizer) if is_chat_model(model, tokenizer) else tokenizer.eos_id
+
+
+def decode_dtype(name, device):
+    """--dtype for decoding and evaluation: the named dtype, by default bf16 on GPU and the checkpoint's own (None)
+    elsewhere."""
+    return to_dtype(name) if name else (torch.bfloat16 if torch.device(device).type == "cuda" else None)
 
 
 def load(path, device, dtype=None):
@@ -481,7 +466,7 @@ def bench(args, target, draft, tokenizer, device):
 def main(argv=None):
     args = get_args(argv)
     device = torch.device(args.device)
-    dtype = to_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else None)
+    dtype = decode_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     try:
         target, tokenizer = load(args.target, device, dtype)
