@@ -41,7 +41,8 @@ from model import PRESETS, ModelConfig, Transformer, to_dtype
 from speculative import (bench_prompts, check_same_tokenizer, compare_decoders, generate, generate_batch, load,
                          pooled_stats, prompt_ids, speculative_generate, timed)
 from tokenizer import Tokenizer
-from train import PEAK_FLOPS, by_gpu_name, make_optimizer
+from parallel import PEAK_FLOPS, by_gpu_name
+from train import make_optimizer
 
 # HBM bandwidth in bytes/s, by a substring of torch.cuda.get_device_name(); the first match wins, so the specific
 # names come first. Decoding at batch 1 reads every weight once per token: bandwidth / weight bytes is its limit.

@@ -1,26 +1,21 @@
-"""Data for DACP, in the order the pipeline uses it: corpus -> token shards, the replay-mixed token stream, chat
-rendering with a loss mask, and SFT batches. The tokenizer is tokenizer.py's (re-exported: data.Tokenizer).
+"""Data for DACP, in the order the pipeline uses it: corpus -> token shards, the replay-mixed token stream, and SFT
+batches (conversations rendered by chat.py, with its loss mask).
 """
 import contextlib
-import functools
 import hashlib
 import itertools
 import json
 import math
 import os
-import re
-from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
 
-import jinja2
-import jinja2.ext
 import numpy as np
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tqdm import tqdm
 
+from chat import check_messages, render_chat
 from files import commit, temporary_name
-from tokenizer import Tokenizer  # noqa: F401  (re-exported: data.Tokenizer)
+from model import IGNORE
 
 # -----------------------------------------------------------------------------
 # Corpora and token shards
@@ -233,189 +228,6 @@ class ReplayMixture:
         return rows[np.random.default_rng([self.seed, step]).permutation(len(rows))]
 
 
-# -----------------------------------------------------------------------------
-# Chat rendering
-#
-# SFT trains on conversations rendered by the checkpoint's own chat template (tokenizer_config.json's chat_template or
-# chat_template.jinja) in the sandboxed Jinja environment of transformers' apply_chat_template, so the ids are
-# apply_chat_template(messages, tokenize=True)'s and the fine-tuned model speaks the format it will be prompted in.
-# The rendered text is tokenised as HF does it: each added token (special or not) in it becomes its id, and the text
-# between two of them is one encode(), so BPE merges across "role\n" + content as in the reference.
-#
-# The loss mask (nanochat's render_conversation) is true from the start of each assistant message's content to the
-# control token that ends its turn (<|im_end|>, <|eot_id|>, Mistral's </s>), both included: the model learns to answer
-# and to stop, never to imitate the user or the system prompt. A token that straddles the start of the content (BPE
-# merged "\n" + "\nYes") is trained, as transformers' assistant mask trains every token that overlaps the content.
-# Where a content starts is found by rendering it once more behind a marker, a Unicode noncharacter no text holds;
-# the rendering without the markers must be the plain one. A template that trims the content (Llama-3's `| trim`)
-# gets the marker after the leading whitespace instead; one that rewrites it in other ways is refused.
-#
-# Content that spells a control token ("<|im_start|>") is refused: HF would read it as that token, a conversation
-# could forge turns, and encoding it as plain text would give ids apply_chat_template does not.
-
-ROLES = ("system", "user", "assistant")
-MARK = "\ufdd0"  # where an assistant message's content starts, in a marked rendering
-
-
-class _TemplateRefusal(jinja2.TemplateError):
-    """What a template's raise_exception(message) raises."""
-
-
-def _raise_exception(message):
-    raise _TemplateRefusal(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def strftime_now(format):
-    """The template global transformers defines (Llama-3.2 writes today's date with it): the local time now."""
-    return datetime.now().strftime(format)
-
-
-class _Generation(jinja2.ext.Extension):
-    """transformers' {% generation %}...{% endgeneration %} tag (its assistant-mask marker): renders its body."""
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-    def _body(self, caller):
-        return caller()
-
-
-@functools.lru_cache(maxsize=16)
-def _compile(template):
-    """transformers' chat-template environment: sandboxed and immutable, trim_blocks and lstrip_blocks, loop controls,
-    a tojson that does not escape HTML, raise_exception and strftime_now."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols, _Generation])
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=strftime_now)
-    return env.from_string(template)
-
-
-def _render(tokenizer, messages, add_generation_prompt):
-    """The template's text for these messages, with the variables apply_chat_template passes."""
-    where = tokenizer.source or "this tokenizer"
-    if not tokenizer.chat_template:
-        raise ValueError(f"{where}: no chat_template (tokenizer_config.json or chat_template.jinja); render_chat "
-                         "renders the checkpoint's own template")
-    try:
-        template = _compile(tokenizer.chat_template)
-    except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"{where}: the chat_template is not valid Jinja (line {e.lineno}: {e.message})") from None
-    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # as transformers does
-    try:
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                               documents=None, **tokenizer.special_tokens_map)
-    except _TemplateRefusal as e:
-        raise ValueError(f"{where}: the chat template refuses this conversation: {e.message}") from None
-    except jinja2.TemplateError as e:  # e.g. UndefinedError: 'x' is undefined
-        given = ", ".join(["messages", "add_generation_prompt", "tools=None", "documents=None",
-                           *sorted(tokenizer.special_tokens_map)])
-        raise ValueError(f"{where}: the chat template failed: {type(e).__name__}: {e} (it is given {given})") from None
-
-
-def _control_tokens(tokenizer):
-    """A regex matching the added tokens, longest first at each position, as HF splits them out of text."""
-    tokens = sorted(tokenizer.special_tokens, key=len, reverse=True)
-    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
-
-
-def _content_starts(tokenizer, messages, add_generation_prompt, text):
-    """Where each assistant message's content starts in the rendered text (see the section's comment)."""
-    n = sum(m["role"] == "assistant" for m in messages)
-    if n == 0:
-        return []
-    for trimmed in (False, True):
-        marked = []
-        for m in messages:
-            content = m["content"]
-            if m["role"] == "assistant":  # the mark before the content, or after its leading whitespace
-                start = len(content) - len(content.lstrip()) if trimmed else 0
-                content = content[:start] + MARK + content[start:]
-            marked.append({**m, "content": content})
-        rendered = _render(tokenizer, marked, add_generation_prompt)
-        if rendered.replace(MARK, "") == text and rendered.count(MARK) == n:
-            return [i - k for k, i in enumerate(i for i, c in enumerate(rendered) if c == MARK)]
-    raise ValueError(f"{tokenizer.source or 'this tokenizer'}: the chat template rewrites the assistant messages' "
-                     "content (not only trims it), so render_chat cannot tell which tokens are the answer")
-
-
-def end_of_turn_id(tokenizer):
-    """The token the chat template writes after an assistant message (<|im_end|>, <|eot_id|>, </s>): a chat model's
-    stop token. None when the tokenizer has no template (or it renders no such token)."""
-    try:
-        ids, mask = render_chat(tokenizer, [{"role": "user", "content": "Hi"},
-                                            {"role": "assistant", "content": "Hello"}])
-    except ValueError:
-        return None
-    last = max((i for i, m in enumerate(mask) if m), default=None)  # the end of the answer's span
-    return ids[last] if last is not None and ids[last] in tokenizer.special_tokens.values() else None
-
-
-def check_messages(messages):
-    """Raise ValueError saying what is wrong with a {"messages": [...]} conversation (the HF / OpenAI format)."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError('expected "messages": a non-empty list of {"role": ..., "content": ...}')
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            role = m.get("role") if isinstance(m, dict) else m
-            raise ValueError(f"message {i}: role {role!r} is not one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i} ({m['role']}): content must be a string, got "
-                             f"{type(m.get('content')).__name__}")
-
-
-def render_chat(tokenizer, messages, add_generation_prompt=False):
-    """Conversation -> (ids, mask): the ids of apply_chat_template(messages, tokenize=True, add_generation_prompt) for
-    the tokenizer's own chat template, and the mask, true on each assistant message's content and the control token
-    that ends its turn (see the section's comment)."""
-    check_messages(messages)
-    control = _control_tokens(tokenizer)
-    for i, m in enumerate(messages):
-        spelled = control.search(m["content"]) if control else None
-        if spelled:
-            raise ValueError(f"message {i} ({m['role']}): the content spells the control token {spelled.group()!r}; "
-                             "render_chat refuses it (HF would read it as that token, not as text)")
-        if MARK in m["content"]:
-            raise ValueError(f"message {i} ({m['role']}): the content holds U+FDD0, render_chat's marker")
-    text = _render(tokenizer, messages, add_generation_prompt)
-    starts = _content_starts(tokenizer, messages, add_generation_prompt, text)
-
-    ids, mask, pos, trained, found = [], [], 0, False, 0  # trained: in an answer, until the control token after it
-    cuts = [(c.start(), c.end(), c.group()) for c in control.finditer(text)] if control else []
-    for start, end, token in cuts + [(len(text), len(text), None)]:
-        part = text[pos:start]  # the text between two control tokens: one encode, as HF does
-        tokens = tokenizer.encode(part)
-        first = 0 if trained else len(tokens)  # this part's first trained token
-        begins = [s - pos for s in starts if pos <= s <= start]
-        if len(begins) > 1:
-            raise ValueError(f"{tokenizer.source or 'this tokenizer'}: the chat template writes no control token "
-                             "between two answers, so render_chat cannot tell where the first one ends")
-        if begins:  # an answer starts here: train the tokens that end after its first byte
-            before = sum(map(len, tokenizer.token_bytes(tokenizer.encode(part[:begins[0]]))))
-            ends = itertools.accumulate(map(len, tokenizer.token_bytes(tokens)))
-            first, trained, found = next((i for i, e in enumerate(ends) if e > before), len(tokens)), True, found + 1
-        ids += tokens
-        mask += [i >= first for i in range(len(tokens))]
-        if token is not None:
-            if token in tokenizer.stripped_tokens:
-                raise ValueError(f"{tokenizer.source}: added token {token!r} has lstrip, rstrip or single_word set "
-                                 "in tokenizer.json; HF then moves the text around it, which render_chat does not do")
-            ids.append(tokenizer.special_tokens[token])
-            mask.append(trained)
-            trained = False
-        pos = end
-    if found < len(starts):  # the content and the template's text around it spell a control token together
-        raise ValueError(f"{tokenizer.source or 'this tokenizer'}: an answer starts inside a control token")
-    return ids, mask
-
-
 def read_conversations(path):
     """The conversations of a .jsonl file, [(messages, "file:line"), ...]; a malformed row is an error naming its
     file and line (SFT rows need at least one assistant turn: nothing else is trained)."""
@@ -453,9 +265,6 @@ def sft_files(data_root, domain, split="train"):
 # padding sits after the real tokens, so causal attention never lets a conversation see another one, and its
 # labels are IGNORE, so it carries no loss. To keep padding small, rows are sorted by length inside shuffled pools
 # of a few batches ("length bucketing") and the batches of a pool are then shuffled again.
-
-IGNORE = -100  # the label of an untrained position (F.cross_entropy's ignore_index)
-
 
 def sft_row(tokenizer, messages, seq_len, where=None):
     """(ids, labels) for one conversation: labels are the next token where the mask trains it, else IGNORE;

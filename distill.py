@@ -12,7 +12,8 @@ sources: --data text (the domain corpus), sft (the domain's SFT conversations, a
 samples, regenerated every step, scored by the teacher). Speculative acceptance is 1 - TVD(p, q) per token
 (Leviathan et al. 2023, Corollary 3.6), so --loss tvd optimises acceptance directly; fkl is Hinton's KD.
 Before and after training it measures the student's acceptance rate as the teacher's draft on held-out prompts.
-The loop, checkpoints, resume and HF export are train.py's; speculative decoding is speculative.py's.
+The loop is train.py's, checkpoints, resume and the HF export checkpoint.py's, the sharded teacher
+parallel.py's; speculative decoding is speculative.py's.
 """
 import argparse
 import hashlib
@@ -23,22 +24,21 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
-from torch.distributed.fsdp import fully_shard
 
 import memory
-from data import IGNORE, WindowSampler, pad_rows, read_conversations, read_jsonl, render_chat, sft_files, sft_row
+from chat import render_chat
+from checkpoint import checkpoint_dirs, export_hf, prepare_out, resume
+from data import WindowSampler, pad_rows, read_conversations, read_jsonl, sft_files, sft_row
 from files import write_atomic
-from model import PRESETS, Transformer, read_checkpoint
+from model import IGNORE, PRESETS, Transformer, preset_model
+from parallel import (check_batch_sizes, compute_dtype, gather, launch, load_teacher, log, rank_share,
+                      setup_distributed, shard_model, tokenize_once)
 from speculative import (check_same_tokenizer, cost_ratio, cut_at_eos, generate_batch, is_chat_model, pooled_stats,
                          predicted_speedup, prompt_ids, speculative_generate, stop_id)
 from tokenizer import Tokenizer
-from train import (COUNT, POSITIVE, Step, batch_flops, check_batch_sizes, check_lrs, checkpoint_dirs, compute_dtype,
-                   cosine_schedule, export_hf, gather, launch, log, make_optimizer, micro_batches_of,
-                   number, owned_rows, prepare_out, preset_model, rank_share, resume, setup_distributed, shard_model,
-                   tokenize_once, train_loop)
+from train import (COUNT, POSITIVE, add_training_flags, cosine_schedule, make_optimizer, number, parse_training_args,
+                   step_of, train_loop)
 
 LOSSES = ("fkl", "rkl", "jsd", "tvd")
 
@@ -79,8 +79,6 @@ def get_args(argv=None):
                    ", ".join(PRESETS) + ") for a new one on the teacher's tokenizer")
     p.add_argument("--student-layers", type=POSITIVE, help="with an HF --student: keep only its first N layers "
                    "(a truncated copy of the target is a draft that shares its embeddings and tokenizer)")
-    p.add_argument("--domain", default="telco")
-    p.add_argument("--data-root", default="data")
     p.add_argument("--data", default="teacher", choices=["text", "sft", "teacher", "student"],
                    help="what to distil on (DistillSpec): domain text, SFT conversations, teacher samples, or the "
                    "student's own samples (on-policy)")
@@ -96,129 +94,20 @@ def get_args(argv=None):
     p.add_argument("--gen-batch-size", type=POSITIVE, default=16, help="teacher/student data: prompts sampled "
                    "together, in one forward pass per token")
     p.add_argument("--prompt-tokens", type=POSITIVE, default=32, help="base teachers: corpus prefix length as prompt")
-    p.add_argument("--out", default=None, help="output directory (default out/<domain>-draft)")
-    p.add_argument("--batch-size", type=POSITIVE, default=16)
-    p.add_argument("--micro-batch-size", type=POSITIVE, default=8)
-    p.add_argument("--seq-len", type=POSITIVE, default=256)
-    p.add_argument("--max-steps", type=POSITIVE, default=60)
-    p.add_argument("--lr", type=number(float, 0, low_open=True), default=1e-3)
-    p.add_argument("--min-lr", type=float, default=None, help="the cosine decays to this (default: --lr / 10)")
-    p.add_argument("--warmup-steps", type=COUNT, default=5)
-    p.add_argument("--weight-decay", type=number(float, 0), default=0.0)
-    p.add_argument("--grad-clip", type=number(float, 0, low_open=True), default=1.0)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--eval-every", type=COUNT, default=20, help="steps between held-out distillation losses")
-    p.add_argument("--save-every", type=COUNT, default=20, help="steps between resumable checkpoints (0: none)")
-    p.add_argument("--keep-checkpoints", type=COUNT, default=2, help="checkpoints kept (0: all)")
-    p.add_argument("--resume", action="store_true")
     p.add_argument("--accept-prompts", type=COUNT, default=12, help="held-out prompts for the acceptance rate")
     p.add_argument("--gamma", type=POSITIVE, default=4, help="draft tokens per round, for the acceptance measurement")
-    p.add_argument("--compile", action="store_true")
     p.add_argument("--replicate-teacher", action="store_true",
                    help="keep the whole teacher on every process instead of sharding it: more memory, but sampling "
                         "and the acceptance measurement need no collective per token (faster over gloo on CPUs)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    args = p.parse_args(argv)
-    check_lrs(p, args)
-    return args
+    add_training_flags(p, "out/<domain>-draft", domain="telco", data_root="data", out=None, batch_size=16,
+                       micro_batch_size=8, seq_len=256, max_steps=60, lr=1e-3, min_lr=None, warmup_steps=5,
+                       weight_decay=0.0, grad_clip=1.0, seed=1337, eval_every=20, save_every=20, keep_checkpoints=2,
+                       resume=False, compile=False, dtype=None)
+    return parse_training_args(p, argv)
 
 
 # -----------------------------------------------------------------------------
-# Teacher and student
-#
-# The teacher only runs forward, and under torchrun it is sharded over the processes like the student, so that its
-# memory per process is divided by their number: FSDP2 on each block, gathered just before the block runs and freed
-# after it; the embedding and the output layer (the largest tensors: vocabulary x dim) are split by vocabulary rows
-# and never gathered (Megatron-LM's vocabulary parallelism). Since each process has its own tokens (data
-# parallelism), each of those layers first gathers every process's rows, works on its slice of the vocabulary for
-# all of them, and sends each process the results for its own rows back.
-
-
-# (torch 2.13 renamed these two; the old names still work there, with a warning)
-all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
-
-
-def gather_rows(x):
-    """Every process's x [n, ...] (n may differ), padded to the longest: ([world, n_max, ...], this process's n)."""
-    n = torch.tensor([len(x)], device=x.device)
-    sizes = torch.empty(dist.get_world_size(), dtype=n.dtype, device=x.device)
-    all_gather_single(sizes, n)
-    longest = int(sizes.max())
-    out = torch.empty(dist.get_world_size(), longest, *x.shape[1:], dtype=x.dtype, device=x.device)
-    all_gather_single(out, F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - len(x)))[None])
-    return out, len(x)
-
-
-class VocabShardedEmbedding(nn.Module):
-    """Rows [first_row, first_row + n) of an embedding table: this process looks up the tokens in its rows, for
-    every process's tokens (zeros for the others), and each process receives the sum over the slices of its own
-    tokens' lookups: every token's row."""
-
-    def __init__(self, weight):
-        super().__init__()
-        self.weight = weight
-
-    def forward(self, idx):
-        if dist.get_world_size() == 1:
-            return F.embedding(idx, self.weight)
-        ids, n = gather_rows(idx.flatten())
-        local = ids - self.weight.first_row
-        mine = (local >= 0) & (local < len(self.weight))
-        x = F.embedding(local.clamp(0, max(len(self.weight) - 1, 0)), self.weight) * mine[..., None]
-        out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-        reduce_scatter_single(out, x.flatten(0, 1))
-        return out[:n].view(*idx.shape, -1)
-
-
-class VocabShardedHead(nn.Module):
-    """The output layer's rows for this process's slice of the vocabulary: the logits of the slice for every
-    process's hidden states, exchanged (all-to-all) so that each process gets its own rows' logits over the whole
-    vocabulary."""
-
-    def __init__(self, weight, vocab_size):
-        super().__init__()
-        self.weight, self.vocab_size = weight, vocab_size
-
-    def forward(self, h):
-        world = dist.get_world_size()
-        if world == 1:
-            return F.linear(h, self.weight)
-        hidden, n = gather_rows(h.reshape(-1, h.shape[-1]))
-        width = -(-self.vocab_size // world)  # every slice padded to the same width, as all_to_all needs
-        local = F.pad(F.linear(hidden, self.weight), (0, width - len(self.weight)))  # [world, n_max, width]
-        parts = torch.empty_like(local)
-        dist.all_to_all_single(parts, local)  # parts[r]: slice r's logits of this process's rows
-        logits = parts.permute(1, 0, 2).flatten(1)[:n, :self.vocab_size]
-        return logits.view(*h.shape[:-1], self.vocab_size)
-
-
-def load_teacher(path, device, dtype, replicate=False):
-    """The teacher in dtype, for inference, sharded as described above; each process reads only its own part of
-    the checkpoint (train.load_sharded's way: built on the meta device, sharded, then filled slice by slice). In one
-    process, or with --replicate-teacher, the plain model: no collectives, no FSDP hooks in every decoding step."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if world == 1 or replicate:
-        return Transformer.from_pretrained(path, device, dtype).eval().requires_grad_(False)
-    config, _ = read_checkpoint(path)
-    with torch.device("meta"):
-        teacher = Transformer(config).to(dtype)
-        rows = -(-config.vocab_size // world)  # torch.chunk's split, as FSDP2's
-        first = min(rank * rows, config.vocab_size)
-        shard = [nn.Parameter(torch.empty(min(rows, config.vocab_size - first), config.dim, dtype=dtype),
-                              requires_grad=False) for _ in range(1 if config.tie_embeddings else 2)]
-    teacher.model.embed_tokens = VocabShardedEmbedding(shard[0])
-    teacher.lm_head = VocabShardedHead(shard[-1], config.vocab_size)
-    for block in teacher.model.layers:
-        fully_shard(block, reshard_after_forward=True)
-    fully_shard(teacher, reshard_after_forward=True, ignored_params=set(shard))  # (the final norm)
-    teacher.to_empty(device=device)  # (new tensors: tie them again, and say where their rows start)
-    if config.tie_embeddings:
-        teacher.lm_head.weight = teacher.model.embed_tokens.weight
-    for p in (teacher.model.embed_tokens.weight, teacher.lm_head.weight):
-        p.first_row = first
-    teacher.load_rows(path, owned_rows)
-    return teacher.eval().requires_grad_(False)
+# The student (the teacher is parallel.load_teacher: sharded by vocabulary rows under torchrun)
 
 
 def load_student(args, teacher, tokenizer, device):
@@ -425,7 +314,7 @@ def distilled(student, teacher, batch, kind, temperature=1.0, alpha=0.0):
     whole batch exist at once."""
     x, labels = batch[:, 0], batch[:, 1]
     with torch.no_grad():
-        teacher_hidden = teacher(x, return_hidden=True).flatten(0, 1)
+        teacher_hidden = teacher.hidden(x).flatten(0, 1)
     y = labels.flatten()
 
     def chunk_loss(logits, rows):
@@ -436,7 +325,7 @@ def distilled(student, teacher, batch, kind, temperature=1.0, alpha=0.0):
         if alpha:
             loss = (1 - alpha) * loss + alpha * F.cross_entropy(logits.float(), y[rows], reduction="sum")
         return loss
-    return student(x, loss_fn=chunk_loss, mask=labels != IGNORE)
+    return student.loss(x, labels, loss_fn=chunk_loss)
 
 
 # -----------------------------------------------------------------------------
@@ -451,7 +340,8 @@ def run(args):
         raise SystemExit(f"--teacher {args.teacher}: not an HF model directory")
     dtype = compute_dtype(args.dtype, device)
     tokenizer = Tokenizer.from_pretrained(args.teacher)
-    prepare_out(out, args, {"teacher": args.teacher, "student": args.student})
+    prepare_out(out, args, {"teacher": args.teacher, "student": args.student},
+                free={"accept_prompts", "replicate_teacher"})
     fresh = not checkpoint_dirs(out)
     with memory.stage(out, "load", device):  # (the teacher, then the student)
         with memory.stage(out, "load teacher", device):
@@ -481,10 +371,7 @@ def run(args):
                                 rank, world)
 
     def get_step(step):
-        batch = torch.from_numpy(source(step)).to(device)
-        return Step(micro_batches_of(batch, args.micro_batch_size, rank, world),
-                    n_trained=int((batch[:, 1] != IGNORE).sum()),
-                    flops=batch_flops(student.config, *batch[:, 0].shape))
+        return step_of(torch.from_numpy(source(step)).to(device), args.micro_batch_size, student.config)
 
     def loss_fn(model, batch):
         """Summed over the distilled tokens (train_loop divides by their global count)."""

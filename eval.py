@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import check_messages, corpus_files, read_jsonl, render_chat, tokenize_corpus
+from chat import check_messages, render_chat
+from data import corpus_files, read_jsonl, tokenize_corpus
 from files import write_atomic
 from speculative import (check_same_tokenizer, decode_dtype, generate_batch, is_chat_model, load, pooled_stats,
                          prompt_ids, speculative_generate, stop_id)

@@ -29,9 +29,14 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
+from checkpoint import read_metrics
+from data import corpus_files, read_documents
 from files import read_json, write_atomic
 from model import PRESETS, ModelConfig, Transformer, loss_chunk_rows, read_checkpoint, to_dtype
+from parallel import gather
+from tokenizer import Tokenizer
 
 MB = 2**20
 
@@ -81,15 +86,12 @@ def current_mb(device):
 
 
 def per_process(value):
-    """[value of rank 0, rank 1, ...] on every process (train.gather; imported here, not at the top: train.py
-    imports this module)."""
-    from train import gather
+    """[value of rank 0, rank 1, ...] on every process."""
     return gather([value])
 
 
 def step_peaks(out):
     """Each process's highest `peak_mb` over the training steps of <out>/metrics.jsonl ([] before any step)."""
-    from train import read_metrics
     steps = [r["peak_mb"] for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "peak_mb" in r]
     return [max(s[r] for s in steps) for r in range(len(steps[0]))] if steps else []
 
@@ -265,8 +267,6 @@ MEASURED = dict(model_type="qwen2", dim=896, n_layers=12, n_heads=14, n_kv_heads
 def make_checkpoint(path, data_root):
     """A random checkpoint of MEASURED's shape (315M parameters, Qwen2.5's vocabulary size) with a small BPE
     tokenizer of the telco corpus (the model's vocabulary is padded past it, as Qwen's is)."""
-    from data import corpus_files, read_documents
-    from tokenizer import Tokenizer
     if os.path.exists(os.path.join(path, "config.json")):
         return
     torch.manual_seed(0)
@@ -301,17 +301,14 @@ def measured(out):
 
 def loss_peak(ckpt, seq_len, chunked):
     """Peak MB above the start of one forward + backward of a 1 x seq_len batch, the loss chunked
-    (train.causal_lm_loss) or on the whole logits (the formula before model.ChunkedLoss)."""
-    import torch.nn.functional as F
-
-    from train import causal_lm_loss
+    (Transformer.loss) or on the whole logits (the formula before model.ChunkedLoss)."""
     device = torch.device("cpu")
     model = Transformer.from_pretrained(ckpt, dtype=torch.float32)
     batch = torch.randint(0, model.config.vocab_size, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
     x, y = batch[:, :-1], batch[:, 1:]
     reset_peak(device, trim=True)
     start = current_mb(device)
-    loss = causal_lm_loss(model, batch) if chunked else \
+    loss = model.loss(x, y) if chunked else \
         F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="sum")
     loss.backward()
     return peak_mb(device) - start

@@ -14,26 +14,18 @@ permutation, because RoPE here uses HF's rotate-half layout.
     model.save_pretrained("out/run")                                # loads in transformers with the same logits
 """
 
-import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch.utils.checkpoint import checkpoint
 
-from files import commit, fsync, read_json, temporary_name
+from hf import (ARCHITECTURES, MAX_SHARD_SIZE, config_from_hf, config_to_hf, open_safetensors, read_index, read_rows,
+                safetensors_header, write_order, write_weights)
 
-# HF model_type -> the architecture name transformers instantiates for it
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",  # Llama-3.x, SmolLM2
-    "qwen2": "Qwen2ForCausalLM",  # Qwen2, Qwen2.5
-    "qwen3": "Qwen3ForCausalLM",
-    "mistral": "MistralForCausalLM",
-}
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,94 +89,12 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
-        """From an HF config.json, as written by transformers 4.x or 5.x."""
-        model_type = hf.get("model_type")
-        if model_type not in ARCHITECTURES:
-            raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
-        if hf.get("mlp_bias") or (model_type != "qwen2" and hf.get("attention_bias")):
-            raise ValueError("attention_bias / mlp_bias = true is not supported for this model_type")
-        # RoPE: 5.x keeps everything in rope_parameters; 4.x has rope_theta plus rope_scaling, whose type was
-        # called "type" before "rope_type".
-        rope = dict(hf.get("rope_parameters") or {})
-        if not rope:
-            rope = dict(hf.get("rope_scaling") or {})
-            rope["rope_theta"] = hf.get("rope_theta", 10000.0)
-        rope["rope_type"] = rope.get("rope_type", rope.pop("type", "default"))
-        rope.pop("type", None)
-        theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("partial_rotary_factor != 1 is not supported")
-        scaling = rope if rope["rope_type"] != "default" else None
-        # Sliding windows: Mistral slides on every layer when sliding_window is set; Qwen2/3 only with
-        # use_sliding_window, on layers from max_window_layers on (5.x spells that out as layer_types).
-        window, layer_types = hf.get("sliding_window"), hf.get("layer_types")
-        if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
-            window, layer_types = None, None
-        elif model_type in ("qwen2", "qwen3") and layer_types is None:
-            n = hf.get("max_window_layers", 0)
-            layer_types = ["sliding_attention" if i >= n else "full_attention" for i in range(hf["num_hidden_layers"])]
-        if layer_types is not None and "sliding_attention" not in layer_types:
-            window, layer_types = None, None
-        n_heads = hf["num_attention_heads"]
-        return cls(
-            model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            dim=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            hidden_dim=hf["intermediate_size"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_seq_len=hf.get("max_position_embeddings", 2048),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-            qkv_bias=model_type == "qwen2",  # Qwen2's q/k/v projections always carry a bias
-            qk_norm=model_type == "qwen3",
-            sliding_window=window,
-            layer_types=list(layer_types) if layer_types is not None else None,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32").removeprefix("torch."),
-        )
+        """From an HF config.json, as written by transformers 4.x or 5.x (hf.config_from_hf)."""
+        return cls(**config_from_hf(hf))
 
     def to_hf(self) -> dict:
-        """An HF config.json (4.x style: rope_theta + rope_scaling, which transformers 5.x also reads)."""
-        hf = {
-            "architectures": [ARCHITECTURES[self.model_type]],
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.dim,
-            "intermediate_size": self.hidden_dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
-            "max_position_embeddings": self.max_seq_len,
-            "tie_word_embeddings": self.tie_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "torch_dtype": self.dtype,
-            "attention_dropout": 0.0,
-        }
-        if self.model_type == "llama":
-            hf.update(attention_bias=False, mlp_bias=False)
-        # Written even when None: MistralConfig would otherwise default to a 4096-token window.
-        hf["sliding_window"] = self.sliding_window
-        if self.layer_types is not None:
-            hf["layer_types"] = self.layer_types
-        if self.model_type in ("qwen2", "qwen3"):
-            sliding = [self.window(i) is not None for i in range(self.n_layers)]
-            hf.update(use_sliding_window=any(sliding),
-                      max_window_layers=sliding.index(True) if any(sliding) else self.n_layers)
-        return hf
+        """An HF config.json (hf.config_to_hf)."""
+        return config_to_hf(asdict(self))
 
     # Parameter and FLOP counts, analytic, so MFU can be computed without building the model.
     def block_matmul_params(self) -> int:
@@ -366,6 +276,7 @@ class Block(nn.Module):
 # SmolLM2's 49,152), against 5 GB for a 4 x 2048 micro-batch at once. A distillation loss makes about ten tensors of
 # that size per chunk, so larger chunks would not be much faster, only larger.
 LOGITS_PER_CHUNK = 2**23
+IGNORE = -100  # the target of an untrained position (F.cross_entropy's ignore_index)
 
 
 def loss_chunk_rows(vocab_size):
@@ -459,18 +370,40 @@ class Transformer(nn.Module):
             if attn.window not in self.cache_masks:
                 self.cache_masks[attn.window] = causal if attn.window is None else causal.triu(-attn.window + 1)
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, *, loss_fn=None, mask=None,
-                return_hidden=False, filled=None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None, unpadded=None) -> torch.Tensor:
         """idx [B, T] token ids -> logits [B, T, vocab]. Without input_pos: positions 0..T-1, causal attention, no
         cache. With input_pos (the T absolute positions of idx): reads and writes the KV cache.
 
-        filled [B, max_seq_len] (with input_pos): False at the cache columns of each row's left padding, which no
-        query reads (see speculative.generate_batch). A row's tokens then sit at positions shifted by its padding;
-        RoPE makes attention depend only on the distance between positions, so the shift changes nothing.
+        unpadded [B, max_seq_len] (with input_pos): True at the cache columns that hold a row's real tokens, False
+        at those of its left padding, which no query reads (see speculative.generate_batch). A row's tokens then
+        sit at positions shifted by its padding; RoPE makes attention depend only on the distance between
+        positions, so the shift changes nothing."""
+        return self.lm_head(self._trunk(idx, input_pos, unpadded))
 
-        With loss_fn (training): the summed loss over the positions where mask [B, T] is True (all without a mask),
-        computed without the logits of the whole batch: see ChunkedLoss. return_hidden: the final normalised hidden
-        states [B, T, dim] instead of logits (a teacher whose head is applied chunk by chunk in the student's loss)."""
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final normalised hidden states [B, T, dim], before the output layer: a teacher whose head is applied
+        a chunk of positions at a time, beside the student's (distill.py)."""
+        return self._trunk(idx)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, loss_fn=None) -> torch.Tensor:
+        """The next-token loss of training: summed over the positions whose target [B, T] is not IGNORE, computed
+        without the logits of the whole batch (see ChunkedLoss). By default the cross-entropy against targets;
+        loss_fn(logits, rows) -> summed loss replaces it (distillation, bits per byte), rows being the chunk's
+        positions in the flattened [B * T] batch."""
+        B, T = idx.shape
+        y = targets.flatten()
+        if loss_fn is None:
+            def loss_fn(logits, rows):
+                return F.cross_entropy(logits.float(), y[rows], reduction="sum")
+        h = self._trunk(idx)
+        # The positions to score, split into the same number of chunks on every process (a sharded teacher's head
+        # in loss_fn is a collective, so every process must call it equally often).
+        rows = (y != IGNORE).nonzero().squeeze(1)
+        chunks = rows.tensor_split(-(-B * T // self.loss_chunk_rows))
+        return ChunkedLoss.apply(h.flatten(0, 1), self.lm_head.weight, loss_fn, chunks)
+
+    def _trunk(self, idx, input_pos=None, unpadded=None):
+        """Embedding, blocks and final norm: the hidden states that forward, hidden and loss go on from."""
         B, T = idx.shape
         if input_pos is None:
             pos = torch.arange(T, device=idx.device)
@@ -487,28 +420,19 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             window = block.self_attn.window
             if window not in masks:
-                masks[window] = self._mask(window, pos, input_pos is not None, filled)
+                masks[window] = self._mask(window, pos, input_pos is not None, unpadded)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, masks[window], input_pos, use_reentrant=False)
             else:
                 x = block(x, cos, sin, masks[window], input_pos)
-        h = self.model.norm(x)
-        if return_hidden:
-            return h
-        if loss_fn is None:
-            return self.lm_head(h)
-        # The positions to score, split into the same number of chunks on every process (a sharded teacher's head
-        # in loss_fn is a collective, so every process must call it equally often).
-        rows = torch.arange(B * T, device=idx.device) if mask is None else mask.flatten().nonzero().squeeze(1)
-        chunks = rows.tensor_split(-(-B * T // self.loss_chunk_rows))
-        return ChunkedLoss.apply(h.flatten(0, 1), self.lm_head.weight, loss_fn, chunks)
+        return self.model.norm(x)
 
-    def _mask(self, window, pos, cached, filled=None):
+    def _mask(self, window, pos, cached, unpadded=None):
         """Boolean attention mask (True = attend), or None for plain causal attention (SDPA's is_causal)."""
-        if cached and filled is not None:  # per row: not its padding, but a padding query sees itself (no NaN)
+        if cached and unpadded is not None:  # per row: not its padding, but a padding query sees itself (no NaN)
             S = self.max_seq_len
             itself = torch.arange(S, device=pos.device) == pos[:, None]
-            return (self.cache_masks[window][pos] & (filled[:, None, :S] | itself))[:, None]
+            return (self.cache_masks[window][pos] & (unpadded[:, None, :S] | itself))[:, None]
         if cached:  # the query rows at pos, over the whole static cache
             return self.cache_masks[window][pos][None, None]
         if window is None:
@@ -554,8 +478,8 @@ class Transformer(nn.Module):
     def load_rows(self, path, owned):
         """Fill this model's parameters from the HF directory at path, each with only the rows it holds: owned(p)
         -> (the tensor p keeps, its first row in the full tensor). A process of a sharded model reads its own rows
-        of each tensor from the files (read_rows: those bytes alone), so loading needs its share of the model, not
-        the whole. Parameters keep their dtype (the stored one is converted a slice at a time)."""
+        of each tensor from the files (hf.read_rows: those bytes alone), so loading needs its share of the model,
+        not the whole. Parameters keep their dtype (the stored one is converted a slice at a time)."""
         config, files = read_checkpoint(path)
         where = {key: file for file, keys in files.items() for key in keys}
         headers = {file: safetensors_header(file) for file in files}
@@ -565,60 +489,45 @@ class Transformer(nn.Module):
                 read_rows(where[name], headers[where[name]], name, start, start + len(local), into=local)
         self.inv_freq = rope_inv_freq(config).to(self.inv_freq.device)
 
-    def save_pretrained(self, path, max_shard_size: int = 5 * 2**30):
+    def save_pretrained(self, path, max_shard_size: int = MAX_SHARD_SIZE):
         """Write config.json and model.safetensors (or model-0000i-of-0000n.safetensors shards with
-        model.safetensors.index.json above max_shard_size bytes), as transformers writes them: tied weights once.
-        Files go to a temporary name first and are renamed, so an interrupted save never leaves a broken model."""
+        model.safetensors.index.json above max_shard_size bytes), as transformers writes them: tied weights once,
+        config.json's dtype the weights' own. Files go to a temporary name first and are renamed, so an
+        interrupted save never leaves a broken model."""
         state = {k: v.detach() for k, v in self.state_dict().items()}
         if self.config.tie_embeddings:
             state.pop("lm_head.weight")
-        self.config.dtype = str(self.lm_head.weight.dtype).removeprefix("torch.")
+        config = replace(self.config, dtype=str(self.lm_head.weight.dtype).removeprefix("torch."))
         specs = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
         order = write_order(specs, max_shard_size)
-        write_weights(path, self.config, specs, (state[k] for k in order), max_shard_size)
+        write_weights(path, config.to_hf(), specs, (state[k] for k in order), max_shard_size)
+
+
+def preset_model(preset, vocab_size, max_seq_len, bos_token_id, eos_token_id, seed):
+    """A new model of a preset shape (PRESETS), randomly initialised from `seed`: a from-scratch base
+    (train.py) or a new draft (distill.py)."""
+    config = ModelConfig.from_preset(preset, vocab_size=vocab_size, max_seq_len=max_seq_len,
+                                     bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    model.init_weights()
+    return model
 
 
 # -----------------------------------------------------------------------------
-# Reading and writing HF directories: config.json and safetensors files
-
-
-def read_config(path):
-    """ModelConfig from an HF config.json; a file that is not JSON, or lacks a field, is an error naming it."""
-    hf = read_json(path)
-    if not isinstance(hf, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    try:
-        return ModelConfig.from_hf(hf)
-    except KeyError as e:
-        raise ValueError(f"{path}: no {e.args[0]!r}, which an HF model config must have") from None
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: {e}") from None
+# A checkpoint's tensors against the network
 
 
 def read_checkpoint(path):
     """(config, {safetensors file: [keys]}) of an HF directory, every key and shape checked against the config
     from the files' headers (no tensor is read yet). The config's dtype is the one the weights are stored in."""
-    config_path = os.path.join(path, "config.json")
-    if str(path).endswith(".gguf"):
-        raise ValueError(f"{path}: a GGUF file, not an HF directory; de-quantise it into one first "
-                         "(transformers' from_pretrained(folder, gguf_file=...), as prepare_real_model.py does)")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} not found: expected an HF model directory")
-    config = read_config(config_path)
-    files, shapes, dtypes = {}, {}, set()
-    for file in _safetensors_files(path):
-        with open_safetensors(file) as f:
-            files[file] = list(f.keys())
-            for key in files[file]:
-                s = f.get_slice(key)
-                shapes[key] = tuple(s.get_shape())
-                dtypes.add(s.get_dtype())
-    ignored = check_keys(config, shapes, path)
-    files = {file: [k for k in keys if k not in ignored] for file, keys in files.items()}
-    floats = [name for name, code in SAFETENSORS_DTYPES.items() if code in dtypes and name.is_floating_point]
-    if len(floats) == 1:
-        config.dtype = str(floats[0]).removeprefix("torch.")
-    return config, files
+    settings, files = read_index(path)
+    try:
+        config = ModelConfig(**settings)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{os.path.join(path, 'config.json')}: {e}") from None
+    ignored = check_keys(config, {k: s for keys in files.values() for k, s in keys.items()}, path)
+    return config, {file: [k for k in keys if k not in ignored] for file, keys in files.items()}
 
 
 def check_keys(config, shapes, source):
@@ -641,134 +550,3 @@ def check_keys(config, shapes, source):
     if missing:
         raise KeyError(f"{source}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return ignored
-
-
-def open_safetensors(file, device=None):
-    """safe_open, with an error naming the file for a truncated or foreign one."""
-    try:
-        return safe_open(file, framework="pt", device=str(torch.device(device or "cpu")))
-    except Exception as e:  # safetensors' own error types
-        raise ValueError(f"{file}: not a readable safetensors file ({e}); was it copied completely?") from None
-
-
-def _safetensors_files(path):
-    index = os.path.join(path, "model.safetensors.index.json")
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    if os.path.isfile(index):
-        weight_map = read_json(index)["weight_map"]
-        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not os.path.isfile(file):
-                raise FileNotFoundError(f"{file} is listed in {index} but does not exist")
-        return files
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-
-
-# The safetensors format (a little-endian u64 header length, a JSON header of each tensor's dtype, shape and byte
-# offsets, then the raw bytes), written here tensor by tensor so that a model is never in memory twice. The layout is
-# the one safetensors' save_file writes, byte for byte: tensors sorted by dtype (in its enum's order, widest first)
-# then by name, a compact header padded with spaces to 8 bytes.
-SAFETENSORS_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
-                      torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32",
-                      torch.float64: "F64", torch.int64: "I64"}
-
-
-def shard_files(specs, max_shard_size):
-    """{key: (shape, dtype)} in state-dict order -> [(file name, [keys in the order they are written])]: shards of
-    at most max_shard_size bytes (a larger tensor alone), named as transformers names them."""
-    shards, size = [[]], 0
-    for key, (shape, dtype) in specs.items():
-        nbytes = math.prod(shape) * dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    rank = list(SAFETENSORS_DTYPES.values())
-    return [(name, sorted(keys, key=lambda k: (-rank.index(SAFETENSORS_DTYPES[specs[k][1]]), k)))
-            for name, keys in zip(names, shards)]
-
-
-def safetensors_header(file):
-    """The JSON header of a safetensors file ({key: {"dtype", "shape", "data_offsets"}}), and where data starts."""
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n)), 8 + n
-
-
-def read_rows(file, header, key, start, stop, into):
-    """Copy rows [start, stop) of tensor `key` of a safetensors file into the tensor `into`. A row-major tensor's
-    rows are contiguous bytes: one positioned read of them and nothing else, straight into `into` when the dtypes
-    agree, else through one slice in the stored dtype (no memory map, whose pages would count as the process's)."""
-    entries, data = header
-    entry = entries[key]
-    shape, dtype = entry["shape"], {v: k for k, v in SAFETENSORS_DTYPES.items()}[entry["dtype"]]
-    row = math.prod(shape[1:]) * dtype.itemsize
-    direct = into.dtype == dtype and into.is_contiguous() and into.device.type == "cpu"
-    out = into if direct else torch.empty(into.shape, dtype=dtype)
-    with open(file, "rb") as f:
-        f.seek(data + entry["data_offsets"][0] + start * row)
-        f.readinto(out.view(-1).view(torch.uint8).numpy())
-    if not direct:
-        into.copy_(out)
-
-
-def write_order(specs, max_shard_size):
-    """Every key in the order write_weights consumes the tensors."""
-    return [key for _, keys in shard_files(specs, max_shard_size) for key in keys]
-
-
-def write_safetensors(path, specs, keys, tensors):
-    """Stream tensors (an iterable, in the order of keys) into a safetensors file at path, one at a time."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for key in keys:
-        shape, dtype = specs[key]
-        end = offset + math.prod(shape) * dtype.itemsize
-        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
-        offset = end
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text)
-        for key, t in zip(keys, tensors):
-            if (tuple(t.shape), t.dtype) != specs[key]:
-                raise ValueError(f"{key}: got {tuple(t.shape)} {t.dtype}, expected {specs[key]}")
-            f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
-
-
-def write_weights(path, config, specs, tensors, max_shard_size=5 * 2**30):
-    """An HF model directory at path from tensors streamed in write_order(specs): the weight files (and their
-    index above max_shard_size), then config.json. Each file is written under a temporary name, fsynced and
-    renamed, config.json last; weight files of an earlier save that are not part of this one are removed."""
-    os.makedirs(path, exist_ok=True)
-    layout = shard_files(specs, max_shard_size)
-    tensors = iter(tensors)
-    files = {}  # final name -> its complete temporary file
-    for name, keys in layout:
-        files[name] = temporary_name(os.path.join(path, name))
-        write_safetensors(files[name], specs, keys, (next(tensors) for _ in keys))
-    if len(layout) > 1:
-        total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
-        index = {"metadata": {"total_size": total}, "weight_map": {k: name for name, keys in layout for k in keys}}
-        files["model.safetensors.index.json"] = _write_json_tmp(path, "model.safetensors.index.json", index)
-    files["config.json"] = _write_json_tmp(path, "config.json", config.to_hf())
-    for name, tmp in files.items():
-        fsync(tmp)
-        commit(tmp, os.path.join(path, name))
-    for name in os.listdir(path):
-        if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")) \
-                and name not in files:
-            os.remove(os.path.join(path, name))
-
-
-def _write_json_tmp(folder, name, obj):
-    """obj as JSON in a temporary file for folder/name; returns its path (commit renames it into place)."""
-    tmp = temporary_name(os.path.join(folder, name))
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    return tmp

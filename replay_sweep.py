@@ -18,7 +18,9 @@ import sys
 import torch.distributed as dist
 
 import train
+from checkpoint import holds_run, read_metrics
 from files import write_atomic
+from parallel import launch, log, setup_distributed
 
 RATIOS = "0,0.1,0.25,0.5,0.75"
 
@@ -46,25 +48,25 @@ def read_run(out):
     """(eval before, eval after) from a finished run's metrics.jsonl, or None if the run is not finished."""
     if not os.path.exists(os.path.join(out, "config.json")):
         return None
-    evals = [row for row in train.read_metrics(os.path.join(out, "metrics.jsonl"))
+    evals = [row for row in read_metrics(os.path.join(out, "metrics.jsonl"))
              if any(k.startswith("bpb/") for k in row)]
     return (evals[0], evals[-1]) if len(evals) >= 2 else None
 
 
 def sweep(args):
-    train.setup_distributed()  # one process group for all the runs (train.run reuses it)
+    setup_distributed()  # one process group for all the runs (train.run reuses it)
     results = []
     for ratio in args.ratios:
         out = os.path.join(args.out, f"replay-{ratio:g}")
         done = read_run(out)
         if done is None:
-            resume = ["--resume"] if train.holds_run(out) else []
+            resume = ["--resume"] if holds_run(out) else []
             run_args = train.get_args(args.train_argv + ["--replay-ratio", str(ratio), "--out", out] + resume)
-            train.log(f"\n=== replay ratio {ratio:g}: {out}")
+            log(f"\n=== replay ratio {ratio:g}: {out}")
             train.run(run_args)
             done = read_run(out) if dist.get_rank() == 0 else ({}, {})
         else:
-            train.log(f"=== replay ratio {ratio:g}: reusing the finished run in {out}")
+            log(f"=== replay ratio {ratio:g}: reusing the finished run in {out}")
         results.append((ratio, *done))
     return results
 
@@ -110,7 +112,7 @@ def plot(results, domain, general, path):
 
 def main(argv=None):
     args = get_args(argv)
-    results = train.launch(sweep, args)
+    results = launch(sweep, args)
     if int(os.environ.get("RANK", 0)) != 0:
         return
     probe = train.get_args(args.train_argv)

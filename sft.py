@@ -17,47 +17,34 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import memory
-from data import IGNORE, Curriculum, end_of_turn_id, read_conversations, sft_files, sft_row
-from model import to_dtype
+from chat import end_of_turn_id
+from checkpoint import checkpoint_dirs, export_hf, prepare_out, read_metrics, resume
+from data import Curriculum, read_conversations, sft_files, sft_row
+from model import IGNORE, to_dtype
+from parallel import check_batch_sizes, compute_dtype, launch, load_sharded, log, setup_distributed
 from tokenizer import Tokenizer
-from train import (COUNT, POSITIVE, Schedule, Step, batch_flops, check_batch_sizes, checkpoint_dirs, compute_dtype,
-                   cosine_lr, export_hf, launch, load_sharded, log, make_optimizer, micro_batches_of, number,
-                   prepare_out, read_metrics, resume, setup_distributed, train_loop)
+from train import (Schedule, add_training_flags, cosine_lr, make_optimizer, next_token_loss, parse_training_args,
+                   step_of, train_loop)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init-from", default=None, help="HF directory to fine-tune (default out/<domain>, the DACP "
                    "model)")
-    p.add_argument("--domain", default="telco")
-    p.add_argument("--data-root", default="data")
     p.add_argument("--stages", default=None, help="comma-separated .jsonl files, in curriculum order (default: "
                    "data/<domain>/sft/*.jsonl in name order)")
     p.add_argument("--epochs", type=stage_values(int), default="2",
                    help="epochs per stage: one value, or one per stage (1,1,2)")
-    p.add_argument("--lr", type=stage_values(float), default="2e-4",
-                   help="peak LR per stage: one value, or one per stage")
-    p.add_argument("--warmup-steps", type=COUNT, default=5, help="linear warmup at the start of each stage")
     p.add_argument("--single-stage", action="store_true", help="shuffle all stages together (SOAEsV2's baseline)")
-    p.add_argument("--out", default=None, help="output directory (default out/<domain>-sft)")
-    p.add_argument("--batch-size", type=POSITIVE, default=16, help="global batch, in conversations")
-    p.add_argument("--micro-batch-size", type=POSITIVE, default=8)
-    p.add_argument("--seq-len", type=POSITIVE, default=512, help="longer conversations are cut to this many tokens")
-    p.add_argument("--weight-decay", type=number(float, 0), default=0.0)
-    p.add_argument("--grad-clip", type=number(float, 0, low_open=True), default=1.0)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--eval-every", type=COUNT, default=0, help="steps between validation passes (0: after each "
-                   "stage only)")
-    p.add_argument("--save-every", type=COUNT, default=20, help="steps between resumable checkpoints (0: none)")
-    p.add_argument("--keep-checkpoints", type=COUNT, default=2, help="checkpoints kept (0: all)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    return p.parse_args(argv)
+    add_training_flags(p, "out/<domain>-sft", domain="telco", data_root="data", out=None, batch_size=16,
+                       micro_batch_size=8, seq_len=512,
+                       lr=dict(type=stage_values(float), default="2e-4", help="peak LR per stage: one value, or one "
+                               "per stage"),
+                       warmup_steps=5, weight_decay=0.0, grad_clip=1.0, seed=1337, eval_every=0, save_every=20,
+                       keep_checkpoints=2, resume=False, compile=False, activation_checkpointing=False, dtype=None)
+    return parse_training_args(p, argv)
 
 
 def stage_files(args):
@@ -110,15 +97,6 @@ def tokenize_stage(tokenizer, path, seq_len):
     return rows
 
 
-def sft_loss(model, batch):
-    """Summed cross-entropy over the trained (assistant) tokens of a [B, 2, T] batch of (ids, labels), with the
-    logits of those positions only, a chunk at a time (model.ChunkedLoss)."""
-    labels = batch[:, 1]
-    y = labels.flatten()
-    return model(batch[:, 0], loss_fn=lambda logits, rows: F.cross_entropy(logits.float(), y[rows], reduction="sum"),
-                 mask=labels != IGNORE)
-
-
 @torch.no_grad()
 def val_losses(model, val, batch_size, device):
     """Mean loss per trained token on each stage's val conversations. Every process runs every batch (the sets are
@@ -129,7 +107,7 @@ def val_losses(model, val, batch_size, device):
         nats = count = 0.0
         for step in range(len(curriculum)):
             batch = torch.from_numpy(curriculum.batch(step)).to(device)
-            nats += sft_loss(model, batch).item()
+            nats += next_token_loss(model, batch).item()
             count += curriculum.n_trained[step]
         results[f"val/{name}"] = nats / max(count, 1)
     model.train()
@@ -171,19 +149,6 @@ def run(args):
     if args.single_stage:
         lrs = lrs[:1]
 
-    def lr_fn(step):  # warmup then cosine to a tenth, restarted at each stage with its own peak
-        k, _, first, steps = curriculum.stage_of(step)
-        return cosine_lr(step - first, lrs[k], lrs[k] / 10, min(args.warmup_steps, steps // 4), steps)
-
-    def get_step(step):
-        k, name, first, steps = curriculum.stage_of(step)
-        if step == first or (args.resume and step == start_step):
-            log(f"stage {k + 1}/{len(curriculum.stages)} {name}: steps {first + 1}-{first + steps}, peak lr "
-                f"{lrs[k]:.1e}")
-        batch = torch.from_numpy(curriculum.batch(step)).to(device)
-        return Step(micro_batches_of(batch, args.micro_batch_size, rank, world),
-                    n_trained=curriculum.n_trained[step], flops=batch_flops(config, *batch[:, 0].shape))
-
     prepare_out(out, args, {"init-from": init})
     fresh = not checkpoint_dirs(out)
     with memory.stage(out, "load", device):
@@ -193,6 +158,18 @@ def run(args):
     model.activation_checkpointing = args.activation_checkpointing
     optimizer = make_optimizer(model, args.weight_decay, device)
     start_step = resume(model, optimizer, out) if args.resume else 0
+
+    def lr_fn(step):  # warmup then cosine to a tenth, restarted at each stage with its own peak
+        k, _, first, steps = curriculum.stage_of(step)
+        return cosine_lr(step - first, lrs[k], lrs[k] / 10, min(args.warmup_steps, steps // 4), steps)
+
+    def get_step(step):
+        k, name, first, steps = curriculum.stage_of(step)
+        if step == first or (args.resume and step == start_step):
+            log(f"stage {k + 1}/{len(curriculum.stages)} {name}: steps {first + 1}-{first + steps}, peak lr "
+                f"{lrs[k]:.1e}")
+        return step_of(torch.from_numpy(curriculum.batch(step)).to(device), args.micro_batch_size, config)
+
     if fresh:
         lengths = [len(labels) for _, rows, _ in stages for _, labels in rows]
         unbucketed = Curriculum(stages, args.batch_size, args.seed, single_stage=args.single_stage, pool_batches=1)
@@ -204,7 +181,7 @@ def run(args):
     schedule = Schedule(len(curriculum), lr_fn, args.grad_clip, args.eval_every,
                         eval_steps=frozenset(first + steps for _, first, steps in curriculum.stages),
                         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints)
-    train_loop(model, optimizer, get_step, sft_loss, schedule, out, start_step=start_step,
+    train_loop(model, optimizer, get_step, next_token_loss, schedule, out, start_step=start_step,
                evaluate_fn=(lambda: val_losses(model, val, device=device, batch_size=args.batch_size))
                if val else None, device=device)
 

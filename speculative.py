@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data import end_of_turn_id, read_jsonl, render_chat
+from chat import end_of_turn_id, render_chat
+from data import read_jsonl
 from files import write_atomic
 from model import Transformer, to_dtype
 from tokenizer import Tokenizer
@@ -68,9 +69,9 @@ def sample(probs):
 # Decoding
 
 
-def model_forward(model, idx, input_pos, filled=None):
+def model_forward(model, idx, input_pos, unpadded=None):
     """One cached forward pass; replaced by a compiled version by compile_decoding()."""
-    return model(idx, input_pos, filled=filled)
+    return model(idx, input_pos, unpadded=unpadded)
 
 
 def compile_decoding():
@@ -111,7 +112,7 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top
 def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_id=None,
                    generators=None, sync_every=16):
     """generate() for several prompts in one forward pass per token: the prompts are left-padded to one width W,
-    so every row's next token goes to the same cache column W + i, and `filled` hides each row's padding from
+    so every row's next token goes to the same cache column W + i, and `unpadded` hides each row's padding from
     attention (Transformer.forward). Returns one list of new tokens per prompt, each cut after eos_id; decoding
     stops when every row has produced it (or after max_new_tokens). generators: one torch.Generator per row, so a
     row's sample does not depend on the rows beside it (distill.py draws each prompt under its own seed)."""
@@ -123,7 +124,7 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_k=None, 
     pad = torch.tensor([W - len(p) for p in prompts], device=device)
     idx = torch.tensor([[0] * (W - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
     # no padding (one prompt, or prompts of one length): plain causal attention on the cache
-    filled = torch.arange(model.max_seq_len, device=device)[None] >= pad[:, None] if pad.any() else None
+    unpadded = torch.arange(model.max_seq_len, device=device)[None] >= pad[:, None] if pad.any() else None
 
     def draw(logits):
         probs = logits_to_probs(logits, temperature, top_k, top_p)
@@ -132,13 +133,13 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_k=None, 
         race = torch.stack([torch.empty_like(p).exponential_(1, generator=g) for p, g in zip(probs, generators)])
         return torch.argmax(probs / race, dim=-1)  # sample()'s exponential race, one stream per row
 
-    token = draw(model(idx, torch.arange(W, device=device), filled=filled)[:, -1])
+    token = draw(model(idx, torch.arange(W, device=device), unpadded=unpadded)[:, -1])
     new = [token]
     input_pos = torch.tensor([W], device=device)
     for i in range(1, max_new_tokens):
         if eos_id is not None and i % sync_every == 0 and (torch.stack(new) == eos_id).any(0).all():
             break
-        token = draw(model_forward(model, token[:, None], input_pos, filled)[:, -1])
+        token = draw(model_forward(model, token[:, None], input_pos, unpadded)[:, -1])
         new.append(token)
         input_pos += 1
     return [cut_at_eos(row, eos_id) for row in torch.stack(new, 1).tolist()]

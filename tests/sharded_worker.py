@@ -3,7 +3,7 @@ HF checkpoint. Every process checks; a mismatch raises (non-zero exit).
 
     torchrun --nproc_per_node=2 tests/sharded_worker.py <checkpoint> <teacher> <tokenizer dir> <out dir>
 
-  - sharded loading (train.load_sharded, distill.load_teacher) gives the weights Transformer.from_pretrained gives;
+  - sharded loading (parallel.load_sharded, parallel.load_teacher) gives the weights Transformer.from_pretrained gives;
   - the chunked losses (DACP, SFT's masked one, distillation with the sharded teacher) give the losses and the
     gradients of the whole-logits formulas on the replicated models;
   - the streaming export writes the files safetensors' own save_file writes from the gathered state dict.
@@ -18,10 +18,12 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distill import distillation_loss, distilled, load_teacher  # noqa: E402
+from checkpoint import export_hf  # noqa: E402
+from distill import distillation_loss, distilled  # noqa: E402
 from model import Transformer  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
-from train import causal_lm_loss, export_hf, full_tensor, load_sharded, setup_distributed, shard_model  # noqa: E402
+from parallel import full_tensor, load_sharded, load_teacher, setup_distributed, shard_model  # noqa: E402
+from train import next_token_loss  # noqa: E402
 
 path, teacher_path, tokenizer_dir, out = sys.argv[1:5]
 rank, world, device = setup_distributed()
@@ -71,7 +73,7 @@ sharded.loss_chunk_rows = 5  # several chunks, the last one shorter
 tokens = batch(1)
 mine = tokens[rank * 2:(rank + 1) * 2]
 x, y = mine[:, :-1], mine[:, 1:]
-same_loss_and_gradients(causal_lm_loss(sharded, mine),
+same_loss_and_gradients(next_token_loss(sharded, torch.stack([x, y], 1)),
                         F.cross_entropy(reference(x).float().flatten(0, 1), y.flatten(), reduction="sum"),
                         "chunked DACP loss")
 
@@ -79,10 +81,8 @@ same_loss_and_gradients(causal_lm_loss(sharded, mine),
 labels = batch(2)
 labels[:, :6] = -100
 ids = batch(3)
-from sft import sft_loss  # noqa: E402
-
 mine = torch.stack([ids, labels], dim=1)[rank * 2:(rank + 1) * 2]
-same_loss_and_gradients(sft_loss(sharded, mine),
+same_loss_and_gradients(next_token_loss(sharded, mine),
                         F.cross_entropy(reference(mine[:, 0]).float().flatten(0, 1), mine[:, 1].flatten(),
                                         ignore_index=-100, reduction="sum"),
                         "chunked SFT loss")

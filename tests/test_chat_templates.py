@@ -1,4 +1,4 @@
-"""data.render_chat against transformers' apply_chat_template for public chat templates (tests/chat_templates.py):
+"""chat.render_chat against transformers' apply_chat_template for public chat templates (tests/chat_templates.py):
 SmolLM2, Qwen2.5, Qwen3, Llama-3.1, Llama-3.2, Mistral v0.1 and v0.3, each on a small byte-level BPE tokenizer that
 `tokenizers` trains with the special tokens the template needs, and the real SmolLM2-135M-Instruct (REAL_MODEL).
 
@@ -17,10 +17,10 @@ import transformers
 import transformers.utils.chat_template_utils as hf_chat
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-import data
+import chat
 from chat_templates import CHATML_TOKENS, TEMPLATES
 from conftest import REAL_MODEL, REPO, needs_real_model
-from data import end_of_turn_id, render_chat
+from chat import end_of_turn_id, render_chat
 from tokenizer import Tokenizer
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -104,7 +104,7 @@ def frozen_today(monkeypatch):
         @classmethod
         def now(cls, tz=None):
             return cls(2025, 3, 7, 23, 59, 59)
-    monkeypatch.setattr(data, "datetime", Frozen)
+    monkeypatch.setattr(chat, "datetime", Frozen)
     monkeypatch.setattr(hf_chat, "datetime", Frozen)
 
 
@@ -198,12 +198,12 @@ def test_llama32_writes_today(tmp_path, monkeypatch):
     ours = Tokenizer.from_pretrained(path)
     text = ours.decode(render_chat(ours, TURNS[:1], add_generation_prompt=True)[0])
     assert "Cutting Knowledge Date: December 2023\nToday Date: 07 Mar 2025\n\n" in text  # frozen_today
-    monkeypatch.setattr(data, "datetime", datetime.datetime)  # the real clock, read around the call
+    monkeypatch.setattr(chat, "datetime", datetime.datetime)  # the real clock, read around the call
     before = datetime.datetime.now().strftime("%d %b %Y")
     text = ours.decode(render_chat(ours, TURNS[:1], add_generation_prompt=True)[0])
     after = datetime.datetime.now().strftime("%d %b %Y")
     assert f"Today Date: {before}\n" in text or f"Today Date: {after}\n" in text
-    assert data.strftime_now("%d %b %Y") in (before, after, datetime.datetime.now().strftime("%d %b %Y"))
+    assert chat.strftime_now("%d %b %Y") in (before, after, datetime.datetime.now().strftime("%d %b %Y"))
 
 
 def test_chat_template_jinja_wins_over_the_config(tmp_path):

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from conftest import kill_after_step
-from data import IGNORE
 from distill import LOSSES, distillation_loss
-from model import ModelConfig, Transformer
+from model import IGNORE, ModelConfig, Transformer
 from tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

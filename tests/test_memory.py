@@ -26,7 +26,7 @@ def saved_bytes(model, idx):
             saved[id(base)] = base.numel() * base.element_size()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(idx, return_hidden=True)
+        model.hidden(idx)
     return sum(saved.values())
 
 

@@ -174,7 +174,7 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path, family):
 @pytest.mark.parametrize("family", ["smollm2", "qwen2", "mistral"])
 def test_left_padded_batch_decoding_equals_transformers_per_row(tmp_path, family):
     """Batched generation left-pads prompts of different lengths to one width and hides the padding through
-    `filled`: each row's logits, at the prefill and at every cached step after it, are transformers' logits of that
+    `unpadded`: each row's logits, at the prefill and at every cached step after it, are transformers' logits of that
     row alone, unpadded (its positions shifted by the padding, which RoPE does not see; Mistral's sliding window
     counts cache columns, which the padding does not break)."""
     hf = make_hf(tmp_path, family)
@@ -183,12 +183,12 @@ def test_left_padded_batch_decoding_equals_transformers_per_row(tmp_path, family
     W, steps = 12, 6
     idx = torch.tensor([[0] * (W - len(r)) + r for r in rows])
     model.setup_cache(max_batch_size=3, max_seq_len=24)
-    filled = torch.arange(24)[None] >= torch.tensor([W - len(r) for r in rows])[:, None]
+    unpadded = torch.arange(24)[None] >= torch.tensor([W - len(r) for r in rows])[:, None]
     new = torch.randint(0, 96, (3, steps), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        out = [model(idx, input_pos=torch.arange(W), filled=filled)[:, -1:]]
+        out = [model(idx, input_pos=torch.arange(W), unpadded=unpadded)[:, -1:]]
         for t in range(steps):
-            out.append(model(new[:, t:t + 1], input_pos=torch.tensor([W + t]), filled=filled))
+            out.append(model(new[:, t:t + 1], input_pos=torch.tensor([W + t]), unpadded=unpadded))
     out = torch.cat(out, dim=1)  # the logits after each row's prompt, then after each new token
     for b, r in enumerate(rows):
         theirs = hf_logits(hf, torch.tensor([r + new[b].tolist()]))[0, len(r) - 1:]

@@ -176,17 +176,19 @@ FSYNC_SCRIPT = textwrap.dedent("""
         real_replace(src, dst)
     os.fsync, os.replace = fsync, replace
     import train
+    from checkpoint import save_checkpoint
     from model import ModelConfig, Transformer
+    from parallel import setup_distributed, shard_model
     from tokenizer import Tokenizer
-    rank, world, device = train.setup_distributed()
+    rank, world, device = setup_distributed()
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=300, n_layers=1))
     model.init_weights()
     out = sys.argv[1]
     model.save_pretrained(out)                                                    # an export
     Tokenizer.train(["some text to learn merges from " * 20], 300).save_pretrained(out)
-    sharded = train.shard_model(model, device, torch.float32)
-    train.save_checkpoint(sharded, train.make_optimizer(sharded, 0.0, device), out, 1, 2)   # a checkpoint
+    sharded = shard_model(model, device, torch.float32)
+    save_checkpoint(sharded, train.make_optimizer(sharded, 0.0, device), out, 1, 2)   # a checkpoint
     def synced_before(path, i):
         return any(e == ("fsync", path) for e in events[:i])
     for i, e in enumerate(events):

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from data import IGNORE, Curriculum, read_conversations, render_chat
-from model import ModelConfig, Transformer
+from chat import render_chat
+from data import Curriculum, read_conversations
+from model import IGNORE, ModelConfig, Transformer
 from tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,7 +149,7 @@ def test_batches_pad_without_loss_and_are_reproducible():
 
 
 def test_sft_loss_trains_only_labelled_tokens():
-    from sft import sft_loss
+    from train import next_token_loss
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
                                     hidden_dim=32, max_seq_len=32))
@@ -158,7 +159,7 @@ def test_sft_loss_trains_only_labelled_tokens():
     logits = model(ids)
     keep = labels != IGNORE
     expected = -F.log_softmax(logits, -1)[keep].gather(-1, labels[keep][:, None]).sum()
-    torch.testing.assert_close(sft_loss(model, torch.stack([ids, labels], 1)), expected)
+    torch.testing.assert_close(next_token_loss(model, torch.stack([ids, labels], 1)), expected)
 
 
 # -----------------------------------------------------------------------------

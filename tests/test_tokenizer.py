@@ -1,4 +1,4 @@
-"""data.Tokenizer against the references: HF `tokenizers` (and transformers.AutoTokenizer) give the ids we must match.
+"""tokenizer.Tokenizer against the references: HF `tokenizers` (and transformers.AutoTokenizer) give the ids we must match.
 
 Every tokenizer.json here is built by the `tokenizers` library itself, trained on the small corpus below, in each
 pre-tokenizer style we support (GPT-2, Llama-3, Qwen2, SmolLM2). Nothing is compared against our own output.

@@ -55,7 +55,8 @@ def test_every_window_once_per_epoch():
 
 
 def test_micro_batches_cover_the_global_batch_for_any_world_size():
-    from train import get_args, micro_batches_of
+    from parallel import micro_batches_of
+    from train import get_args
     args = get_args(["--batch-size", "8", "--micro-batch-size", "2"])
     batch = torch.arange(8)[:, None]
     for world in (1, 2, 4):
@@ -262,15 +263,17 @@ LOOP_SCRIPT = r"""
 import math, sys, tempfile, torch
 import train
 from model import ModelConfig, Transformer
-rank, world, device = train.setup_distributed()
+from parallel import setup_distributed, shard_model
+rank, world, device = setup_distributed()
 torch.manual_seed(0)
 model = Transformer(ModelConfig.from_preset("tiny", vocab_size=64, n_layers=1))
 model.init_weights()
-model = train.shard_model(model, device, torch.float32)
+model = shard_model(model, device, torch.float32)
 optimizer = train.make_optimizer(model, 0.0, device)
-batch = torch.randint(0, 64, (2, 9))
+windows = torch.randint(0, 64, (2, 9))
+batch = torch.stack((windows[:, :-1], windows[:, 1:]), 1)
 def loss_fn(model, micro):  # finite at step 1, NaN at step 2
-    loss = train.causal_lm_loss(model, micro)
+    loss = train.next_token_loss(model, micro)
     return loss if optimizer.state_dict()["state"] == {} else loss * math.nan
 schedule = train.Schedule(max_steps=3, lr_fn=lambda step: 1e-2, grad_clip=1.0)
 snapshot = {}

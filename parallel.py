@@ -1,0 +1,315 @@
+"""
+Processes: one code path for `python x.py` (a group of one) and `torchrun --nproc_per_node=N x.py`. The process
+group and rank-0 coordination; splitting work into rank shares and gathering it back; FSDP2 sharding of a model, and
+loading a checkpoint so that each process reads only its own shards; and the distillation teacher sharded by
+vocabulary rows (Megatron-LM's vocabulary parallelism).
+"""
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+from data import corpus_files, tokenize_corpus
+from model import Transformer, read_checkpoint, to_dtype
+
+# Peak dense bf16 tensor FLOP/s, for MFU (Chowdhery et al. 2022): achieved model FLOP/s over this.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def by_gpu_name(table, device):
+    """The value of a {GPU name substring: value} table for this device; None on a CPU or an unlisted GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in table.items() if k in name), None)
+
+
+def compute_dtype(name, device):
+    """--dtype, by default bf16 on GPU and fp32 on CPU (where bf16 matmuls are slow)."""
+    return to_dtype(name or ("bfloat16" if device.type == "cuda" else "float32"))
+
+
+# -----------------------------------------------------------------------------
+# The process group
+
+
+def setup_distributed():
+    """torchrun sets RANK / WORLD_SIZE / MASTER_ADDR; plain `python train.py` is a group of one. One code path."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        if int(os.environ["WORLD_SIZE"]) > 1:  # share the cores instead of oversubscribing them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def log(*args):
+    if dist.get_rank() == 0:
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+def on_rank0(fn):
+    """fn() on rank 0 while the other processes wait; returns its result on rank 0 (None elsewhere). A user error
+    there stops every process with rank 0's message, instead of leaving the others waiting forever at their next
+    collective."""
+    error = result = None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except SystemExit as e:
+            error = str(e.code)
+        except (ValueError, FileNotFoundError) as e:
+            error = f"error: {e}"
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise SystemExit(box[0] if dist.get_rank() == 0 else 1)
+    return result
+
+
+def launch(run, args):
+    """Run a training command (train.py, sft.py, distill.py) and leave the process group cleanly: after a
+    successful run every process waits for the others before the group is destroyed (one process tearing its
+    gloo connections down while another still holds them has aborted the latter at exit)."""
+    try:
+        result = run(args)
+        if dist.is_initialized():
+            dist.barrier()
+        return result
+    except FloatingPointError as e:  # a diverged run: say which step and which checkpoint is good, no traceback
+        raise SystemExit(str(e)) from None
+    except (ValueError, FileNotFoundError, KeyError) as e:  # a user's file or flag, named in the message
+        message = e.args[0] if isinstance(e, KeyError) else str(e)
+        raise SystemExit(f"error: {message}" if not dist.is_initialized() or dist.get_rank() == 0 else 1) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def tokenize_once(tokenizer, data_root, domain, split):
+    """The token stream of data/<domain>/<split>: rank 0 tokenises it (or finds it cached) while the others wait,
+    then every process reads the cache. (Two separate runs tokenising one corpus at once are safe too: each
+    writes its own temporary file and renames it into place.)"""
+    tokens = on_rank0(lambda: tokenize_corpus(tokenizer, data_root, domain, split))
+    if tokens is None:  # the other processes, once rank 0 has written the cache
+        tokens = tokenize_corpus(tokenizer, data_root, domain, split)
+    bos, eos = tokenizer.document_ids()
+    framing = " ".join(repr(tokenizer.decode([i])) for i in (bos, eos) if i is not None)
+    log(f"{os.path.join(data_root, domain, split)}/: {len(corpus_files(data_root, domain, split))} files, "
+        f"{len(tokens):,} tokens (documents framed by {framing})")
+    return tokens
+
+
+def rank_share(items, rank, world):
+    """This process's share of a list: contiguous blocks of ceil(n / world) items, in rank order (the last ones may
+    be shorter or empty), so gathering the shares in rank order gives back the list. The one way work is split
+    across processes: batches, val windows, prompts to sample."""
+    per_rank = -(-len(items) // world)
+    return items[rank * per_rank:(rank + 1) * per_rank]
+
+
+def gather(items):
+    """Every process's list, concatenated in rank order, on every process (the inverse of rank_share)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def all_sum(values, device):
+    """Sum a list of floats over processes (a no-op in one process without a process group, as in eval.py)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def micro_batches_of(batch, micro_batch_size, rank, world):
+    """This process's micro-batches out of the global batch (its rank_share of the rows)."""
+    mine = rank_share(batch, rank, world)
+    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+def check_batch_sizes(args, world):
+    if args.batch_size % (args.micro_batch_size * world):
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size} x {world} processes")
+
+
+# -----------------------------------------------------------------------------
+# FSDP2: a model sharded over the processes
+
+
+def shard_model(model, device, dtype, compile=False):
+    """FSDP2 (torchtitan's recipe): fully_shard each block, then the root, so each block's parameters are gathered
+    just before it runs and freed after. Weights stay fp32; with bf16 the forward/backward runs in bf16 and
+    gradients are reduced in fp32. Gradients are SUMMED over processes (divide factor 1): the loss is already
+    normalised by the global number of trained tokens, so averaging would divide twice (and over gloo FSDP2 has been
+    reported to sum anyway, pytorch issue 162338: summing on purpose makes both backends agree)."""
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else \
+        MixedPrecisionPolicy()
+    if not model.lm_head.weight.is_meta:  # (a model on the meta device is materialised after sharding)
+        model.to(device)
+    for block in model.model.layers:
+        if compile:
+            block.compile()
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    register_forward_methods(model)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    return model
+
+
+def register_forward_methods(model):
+    """Transformer.hidden and .loss run the network without forward: tell FSDP2 they are forward passes too, so
+    that the root's parameters (embedding, final norm, head) are gathered for them and freed after."""
+    for name in ("hidden", "loss"):
+        register_fsdp_forward_method(model, name)
+
+
+def load_sharded(path, device, dtype, compile=False):
+    """An HF checkpoint as a sharded FSDP2 model of fp32 weights, each process reading only its own shards: the
+    model is built on the meta device (no memory), sharded, given storage for this process's shards alone, and
+    filled from the safetensors files slice by slice (Transformer.load_rows). Memory per process while loading:
+    its 1 / world of the model plus one slice, never the whole model (torchtitan loads the same way). The config's
+    dtype stays the one the checkpoint is stored in, which the export writes back."""
+    config, _ = read_checkpoint(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = shard_model(model, device, dtype, compile=compile)
+    model.to_empty(device=device)
+    model.load_rows(path, owned_rows)
+    return model
+
+
+def owned_rows(p):
+    """The part of parameter p this process holds, and its first row in the full tensor: FSDP2 shards dim 0 into
+    chunks of ceil(rows / world), in rank order (torch.chunk's split); a tensor split by rows outside FSDP (a
+    sharded teacher's vocabulary) says where its rows start; anything else is whole."""
+    if isinstance(p, DTensor):
+        return p.to_local(), dist.get_rank() * -(-p.shape[0] // dist.get_world_size())
+    return p.data, getattr(p, "first_row", 0)
+
+
+def full_tensor(t):
+    """A parameter's whole value from its FSDP2 shards (a collective: every process must call it)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+# -----------------------------------------------------------------------------
+# The vocabulary-sharded teacher (distill.py)
+#
+# The teacher only runs forward, and under torchrun it is sharded over the processes like the student, so that its
+# memory per process is divided by their number: FSDP2 on each block, gathered just before the block runs and freed
+# after it; the embedding and the output layer (the largest tensors: vocabulary x dim) are split by vocabulary rows
+# and never gathered (Megatron-LM's vocabulary parallelism). Since each process has its own tokens (data
+# parallelism), each of those layers first gathers every process's rows, works on its slice of the vocabulary for
+# all of them, and sends each process the results for its own rows back.
+
+
+# (torch 2.13 renamed these two; the old names still work there, with a warning)
+all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
+def gather_rows(x):
+    """Every process's x [n, ...] (n may differ), padded to the longest: ([world, n_max, ...], this process's n)."""
+    n = torch.tensor([len(x)], device=x.device)
+    sizes = torch.empty(dist.get_world_size(), dtype=n.dtype, device=x.device)
+    all_gather_single(sizes, n)
+    longest = int(sizes.max())
+    out = torch.empty(dist.get_world_size(), longest, *x.shape[1:], dtype=x.dtype, device=x.device)
+    all_gather_single(out, F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - len(x)))[None])
+    return out, len(x)
+
+
+class VocabShardedEmbedding(nn.Module):
+    """Rows [first_row, first_row + n) of an embedding table: this process looks up the tokens in its rows, for
+    every process's tokens (zeros for the others), and each process receives the sum over the slices of its own
+    tokens' lookups: every token's row."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, idx):
+        if dist.get_world_size() == 1:
+            return F.embedding(idx, self.weight)
+        ids, n = gather_rows(idx.flatten())
+        local = ids - self.weight.first_row
+        mine = (local >= 0) & (local < len(self.weight))
+        x = F.embedding(local.clamp(0, max(len(self.weight) - 1, 0)), self.weight) * mine[..., None]
+        out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+        reduce_scatter_single(out, x.flatten(0, 1))
+        return out[:n].view(*idx.shape, -1)
+
+
+class VocabShardedHead(nn.Module):
+    """The output layer's rows for this process's slice of the vocabulary: the logits of the slice for every
+    process's hidden states, exchanged (all-to-all) so that each process gets its own rows' logits over the whole
+    vocabulary."""
+
+    def __init__(self, weight, vocab_size):
+        super().__init__()
+        self.weight, self.vocab_size = weight, vocab_size
+
+    def forward(self, h):
+        world = dist.get_world_size()
+        if world == 1:
+            return F.linear(h, self.weight)
+        hidden, n = gather_rows(h.reshape(-1, h.shape[-1]))
+        width = -(-self.vocab_size // world)  # every slice padded to the same width, as all_to_all needs
+        local = F.pad(F.linear(hidden, self.weight), (0, width - len(self.weight)))  # [world, n_max, width]
+        parts = torch.empty_like(local)
+        dist.all_to_all_single(parts, local)  # parts[r]: slice r's logits of this process's rows
+        logits = parts.permute(1, 0, 2).flatten(1)[:n, :self.vocab_size]
+        return logits.view(*h.shape[:-1], self.vocab_size)
+
+
+def load_teacher(path, device, dtype, replicate=False):
+    """The teacher in dtype, for inference, sharded as described above; each process reads only its own part of
+    the checkpoint (load_sharded's way: built on the meta device, sharded, then filled slice by slice). In one
+    process, or with --replicate-teacher, the plain model: no collectives, no FSDP hooks in every decoding step."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world == 1 or replicate:
+        return Transformer.from_pretrained(path, device, dtype).eval().requires_grad_(False)
+    config, _ = read_checkpoint(path)
+    with torch.device("meta"):
+        teacher = Transformer(config).to(dtype)
+        rows = -(-config.vocab_size // world)  # torch.chunk's split, as FSDP2's
+        first = min(rank * rows, config.vocab_size)
+        shard = [nn.Parameter(torch.empty(min(rows, config.vocab_size - first), config.dim, dtype=dtype),
+                              requires_grad=False) for _ in range(1 if config.tie_embeddings else 2)]
+    teacher.model.embed_tokens = VocabShardedEmbedding(shard[0])
+    teacher.lm_head = VocabShardedHead(shard[-1], config.vocab_size)
+    for block in teacher.model.layers:
+        fully_shard(block, reshard_after_forward=True)
+    fully_shard(teacher, reshard_after_forward=True, ignored_params=set(shard))  # (the final norm)
+    register_forward_methods(teacher)
+    teacher.to_empty(device=device)  # (new tensors: tie them again, and say where their rows start)
+    if config.tie_embeddings:
+        teacher.lm_head.weight = teacher.model.embed_tokens.weight
+    for p in (teacher.model.embed_tokens.weight, teacher.lm_head.weight):
+        p.first_row = first
+    teacher.load_rows(path, owned_rows)
+    return teacher.eval().requires_grad_(False)
