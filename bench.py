@@ -7,7 +7,7 @@ ratio ours / theirs of the throughput (above 1: ours is faster).
              config (config.to_hf()) holding the same weights, on the same batch, SDPA attention on both
 2. decode    greedy speculative.generate vs transformers' generate, and speculative_generate vs transformers'
              assisted generation: same target and draft, same prompts, same number of new tokens
-3. tokenize  data.Tokenizer.encode vs the raw tiktoken Encoding inside it vs HF tokenizers on the same
+3. tokenize  tokenizer.Tokenizer.encode vs the raw tiktoken Encoding inside it vs HF tokenizers on the same
              tokenizer.json, one string and batched
 
     python bench.py                                  # all three: 1-2 min on a 2-core CPU
@@ -48,7 +48,7 @@ from train import make_optimizer
 # names come first. Decoding at batch 1 reads every weight once per token: bandwidth / weight bytes is its limit.
 BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.039e12,
              "A100 80GB PCIe": 1.935e12, "A100": 1.555e12, "L40S": 0.864e12, "A10G": 0.6e12, "4090": 1.008e12}
-PIPELINE = "bash workshop.sh makes out/workshop/telco-sft and out/workshop/telco-draft (see the README)"
+PIPELINE = "bash workshop.sh makes out/workshop/telco-sft and out/workshop/telco-draft (see README.md)"
 
 
 def machine(device):

@@ -20,7 +20,7 @@ from model import IGNORE
 # -----------------------------------------------------------------------------
 # Corpora and token shards
 #
-# A domain is a folder data/<domain>/ with train/ and val/ (see the README). A .txt file is one document; a .jsonl file
+# A domain is a folder data/<domain>/ with train/ and val/ (docs/training.md). A .txt file is one document; a .jsonl file
 # has one document per row, {"text": ...}. Documents are joined as [bos] doc [eos] (bos only where the tokenizer has
 # one), so the model learns where documents end. Tokenised corpora are cached as one flat .bin of uint16 (uint32 for
 # vocabularies over 65536) per split, read back through np.memmap: a corpus never has to fit in memory.

@@ -12,6 +12,11 @@ permutation, because RoPE here uses HF's rotate-half layout.
     model.setup_cache(max_batch_size=1, max_seq_len=512)            # static KV cache, gpt-fast style
     logits = model(idx[:, :5], input_pos=torch.arange(5))           # prefill, then one position at a time
     model.save_pretrained("out/run")                                # loads in transformers with the same logits
+    loss = model.loss(idx, targets)                                 # training: summed over targets != IGNORE
+
+Read top to bottom: the config, the building blocks (RMSNorm, RoPE, KV cache, attention, MLP, block), the chunked
+training loss, the Transformer. Reading and writing the files themselves (config.json's field names, safetensors) is
+hf.py's; from_pretrained and save_pretrained are thin doors to it.
 """
 
 import math

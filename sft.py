@@ -7,9 +7,10 @@ stage from weakly related data to expert-annotated domain data ("domain-progress
     python sft.py --init-from out/telco --domain telco --single-stage --out out/telco-sft-single   # the ablation
     torchrun --nproc_per_node=2 sft.py --init-from out/telco --domain telco
 
-Conversations are rendered by the checkpoint's own chat template (data.render_chat) and only the assistant turns are
+Conversations are rendered by the checkpoint's own chat template (chat.render_chat) and only the assistant turns are
 trained. Each stage has its own epochs and peak LR (warmup, then cosine to a tenth of it) and its validation loss is
-logged after it (data/<domain>/sft/val/<stage>.jsonl). The loop, checkpoints, resume and HF export are train.py's.
+logged after it (data/<domain>/sft/val/<stage>.jsonl). The loop is train.py's; checkpoints, resume and the HF
+export are checkpoint.py's.
 The output is an HF chat model: its config lists the end-of-turn token as an eos, as instruct checkpoints do.
 """
 import argparse
@@ -38,8 +39,9 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=stage_values(int), default="2",
                    help="epochs per stage: one value, or one per stage (1,1,2)")
     p.add_argument("--single-stage", action="store_true", help="shuffle all stages together (SOAEsV2's baseline)")
-    add_training_flags(p, "out/<domain>-sft", domain="telco", data_root="data", out=None, batch_size=16,
-                       micro_batch_size=8, seq_len=512,
+    add_training_flags(p, "out/<domain>-sft", domain="telco", data_root="data", out=None,
+                       batch_size=dict(default=16, help="global batch, in conversations"), micro_batch_size=8,
+                       seq_len=dict(default=512, help="longer conversations are cut to this many tokens"),
                        lr=dict(type=stage_values(float), default="2e-4", help="peak LR per stage: one value, or one "
                                "per stage"),
                        warmup_steps=5, weight_decay=0.0, grad_clip=1.0, seed=1337, eval_every=0, save_every=20,
