@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import kill_after_step
+from conftest import REPO, kill_after_step
 from distill import LOSSES, distillation_loss
 from model import IGNORE, ModelConfig, Transformer
 from tokenizer import Tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def softmax(x):

@@ -11,11 +11,12 @@ import torch
 import transformers
 from rouge_score import rouge_scorer
 
+from conftest import REPO
+
 import eval as ev
 from model import Transformer
 from tokenizer import Tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HYPS = [
     "The cat sat on the mat.",

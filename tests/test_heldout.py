@@ -7,9 +7,10 @@ from collections import Counter
 
 import pytest
 
+from conftest import REPO
+
 import eval as ev
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELDOUT = os.path.join(REPO, "data", "heldout")
 GENERAL = os.path.join(REPO, "data", "general")
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")

@@ -137,6 +137,17 @@ def test_export_sharded_and_bf16(tmp_path):
     assert Transformer.from_pretrained(tmp_path, dtype=torch.float32).lm_head.weight.dtype == torch.float32
 
 
+def test_save_pretrained_leaves_the_models_config_as_it_was(tmp_path):
+    """config.json says the dtype the weights are written in; the model's own config (the dtype its checkpoint was
+    stored in, which a later export writes back) is not changed by saving."""
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=96)).to(torch.bfloat16)
+    assert model.config.dtype == "float32"
+    model.save_pretrained(tmp_path)
+    assert model.config.dtype == "float32"
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+
+
 def test_streamed_files_are_those_of_safetensors_save_file(tmp_path):
     """save_pretrained streams each tensor into its file (model.write_safetensors); the bytes are those safetensors'
     save_file writes from the whole state dict, for one file and for shards, in fp32 and in mixed dtypes."""

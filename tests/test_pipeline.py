@@ -10,10 +10,11 @@ import pytest
 import torch
 import transformers
 
+from conftest import REPO
+
 from model import Transformer
 from tokenizer import Tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.pipeline
 

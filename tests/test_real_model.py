@@ -12,11 +12,12 @@ import sys
 import pytest
 import torch
 
+from conftest import REPO
+
 from model import Transformer
 from speculative import generate, speculative_generate
 from tokenizer import Tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL = os.environ.get("REAL_MODEL", os.path.join(REPO, "models", "smollm2-135m-instruct"))
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(REAL, "config.json")),
                                 reason=f"no real checkpoint at {REAL} (run python prepare_real_model.py)")

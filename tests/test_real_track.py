@@ -13,10 +13,11 @@ import pytest
 import torch
 import transformers
 
+from conftest import REPO
+
 from model import Transformer
 from tokenizer import Tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL = os.environ.get("REAL_MODEL", os.path.join(REPO, "models", "smollm2-135m-instruct"))
 pytestmark = [pytest.mark.track,
               pytest.mark.skipif(not os.path.isfile(os.path.join(REAL, "config.json")),

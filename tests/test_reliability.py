@@ -16,12 +16,9 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import kill_after_step
-from test_train import REPO, losses, run_train, tiny_run, train_cmd  # noqa: F401  (tiny_run is a fixture)
+from conftest import REPO, kill_after_step, losses, run_train, train_cmd
 
-from data import tokenize_corpus
 from model import ModelConfig, Transformer
-from tokenizer import Tokenizer
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 
@@ -50,48 +47,10 @@ def assert_user_error(p, *patterns):
 
 
 # -----------------------------------------------------------------------------
-# 1. The token cache under concurrency
-
-CONCURRENT = textwrap.dedent("""
-    import sys, time, hashlib
-    from data import tokenize_corpus
-    from tokenizer import Tokenizer
-    tok = Tokenizer.from_pretrained(sys.argv[1])
-    while time.time() < float(sys.argv[3]):  # start together
-        pass
-    tokens = tokenize_corpus(tok, sys.argv[2], "big", "train", batch_bytes=1 << 16)
-    print(hashlib.sha256(tokens.tobytes()).hexdigest(), len(tokens))
-""")
-
-
-def test_concurrent_tokenisation_gives_every_process_the_whole_corpus(tiny_run, tmp_path):
-    """Four processes tokenise the same new corpus at once: each gets, and the cache keeps, exactly the ids of
-    encoding each document followed by eos; no reader ever sees a partial file."""
-    import time
-    src = tiny_run / "data" / "telco" / "train"
-    docs = [open(src / f, encoding="utf-8").read() for f in sorted(os.listdir(src))]
-    (tmp_path / "big" / "train").mkdir(parents=True)
-    for i in range(120):  # about 20 MB: a second or two to tokenise, so the writes overlap
-        (tmp_path / "big" / "train" / f"{i:03d}.txt").write_text(f"Document {i}. " + docs[i % len(docs)] * 30)
-    tok = Tokenizer.from_pretrained(tiny_run / "init")
-    texts = [(tmp_path / "big" / "train" / f"{i:03d}.txt").read_text() for i in range(120)]
-    expected = np.array([t for text in texts for t in tok.encode(text) + [tok.eos_id]], dtype=np.uint16)
-    digest = hashlib.sha256(expected.tobytes()).hexdigest()
-    start = time.time() + 3  # staggered: a process starts while another is half-way through its file
-    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, str(tiny_run / "init"), str(tmp_path),
-                               str(start + 0.2 * i)], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(4)]
-    results = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, results):
-        assert p.returncode == 0, err[-2000:]
-        assert out.split() == [digest, str(len(expected))]
-    cached = tokenize_corpus(tok, tmp_path, "big", "train")
-    assert hashlib.sha256(np.asarray(cached).tobytes()).hexdigest() == digest
-    assert not [f for f in os.listdir(tmp_path / "big" / ".tokens") if f.endswith(".tmp")]
-
+# The token cache under concurrency
 
 # -----------------------------------------------------------------------------
-# 2-5. The output directory: never the input, one run at a time, resumed only as it was started
+# The output directory: never the input, one run at a time, resumed only as it was started
 
 
 def test_out_equal_to_or_inside_the_input_is_refused(tiny_run, tmp_path):
@@ -162,7 +121,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tiny_run, 
 
 
 # -----------------------------------------------------------------------------
-# 6. Durable: fsync before every rename
+# Durable: fsync before every rename
 
 FSYNC_SCRIPT = textwrap.dedent("""
     import os, sys, torch
@@ -209,7 +168,7 @@ def test_exports_and_checkpoints_are_fsynced_before_they_are_renamed(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# 7. Resuming never unpickles
+# Resuming never unpickles
 
 
 class Payload:
@@ -238,7 +197,7 @@ def test_resume_never_unpickles_anything_in_the_checkpoint(tiny_run, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# 8-9. Never a perfect score from nothing
+# Never a perfect score from nothing
 
 
 def test_a_val_split_shorter_than_a_window_is_scored_not_zero():
@@ -285,7 +244,7 @@ def test_sft_drops_conversations_cut_to_nothing_and_runs_a_stage_smaller_than_a_
 
 
 # -----------------------------------------------------------------------------
-# 10. Flags that make no sense are refused before any work
+# Flags that make no sense are refused before any work
 
 
 @pytest.mark.parametrize("script, flags, flag", [
@@ -319,18 +278,7 @@ def test_an_mcq_answer_of_true_is_refused(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# 11-14. Corpora in subfolders, errors in the user's words, no leftovers, shareable exports
-
-
-def test_corpus_files_in_subfolders_are_read(tiny_run, tmp_path):
-    tok = Tokenizer.from_pretrained(tiny_run / "init")
-    (tmp_path / "d" / "train" / "2024" / "q1").mkdir(parents=True)
-    (tmp_path / "d" / "train" / "a.txt").write_text("Top level.")
-    (tmp_path / "d" / "train" / "2024" / "q1" / "b.txt").write_text("Nested twice.")
-    assert tokenize_corpus(tok, tmp_path, "d", "train").tolist() == \
-        tok.encode("Nested twice.") + [tok.eos_id] + tok.encode("Top level.") + [tok.eos_id]
-    p = run_train(train_cmd(tiny_run, tmp_path / "out", "--max-steps", "1"))
-    assert re.search(r"telco/train/: \d+ files, [\d,]+ tokens", p.stdout + p.stderr)
+# Corpora in subfolders, errors in the user's words, no leftovers, shareable exports
 
 
 def damaged_copy(tiny_run, tmp_path, name, damage):

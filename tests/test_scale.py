@@ -3,7 +3,6 @@ the chunked losses and the streaming export give the weights, losses, gradients 
 (tests/sharded_worker.py, under torchrun with 1 and 2 processes)."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import REPO
+from conftest import REPO, free_port
 from test_model import randomize
 from tokenizer import Tokenizer
 
@@ -38,11 +37,8 @@ def test_sharded_paths_equal_the_plain_ones(tmp_path, case, nproc):
     checkpoint(tmp_path / "model", case)
     checkpoint(tmp_path / "teacher", case, seed=1)
     Tokenizer.train(["a small corpus for a tokenizer, " * 20], 300).save_pretrained(tmp_path / "tokenizer")
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(port), os.path.join(REPO, "tests", "sharded_worker.py"), str(tmp_path / "model"),
+           str(free_port()), os.path.join(REPO, "tests", "sharded_worker.py"), str(tmp_path / "model"),
            str(tmp_path / "teacher"), str(tmp_path / "tokenizer"), str(tmp_path / "out")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]

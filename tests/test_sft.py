@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from conftest import REPO
+
 from chat import render_chat
-from data import Curriculum, read_conversations
 from model import IGNORE, ModelConfig, Transformer
 from tokenizer import Tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Meta's Llama-3 (3.0) chat template: each message trimmed, bos before the first.
 LLAMA3_TEMPLATE = ("{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
@@ -90,62 +90,8 @@ def test_mask_is_exactly_the_assistant_turns(fmt, end, request):
     assert len(spans) == 2
 
 
-def test_bad_conversations_name_file_and_line(tmp_path):
-    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-    for row, message in [({"messages": [{"role": "robot", "content": "x"}]}, "role 'robot'"),
-                         ({"messages": [{"role": "user", "content": "x"}]}, "no assistant message"),
-                         ({"messages": [{"role": "user", "content": ["x"]}, {"role": "assistant", "content": "y"}]},
-                          "content must be a string"),
-                         ({"text": "x"}, 'expected a row {"messages"')]:
-        path = tmp_path / "stage.jsonl"
-        path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
-        with pytest.raises(ValueError, match=rf"stage.jsonl:2: .*{message}"):
-            read_conversations(path)
-
-
 # -----------------------------------------------------------------------------
 # The curriculum
-
-
-def rows(stage, n):
-    """Rows whose ids identify their stage and index: ids = [stage, i, ...] of varying length."""
-    return [([stage, i, 7] + [7] * (i % 5), [IGNORE] + [i] * (1 + i % 5)) for i in range(n)]
-
-
-def test_curriculum_keeps_stages_in_order_with_their_epochs():
-    stages = [("a", rows(0, 20), 1), ("b", rows(1, 12), 2), ("c", rows(2, 8), 3)]
-    cur = Curriculum(stages, batch_size=4, seed=0)
-    assert [(n, s) for n, _, s in cur.stages] == [("a", 5), ("b", 6), ("c", 6)]
-    seen = {}
-    for step in range(len(cur)):
-        k, name, _, _ = cur.stage_of(step)
-        batch = cur.batch(step)
-        assert set(batch[:, 0, 0].tolist()) == {k}  # a batch holds only its own stage's rows
-        for i in batch[:, 0, 1].tolist():
-            seen[k, i] = seen.get((k, i), 0) + 1
-    assert all(seen[0, i] == 1 for i in range(20))
-    assert all(seen[1, i] == 2 for i in range(12))
-    assert all(seen[2, i] == 3 for i in range(8))
-
-
-def test_single_stage_pools_the_same_examples():
-    stages = [("a", rows(0, 20), 1), ("b", rows(1, 12), 2), ("c", rows(2, 8), 3)]
-    cur = Curriculum(stages, batch_size=4, seed=0, single_stage=True)
-    assert len(cur.stages) == 1 and len(cur) == 17  # 20 + 24 + 24 = 68 rows
-    firsts = [set(cur.batch(s)[:, 0, 0].tolist()) for s in range(len(cur))]
-    assert set().union(*firsts[:4]) > {0}  # stages mixed from the start
-    counts = np.bincount(np.concatenate([cur.batch(s)[:, 0, 0] for s in range(len(cur))]))
-    assert counts.tolist() == [20, 24, 24]
-
-
-def test_batches_pad_without_loss_and_are_reproducible():
-    stages = [("a", rows(0, 30), 2)]
-    a, b = Curriculum(stages, 8, seed=3), Curriculum(stages, 8, seed=3)
-    for s in range(len(a)):
-        assert np.array_equal(a.batch(s), b.batch(s))
-        batch = a.batch(s)
-        assert a.n_trained[s] == int((batch[:, 1] != IGNORE).sum())
-    assert a.padding() < Curriculum(stages, 8, seed=3, pool_batches=1).padding() + 1e-9
 
 
 def test_sft_loss_trains_only_labelled_tokens():
