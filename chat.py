@@ -24,6 +24,7 @@ could forge turns, and encoding it as plain text would give ids apply_chat_templ
 import functools
 import itertools
 import json
+import os
 import re
 from datetime import datetime
 
@@ -76,9 +77,34 @@ def _compile(template):
     return env.from_string(template)
 
 
+# Items that a template's range() calls may make in one rendering, all together: templates loop over the messages,
+# rarely over a range; nested range(100000) loops would run for hours with growing memory.
+MAX_RANGE_ITEMS = 10**6
+
+
+def _bounded_range(budget):
+    """range() for one rendering, refusing once the renderings' ranges together pass the budget."""
+    def bounded(*args):
+        r = range(*args)
+        budget[0] -= len(r)
+        if budget[0] < 0:
+            raise jinja2.TemplateError(f"its range() loops run past {MAX_RANGE_ITEMS:,} items")
+        return r
+    return bounded
+
+
+def template_file(tokenizer):
+    """The file the chat template came from, to name in errors: chat_template.jinja where there is one (it wins,
+    as in transformers), else tokenizer_config.json."""
+    if tokenizer.source is None:
+        return "this tokenizer's chat template"
+    jinja = os.path.join(tokenizer.source, "chat_template.jinja")
+    return jinja if os.path.isfile(jinja) else os.path.join(tokenizer.source, "tokenizer_config.json")
+
+
 def _render(tokenizer, messages, add_generation_prompt):
     """The template's text for these messages, with the variables apply_chat_template passes."""
-    where = tokenizer.source or "this tokenizer"
+    where = template_file(tokenizer)
     if not tokenizer.chat_template:
         raise ValueError(f"{where}: no chat_template (tokenizer_config.json or chat_template.jinja); render_chat "
                          "renders the checkpoint's own template")
@@ -89,7 +115,8 @@ def _render(tokenizer, messages, add_generation_prompt):
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]  # as transformers does
     try:
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                               documents=None, **tokenizer.special_tokens_map)
+                               documents=None, **tokenizer.special_tokens_map,
+                               range=_bounded_range([MAX_RANGE_ITEMS]))
     except _TemplateRefusal as e:
         raise ValueError(f"{where}: the chat template refuses this conversation: {e.message}") from None
     except jinja2.TemplateError as e:  # e.g. UndefinedError: 'x' is undefined
@@ -126,12 +153,11 @@ def _content_starts(tokenizer, messages, add_generation_prompt, text):
 
 def end_of_turn_id(tokenizer):
     """The token the chat template writes after an assistant message (<|im_end|>, <|eot_id|>, </s>): a chat model's
-    stop token. None when the tokenizer has no template (or it renders no such token)."""
-    try:
-        ids, mask = render_chat(tokenizer, [{"role": "user", "content": "Hi"},
-                                            {"role": "assistant", "content": "Hello"}])
-    except ValueError:
+    stop token. None when the tokenizer has no template (or it renders no such token); a template that fails to
+    render is an error naming its file, never taken for "no template"."""
+    if not tokenizer.chat_template:
         return None
+    ids, mask = render_chat(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
     last = max((i for i, m in enumerate(mask) if m), default=None)  # the end of the answer's span
     return ids[last] if last is not None and ids[last] in tokenizer.special_tokens.values() else None
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from chat import check_messages, render_chat
 from data import corpus_files, read_jsonl, tokenize_corpus
-from files import write_atomic
+from files import check_writable, write_atomic
 from speculative import (check_same_tokenizer, decode_dtype, generate_batch, is_chat_model, load, pooled_stats,
                          prompt_ids, speculative_generate, stop_id)
 from train import POSITIVE, retention, val_loss_and_bpb
@@ -188,10 +188,17 @@ def loglikelihoods(model, pairs, batch_size=16):
     return results
 
 
-def multiple_choice(model, tokenizer, rows, batch_size=16):
+def multiple_choice(model, tokenizer, rows, batch_size=16, source="mcq.jsonl"):
     """acc: the choice with the highest log-likelihood of " " + choice after the question is the answer; acc_norm:
-    the same with each log-likelihood divided by the choice's length in characters (lm-eval's acc_norm)."""
+    the same with each log-likelihood divided by the choice's length in characters (lm-eval's acc_norm). A choice
+    longer than the model's context cannot be scored: an error naming its question."""
     pairs = [encode_pair(tokenizer, r["question"], " " + c) for r in rows for c in r["choices"]]
+    lengths = iter(len(cont) for _, cont in pairs)
+    for i, r in enumerate(rows):
+        for k, n in enumerate(next(lengths) for _ in r["choices"]):
+            if n > model.config.max_seq_len:
+                raise ValueError(f"{source}: question {i + 1}, choice {k + 1} is {n} tokens, longer than the "
+                                 f"model's context of {model.config.max_seq_len} tokens")
     scores = iter(loglikelihoods(model, pairs, batch_size))
     acc = acc_norm = 0
     for r in rows:
@@ -221,26 +228,40 @@ def answer_text(model, tokenizer, ids):
     return text.strip() if is_chat_model(model, tokenizer) else text.strip().split("\n")[0].strip()
 
 
-def qa(model, tokenizer, rows, max_new_tokens, draft=None, gamma=4, desc="qa", batch_size=16):
+def answer_budgets(prompts, max_new_tokens, context, source, reserve=0):
+    """Each question's own number of new tokens: max_new_tokens, or what its prompt leaves of the context (less
+    `reserve`, speculative decoding's look-ahead). A prompt that leaves no room is an error naming its row."""
+    budgets = [min(max_new_tokens, context - len(p) - reserve) for p in prompts]
+    for i, (p, b) in enumerate(zip(prompts, budgets)):
+        if b < 1:
+            raise ValueError(f"{source}: question {i + 1} is {len(p)} tokens once rendered, which leaves no room "
+                             f"for an answer in the model's context of {context} tokens")
+    return budgets
+
+
+def qa(model, tokenizer, rows, max_new_tokens, draft=None, gamma=4, desc="qa", batch_size=16, source="qa.jsonl"):
     """Greedy answers scored against the references. Without a draft, batch_size questions are answered in one
-    forward pass per token (generate_batch; questions of similar length together, so little padding); with one,
-    by speculative decoding one at a time (the same text, faster at batch 1)."""
+    forward pass per token (generate_batch; questions of similar length together, so little padding, and only
+    questions with the same token budget together, so a long question never shortens the others' answers); with
+    one, by speculative decoding one at a time (the same text, faster at batch 1)."""
     eos = stop_id(model, tokenizer)
     prompts = [qa_prompt(model, tokenizer, row) for row in rows]
+    context = model.config.max_seq_len
     new, runs = [None] * len(rows), []
     if draft is None:
-        order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+        budgets = answer_budgets(prompts, max_new_tokens, context, source)
+        order = sorted(range(len(rows)), key=lambda i: (-budgets[i], len(prompts[i])))
         batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+        batches = [[i for i in batch if budgets[i] == b] for batch in batches for b in dict.fromkeys(
+            budgets[i] for i in batch)]  # (a batch of mixed budgets is split: each row keeps its own)
         for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
-            width = max(len(prompts[i]) for i in batch)
-            answers = generate_batch(model, [prompts[i] for i in batch],
-                                     min(max_new_tokens, model.config.max_seq_len - width), eos_id=eos)
+            answers = generate_batch(model, [prompts[i] for i in batch], budgets[batch[0]], eos_id=eos)
             for i, answer in zip(batch, answers):
                 new[i] = answer
     else:
+        budgets = answer_budgets(prompts, max_new_tokens, context, source, reserve=gamma + 1)
         for i, ids in enumerate(tqdm(prompts, desc=desc, unit="q", leave=False)):
-            max_new = min(max_new_tokens, model.config.max_seq_len - len(ids) - gamma - 1)
-            new[i], stats = speculative_generate(model, draft, ids, max_new, gamma=gamma, eos_id=eos)
+            new[i], stats = speculative_generate(model, draft, ids, budgets[i], gamma=gamma, eos_id=eos)
             runs.append(stats)
     hyps = [answer_text(model, tokenizer, ids) for ids in new]
     refs = [r["reference"] for r in rows]
@@ -271,11 +292,13 @@ def eval_model(path, args, tasks, draft=None):
             metrics[f"ppl/{d}"] = math.exp(value)  # per token: depends on the tokenizer, unlike bpb
     for d, files in tasks.items():
         if "mcq" in files and "mcq" in args.tasks:
-            for k, v in multiple_choice(model, tokenizer, files["mcq"], args.batch_size).items():
+            source = os.path.join(args.data_root, d, "eval", "mcq.jsonl")
+            for k, v in multiple_choice(model, tokenizer, files["mcq"], args.batch_size, source).items():
                 metrics[f"mcq_{k}/{d}"] = v
         if "qa" in files and "qa" in args.tasks:
             result, hyps = qa(model, tokenizer, files["qa"], args.max_new_tokens, draft and draft[0], args.gamma,
-                              desc=f"{Path(path).name} qa/{d}", batch_size=args.batch_size)
+                              desc=f"{Path(path).name} qa/{d}", batch_size=args.batch_size,
+                              source=os.path.join(args.data_root, d, "eval", "qa.jsonl"))
             metrics.update({f"{k}/{d}": v for k, v in result.items()})
             answers[d] = hyps
     return metrics, answers
@@ -356,13 +379,19 @@ def get_args(argv=None):
     args.tasks = [t for t in args.tasks.split(",") if t]
     if not args.tasks or set(args.tasks) - set(TASKS):
         p.error(f"--tasks {','.join(args.tasks)}: expected a comma-separated list of {', '.join(TASKS)}")
+    twice = [m for m in dict.fromkeys(args.models) if args.models.count(m) > 1]
+    if twice:
+        p.error(f"{twice[0]} is listed twice: each model is one column of the report")
     args.dtype = decode_dtype(args.dtype, args.device)
     return args
 
 
 def main(argv=None):
     args = get_args(argv)
+    out = args.out or os.path.join("out", f"eval-{args.domain}")
+    paths = [Path(f"{out}.md"), Path(f"{out}.json")]  # --out as given: "o/r-0.25" is not cut at its dot
     try:
+        check_writable(paths[0].parent, "--out")  # before the work, not after it
         tasks = load_tasks(args)
         for path in args.models + ([args.draft] if args.draft else []):
             if not os.path.isfile(os.path.join(path, "config.json")):
@@ -377,12 +406,14 @@ def main(argv=None):
         add_retention(results, general)
     table = markdown_table(results, list(tasks))
     print(table)
-    out = Path(args.out or os.path.join("out", f"eval-{args.domain}"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out.with_suffix(".md"), table + "\n")
-    write_atomic(out.with_suffix(".json"), json.dumps({"metrics": results, "answers": answers}, indent=2,
-                                                      ensure_ascii=False) + "\n")
-    print(f"\nwritten: {out.with_suffix('.md')}, {out.with_suffix('.json')}", file=sys.stderr)
+    # the .json that report.py reads first, the .md last: a report whose .md exists is complete
+    try:
+        write_atomic(paths[1], json.dumps({"metrics": results, "answers": answers}, indent=2,
+                                          ensure_ascii=False) + "\n")
+        write_atomic(paths[0], table + "\n")
+    except OSError as e:  # a full disk: the temporary file is gone, the earlier report intact
+        raise SystemExit(f"error: writing {out}: {e.strerror}") from None
+    print(f"\nwritten: {paths[0]}, {paths[1]}", file=sys.stderr)
 
 
 if __name__ == "__main__":

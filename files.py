@@ -42,6 +42,16 @@ def temporary_name(path):
     return tmp
 
 
+def check_writable(folder, flag):
+    """Make folder if needed and write (then remove) a file in it, before any long work: a read-only or missing
+    place is a one-line error naming the flag then, not a traceback after the work."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        os.remove(temporary_name(os.path.join(folder, "probe")))
+    except OSError as e:
+        raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror})") from None
+
+
 def write_atomic(path, data):
     """Write bytes or str to `path` atomically and durably (temporary name, fsync, rename, fsync of the folder),
     with the user's usual file mode (mkstemp would leave 0600)."""

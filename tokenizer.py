@@ -462,6 +462,9 @@ class Tokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if (path / "chat_template.jinja").is_file():  # where newer transformers save it; it wins, as there
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{path / 'tokenizer_config.json'}: chat_template is a {type(template).__name__}, not "
+                             "a Jinja template string")
         # The template's variables, as transformers reads them: a special_tokens_map.json overrides the config's
         # tokens when the config has no added_tokens_decoder (its legacy path).
         legacy = read_json(path / "special_tokens_map.json", {}) if "added_tokens_decoder" not in config else {}

@@ -325,3 +325,38 @@ def test_real_smollm2(k):
     expected_ids, expected_mask, _ = reference("smollm2", hf, messages, prompt)
     assert ids == expected_ids and mask == expected_mask
     assert end_of_turn_id(ours) == hf.convert_tokens_to_ids("<|im_end|>")
+
+
+# -----------------------------------------------------------------------------
+# Templates that fail
+
+
+def chatml_tokenizer(template):
+    tok = Tokenizer.train(["hello there, how are you " * 20], 300)  # ChatML special tokens
+    tok.chat_template = template
+    return tok
+
+
+def test_a_template_that_fails_to_render_is_an_error_not_no_template():
+    """A chat model whose template raises (here: an undefined variable's attribute) must not be scored or trained
+    as a base model: the error names the template and what failed."""
+    tok = chatml_tokenizer("{% for m in messages %}{{ m.content }}{{ undefined_thing.field }}{% endfor %}")
+    with pytest.raises(ValueError, match="the chat template failed: UndefinedError"):
+        end_of_turn_id(tok)
+
+
+def test_a_template_with_runaway_loops_is_stopped():
+    """Nested range(100000) loops would render for hours with growing memory: the rendering's ranges are bounded."""
+    tok = chatml_tokenizer("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    with pytest.raises(ValueError, match=r"range\(\) loops run past 1,000,000 items"):
+        render_chat(tok, TURNS[:2])
+
+
+def test_a_chat_template_that_is_not_a_string_names_the_file(tmp_path):
+    tok = chatml_tokenizer(None)
+    tok.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = 5
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: chat_template is a int"):
+        Tokenizer.from_pretrained(tmp_path)

@@ -237,3 +237,77 @@ def test_missing_eval_files_are_a_clear_error(checkpoint, tmp_path):
     shutil.rmtree(tmp_path / "data" / "telco" / "eval")
     with pytest.raises(SystemExit, match=r"telco/eval/: no mcq.jsonl or qa.jsonl"):
         ev.main([str(path), "--domain", "telco", "--data-root", str(tmp_path / "data")])
+
+
+# -----------------------------------------------------------------------------
+# Faults a user met: each one a correct result or a one-line error before the work, nothing overwritten
+
+
+def test_out_is_used_as_given_so_two_reports_never_share_a_name(checkpoint, tmp_path):
+    """--out o/r-0.25 and --out o/r-0.5 are two reports (a suffix cut at the last dot made both o/r-0)."""
+    path, _ = checkpoint
+    write_data(tmp_path / "data")
+    for out in ("r-0.25", "r-0.5"):
+        ev.main([str(path), "--domain", "telco", "--data-root", str(tmp_path / "data"), "--tasks", "bpb",
+                 "--out", str(tmp_path / "o" / out)])
+    assert sorted(os.listdir(tmp_path / "o")) == ["r-0.25.json", "r-0.25.md", "r-0.5.json", "r-0.5.md"]
+
+
+def test_an_unwritable_out_is_refused_before_the_work(checkpoint, tmp_path):
+    path, _ = checkpoint
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit, match=r"--out .*a-file/sub: cannot write there"):
+        ev.main([str(path), "--domain", "telco", "--data-root", str(tmp_path / "no-data"),
+                 "--out", str(tmp_path / "a-file" / "sub" / "report")])
+
+
+def test_a_model_listed_twice_is_refused(checkpoint, capsys):
+    path, _ = checkpoint
+    with pytest.raises(SystemExit):
+        ev.get_args([str(path), str(path), "--domain", "telco"])
+    assert "is listed twice" in capsys.readouterr().err
+
+
+def test_a_long_question_does_not_shorten_the_other_answers(checkpoint):
+    """Each question gets its own budget of new tokens: a question that leaves only a few tokens of context does not
+    cut the answers batched with it (the random model never stops early, so every answer is its full budget)."""
+    path, _ = checkpoint
+    model, tok = Transformer.from_pretrained(path).eval(), Tokenizer.from_pretrained(path)
+    short = [{"prompt": "What is VoLTE?", "reference": "voice"}, {"prompt": "What is an MME?", "reference": "core"}]
+    words = next(n for n in range(1, 1000) if model.config.max_seq_len - len(ev.qa_prompt(
+        model, tok, {"prompt": "network " * n})) < 16)
+    long = {"prompt": "network " * words, "reference": "x"}
+    assert 0 < model.config.max_seq_len - len(ev.qa_prompt(model, tok, long)) < 16
+    _, alone = ev.qa(model, tok, short, 16)
+    _, mixed = ev.qa(model, tok, short + [long], 16)
+    assert mixed[:2] == alone
+
+
+def test_a_question_longer_than_the_context_is_named(checkpoint):
+    path, _ = checkpoint
+    model, tok = Transformer.from_pretrained(path).eval(), Tokenizer.from_pretrained(path)
+    rows = [{"prompt": "What is VoLTE?", "reference": "voice"}, {"prompt": "the network " * 300, "reference": "x"}]
+    with pytest.raises(ValueError, match=r"qa.jsonl: question 2 is \d+ tokens once rendered, which leaves no room"):
+        ev.qa(model, tok, rows, 16, source="qa.jsonl")
+
+
+def test_a_choice_longer_than_the_context_is_named(checkpoint):
+    path, _ = checkpoint
+    model, tok = Transformer.from_pretrained(path).eval(), Tokenizer.from_pretrained(path)
+    rows = [{"question": "Which?", "choices": ["short", "the network " * 300], "answer": 0}]
+    with pytest.raises(ValueError, match=r"mcq.jsonl: question 1, choice 2 is \d+ tokens, longer than"):
+        ev.multiple_choice(model, tok, rows, source="mcq.jsonl")
+
+
+def test_a_chat_template_that_fails_is_an_error_not_a_base_model(checkpoint, tmp_path):
+    """A template that raises must not make eval.py score the model as a base model with exit 0."""
+    path, _ = checkpoint
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ messages[0].content }}{{ nothing.here }}"
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
+    write_data(tmp_path / "data")
+    with pytest.raises(SystemExit, match=r"tokenizer_config.json: the chat template failed"):
+        ev.main([str(broken), "--domain", "telco", "--data-root", str(tmp_path / "data"), "--tasks", "qa",
+                 "--out", str(tmp_path / "report")])
