@@ -408,8 +408,9 @@ def main(argv=None):
     print(table)
     # the .json that report.py reads first, the .md last: a report whose .md exists is complete
     try:
-        write_atomic(paths[1], json.dumps({"metrics": results, "answers": answers}, indent=2,
-                                          ensure_ascii=False) + "\n")
+        questions = {d: len(files["mcq"]) for d, files in tasks.items() if "mcq" in files}  # MCQs scored
+        write_atomic(paths[1], json.dumps({"metrics": results, "answers": answers, "questions": questions},
+                                          indent=2, ensure_ascii=False) + "\n")
         write_atomic(paths[0], table + "\n")
     except OSError as e:  # a full disk: the temporary file is gone, the earlier report intact
         raise SystemExit(f"error: writing {out}: {e.strerror}") from None

@@ -20,7 +20,7 @@ import sys
 
 from data import read_jsonl
 from eval import rouge1
-from files import write_atomic
+from files import read_json, write_atomic
 
 # The papers' figures, as the issue that asked for this table quotes them.
 PAPER = {
@@ -35,11 +35,8 @@ PAPER = {
 
 
 def read(path):
-    """A JSON file, or None when that stage or ablation has not run."""
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON file, or None when that stage or ablation has not run; a damaged one is an error naming it."""
+    return read_json(path)
 
 
 def metrics_by_stage(report, names):
@@ -79,6 +76,9 @@ def rows(out, domain, n_items, refs):
     track = f"TARGET=<checkpoint> OUT={out} bash workshop.sh"
     ablation = f"TARGET=<checkpoint> OUT={out} ABLATION={{}} bash workshop.sh"
     track_report = read(os.path.join(out, f"eval-{domain}.json"))
+    if track_report is None:
+        raise ValueError(f"{out}: no eval-{domain}.json, so the track has not run there ({track})")
+    n_items = {**n_items, **track_report.get("questions", {})}  # what eval.py scored (--limit: fewer)
     stages = metrics_by_stage(track_report, ("base", "dacp", "sft"))
     base, dacp, sft = (stages.get(k, {}) for k in ("base", "dacp", "sft"))
     table = []
@@ -137,7 +137,9 @@ def rows(out, domain, n_items, refs):
                 f"{spec['gamma']}); acceptance {spec['acceptance_rate']:.3f}, draft cost c {spec['cost_ratio']:.3f}; "
                 f"predicted {spec['predicted_speedup']:.2f}x ({spec['predicted_speedup_measured_verify']:.2f}x with "
                 f"the measured verify cost {spec['verify_cost']:.2f}); outputs identical {spec['identical_outputs']}")
-        table.append(("speculative", "speculative decoding with the distilled draft", ours, track))
+    else:
+        ours = "not run yet"
+    table.append(("speculative", "speculative decoding with the distilled draft", ours, track))
 
     # what distillation adds: the same draft before and after, on the same held-out prompts
     acc = read(os.path.join(out, f"{domain}-draft", "acceptance.json"))
@@ -147,7 +149,9 @@ def rows(out, domain, n_items, refs):
                 f"speedup {b['predicted_speedup_greedy']:.2f}x -> {a['predicted_speedup_greedy']:.2f}x "
                 f"(+{100 * (a['predicted_speedup_greedy'] / b['predicted_speedup_greedy'] - 1):.0f} %); at T=1 "
                 f"{b['acceptance_T=1']:.3f} -> {a['acceptance_T=1']:.3f}")
-        table.append(("distillation", "what distillation adds", ours, track))
+    else:  # not run, or stopped before its "after" measurement: visibly so
+        ours = "not run yet" if acc is None else "incomplete: no measurement after distillation (rerun distill.py)"
+    table.append(("distillation", "what distillation adds", ours, track))
     return table
 
 
@@ -159,7 +163,8 @@ def stage_times(out):
                        ("sft", "stage-times-sft.txt")):
         path = os.path.join(out, file)
         if os.path.isfile(path):
-            times[name] = open(path, encoding="utf-8").read().splitlines()
+            lines = open(path, encoding="utf-8").read().splitlines()
+            times[name] = [t for t in lines if t.split() and t.split()[0].isdigit()]  # (blank or foreign lines)
     return times
 
 
@@ -189,8 +194,10 @@ def main(argv=None):
     try:
         table = rows(args.out, args.domain, eval_sizes(args.data_root, args.domain),
                      qa_references(args.data_root, args.domain))
-    except (KeyError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{args.out}: a stage's report lacks {e} (rerun that stage)")
+    except KeyError as e:
+        raise SystemExit(f"error: {args.out}: a stage's report lacks {e} (rerun that stage)")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     lines = ["| result | paper | ours | command |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {PAPER[key]} | {ours} | `{cmd}` |" for key, name, ours, cmd in table]
     times = stage_times(args.out)
