@@ -21,7 +21,7 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceSt
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from files import fsync, lock_dir, read_json, write_atomic
+from files import fsync, lock_dir, read_json, sweep_temporaries, write_atomic
 from hf import MAX_SHARD_SIZE, write_order, write_weights
 from parallel import full_tensor, log, on_rank0
 
@@ -33,6 +33,7 @@ from parallel import full_tensor, log, on_rank0
 # adds its own (prepare_out's free).
 FREE_ON_RESUME = {"resume", "eval_every", "eval_windows", "save_every", "keep_checkpoints", "compile",
                   "activation_checkpointing", "micro_batch_size"}
+COMPLETE = "complete.json"  # written last by a finished run
 LOCKS = []  # the lock files of the output directories this process holds (open until it exits)
 
 
@@ -40,7 +41,7 @@ def prepare_out(out, args, inputs, free=()):
     """Claim --out for this run before any work (on rank 0): refuse an --out that is one of the input directories
     (inputs: {flag: path}) or inside one; hold the lock on it; refuse one that holds another run unless --resume,
     and a --resume whose settings differ from the run's own (<out>/run.json) in anything that decides what is
-    learned (all but FREE_ON_RESUME and the command's own free settings). A new run writes its settings to run.json."""
+    learned (all but FREE_ON_RESUME and the command's own free settings). record_run writes a new run's settings."""
     def claim():
         for flag, path in inputs.items():
             if path and os.path.isdir(path) and inside(out, path):
@@ -57,9 +58,8 @@ def prepare_out(out, args, inputs, free=()):
         if holds_run(out) and not args.resume:
             raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
         settings = {k: v for k, v in vars(args).items() if k != "resume"}
-        if not args.resume:
-            write_atomic(settings_file, json.dumps(settings, indent=1) + "\n")
-        elif os.path.exists(settings_file):
+        sweep_temporaries(out)  # what a killed run's writes left
+        if args.resume and os.path.exists(settings_file):
             saved = read_json(settings_file)
             changed = [k for k in dict.fromkeys([*saved, *settings])
                        if k not in FREE_ON_RESUME | set(free) and saved.get(k) != settings.get(k)]
@@ -68,6 +68,24 @@ def prepare_out(out, args, inputs, free=()):
                     f"--{k.replace('_', '-')} {saved.get(k)} (now {settings.get(k)})" for k in changed) +
                     "; resume with the run's own settings, or start a new run in another --out")
     on_rank0(claim)
+
+
+def record_run(out, args):
+    """A new run's settings in <out>/run.json, written once its inputs have loaded: a start that fails on a missing
+    or broken input leaves nothing that would refuse the corrected command."""
+    if not args.resume:
+        on_rank0(lambda: write_atomic(os.path.join(out, "run.json"), json.dumps(
+            {k: v for k, v in vars(args).items() if k != "resume"}, indent=1) + "\n"))
+
+
+def finish(out, **summary):
+    """The run's last write: <out>/complete.json. Until it exists the folder is visibly unfinished (workshop.sh
+    resumes such a stage, report.py says so), even when the model files are already there."""
+    on_rank0(lambda: write_atomic(os.path.join(out, COMPLETE), json.dumps(summary, indent=1) + "\n"))
+
+
+def is_complete(out):
+    return os.path.isfile(os.path.join(out, COMPLETE))
 
 
 def holds_run(out):
@@ -230,11 +248,11 @@ def export_hf(model, config, tokenizer, out, dtype):
     state = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and config.tie_embeddings)}
     specs = {k: (tuple(v.shape), dtype) for k, v in state.items()}
     tensors = (full_tensor(state[k]).to(dtype) for k in write_order(specs, MAX_SHARD_SIZE))
-    if dist.get_rank() == 0:
-        write_weights(out, replace(config, dtype=str(dtype).removeprefix("torch.")).to_hf(), specs, tensors,
-                      MAX_SHARD_SIZE)
+    if dist.get_rank() == 0:  # config.json last: a folder that has it holds the whole model
         tokenizer.save_pretrained(out)
         write_generation_config(out, config, tokenizer.source)
+        write_weights(out, replace(config, dtype=str(dtype).removeprefix("torch.")).to_hf(), specs, tensors,
+                      MAX_SHARD_SIZE)
     else:
         for _ in tensors:  # the same gathers, in the same order, as rank 0's
             pass

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 
 import memory
 from chat import render_chat
-from checkpoint import checkpoint_dirs, export_hf, prepare_out, resume
+from checkpoint import checkpoint_dirs, export_hf, finish, prepare_out, record_run, resume
 from data import WindowSampler, pad_rows, read_conversations, read_jsonl, sft_files, sft_row
 from files import write_atomic
-from model import IGNORE, PRESETS, Transformer, preset_model
+from model import IGNORE, PRESETS, Transformer, check_tokenizer, preset_model, to_dtype
 from parallel import (check_batch_sizes, compute_dtype, gather, launch, load_teacher, log, rank_share,
                       setup_distributed, shard_model, tokenize_once)
 from speculative import (check_same_tokenizer, cost_ratio, cut_at_eos, generate_batch, is_chat_model, pooled_stats,
@@ -347,10 +347,14 @@ def run(args):
         with memory.stage(out, "load teacher", device):
             teacher = load_teacher(args.teacher, device, dtype, args.replicate_teacher)
         student = load_student(args, teacher, tokenizer, device)
+    check_tokenizer(tokenizer, teacher.config, args.teacher)
     if args.seq_len > min(teacher.config.max_seq_len, student.config.max_seq_len):
         raise SystemExit(f"--seq-len {args.seq_len} exceeds a model's context")
+    record_run(out, args)
     held_out = domain_prompts(tokenizer, teacher, args, "val")[:args.accept_prompts]
-    if fresh:  # (on every process: the sharded teacher's forward passes are collectives)
+    if not held_out:
+        log("--accept-prompts 0 (or no held-out prompts): the acceptance rate is not measured")
+    if fresh and held_out:  # (on every process: the sharded teacher's forward passes are collectives)
         before = acceptance(teacher, student, tokenizer, held_out, args)
         log(acceptance_line("before distillation", before, args.gamma))
         record_acceptance(out, "before", before, rank)
@@ -397,14 +401,16 @@ def run(args):
             f"{student.config.num_params() / 1e6:.1f}M student ({args.student}): {args.loss} loss on "
             f"{args.data} data, {args.max_steps} steps of {args.batch_size} sequences")
     train_loop(model, optimizer, get_step, loss_fn, cosine_schedule(args), out, start_step=start_step,
-               evaluate_fn=evaluate_fn, device=device)
+               evaluate_fn=evaluate_fn if held_out else None, device=device)
     with memory.stage(out, "export", device):
-        export_hf(model, student.config, tokenizer, out, torch.float32)
-    draft = Transformer.from_pretrained(out, device=device).eval()
-    after = acceptance(teacher, draft, tokenizer, held_out, args)
-    log(acceptance_line("after distillation", after, args.gamma))
-    record_acceptance(out, "after", after, rank)
+        export_hf(model, student.config, tokenizer, out, to_dtype(student.config.dtype))  # (a preset's: fp32)
+    if held_out:
+        draft = Transformer.from_pretrained(out, device=device).eval()
+        after = acceptance(teacher, draft, tokenizer, held_out, args)
+        log(acceptance_line("after distillation", after, args.gamma))
+        record_acceptance(out, "after", after, rank)
     log(memory.table(out))
+    finish(out)
     return out
 
 

@@ -5,6 +5,7 @@ writers never truncate each other's temporary file; and after a power loss a ren
 holds a lock on its output directory for as long as it lives (lock_dir). JSON is read back through read_json, whose
 errors name the file."""
 import atexit
+import contextlib
 import fcntl
 import json
 import os
@@ -35,11 +36,40 @@ def fsync(path):
 
 
 def temporary_name(path):
-    """A fresh, unique temporary path next to `path` (same directory: os.replace must not cross filesystems)."""
+    """A fresh, unique temporary path next to `path` (same directory: os.replace must not cross filesystems). Its
+    name holds this host and process, so that sweep_temporaries can tell a dead writer's leftovers."""
     folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.{_host()}-{os.getpid()}.", suffix=".tmp", dir=folder)
     os.close(fd)
     return tmp
+
+
+def sweep_temporaries(folder):
+    """Remove the temporary files in folder whose writer was killed (a SIGKILL mid-export or mid-tokenisation
+    leaves them, sometimes hundreds of MB): those of this host whose process no longer exists."""
+    host = _host()
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        parts = name.rsplit(".", 3)  # ".<file>", "<host>-<pid>", "<random>", "tmp"
+        if not (name.startswith(".") and name.endswith(".tmp") and len(parts) == 4 and "-" in parts[1]):
+            continue
+        writer, pid = parts[1].rsplit("-", 1)
+        if writer == host and pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):  # (another process may sweep it first)
+                os.remove(os.path.join(folder, name))
+
+
+def _host():
+    return socket.gethostname().replace(".", "_")  # (no dots: the name is split at them)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def check_writable(folder, flag):

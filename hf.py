@@ -237,6 +237,25 @@ def read_rows(file, header, key, start, stop, into):
         into.copy_(out)
 
 
+def same_bytes(a, b, chunk=1 << 24):
+    """Whether two stored tensors, each (file, key), hold the same dtype, shape and bytes: compared a chunk at a
+    time, never read whole."""
+    (fa, ka), (fb, kb) = a, b
+    (ea, da), (eb, db) = safetensors_header(fa), safetensors_header(fb)
+    ta, tb = ea[ka], eb[kb]
+    if (ta["dtype"], ta["shape"]) != (tb["dtype"], tb["shape"]):
+        return False
+    (sa, end), (sb, _) = ta["data_offsets"], tb["data_offsets"]
+    with open(fa, "rb") as x, open(fb, "rb") as y:
+        for offset in range(0, end - sa, chunk):
+            n = min(chunk, end - sa - offset)
+            x.seek(da + sa + offset)
+            y.seek(db + sb + offset)
+            if x.read(n) != y.read(n):
+                return False
+    return True
+
+
 def write_order(specs, max_shard_size):
     """Every key in the order write_weights consumes the tensors."""
     return [key for _, keys in shard_files(specs, max_shard_size) for key in keys]
@@ -262,20 +281,27 @@ def write_safetensors(path, specs, keys, tensors):
 
 def write_weights(path, hf_config, specs, tensors, max_shard_size=MAX_SHARD_SIZE):
     """An HF model directory at path from tensors streamed in write_order(specs): the weight files (and their
-    index above max_shard_size), then config.json (hf_config, as config_to_hf writes it). Each file is written under a temporary name, fsynced and
-    renamed, config.json last; weight files of an earlier save that are not part of this one are removed."""
+    index above max_shard_size), then config.json (hf_config, as config_to_hf writes it). Each file is written
+    under a temporary name, fsynced and renamed, config.json last; weight files of an earlier save that are not part
+    of this one are removed. A failed write (a full disk) removes its temporary files: nothing holds the space."""
     os.makedirs(path, exist_ok=True)
     layout = shard_files(specs, max_shard_size)
     tensors = iter(tensors)
     files = {}  # final name -> its complete temporary file
-    for name, keys in layout:
-        files[name] = temporary_name(os.path.join(path, name))
-        write_safetensors(files[name], specs, keys, (next(tensors) for _ in keys))
-    if len(layout) > 1:
-        total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
-        index = {"metadata": {"total_size": total}, "weight_map": {k: name for name, keys in layout for k in keys}}
-        files["model.safetensors.index.json"] = _write_json_tmp(path, "model.safetensors.index.json", index)
-    files["config.json"] = _write_json_tmp(path, "config.json", hf_config)
+    try:
+        for name, keys in layout:
+            files[name] = temporary_name(os.path.join(path, name))
+            write_safetensors(files[name], specs, keys, (next(tensors) for _ in keys))
+        if len(layout) > 1:
+            total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
+            index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, keys in layout for k in keys}}
+            files["model.safetensors.index.json"] = _write_json_tmp(path, "model.safetensors.index.json", index)
+        files["config.json"] = _write_json_tmp(path, "config.json", hf_config)
+    except BaseException:
+        for tmp in files.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
     for name, tmp in files.items():
         fsync(tmp)
         commit(tmp, os.path.join(path, name))

@@ -91,8 +91,10 @@ def per_process(value):
 
 
 def step_peaks(out):
-    """Each process's highest `peak_mb` over the training steps of <out>/metrics.jsonl ([] before any step)."""
+    """Each process's highest `peak_mb` over the training steps of <out>/metrics.jsonl ([] before any step). A run
+    resumed on another number of processes: over the steps of the last one."""
     steps = [r["peak_mb"] for r in read_metrics(os.path.join(out, "metrics.jsonl")) if "peak_mb" in r]
+    steps = [s for s in steps if len(s) == len(steps[-1])] if steps else []
     return [max(s[r] for s in steps) for r in range(len(steps[0]))] if steps else []
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hf import (ARCHITECTURES, MAX_SHARD_SIZE, config_from_hf, config_to_hf, open_safetensors, read_index, read_rows,
-                safetensors_header, write_order, write_weights)
+                safetensors_header, same_bytes, write_order, write_weights)
 
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -532,6 +532,11 @@ def read_checkpoint(path):
     except (ValueError, TypeError) as e:
         raise ValueError(f"{os.path.join(path, 'config.json')}: {e}") from None
     ignored = check_keys(config, {k: s for keys in files.values() for k, s in keys.items()}, path)
+    where = {key: file for file, keys in files.items() for key in keys}
+    head, embedding = "lm_head.weight", "model.embed_tokens.weight"
+    if config.tie_embeddings and head in where and not same_bytes((where[head], head), (where[embedding], embedding)):
+        raise ValueError(f"{path}: config.json says tie_word_embeddings, but the checkpoint's lm_head.weight is not "
+                         "its embedding; set tie_word_embeddings to false to load the head it stores")
     return config, {file: [k for k in keys if k not in ignored] for file, keys in files.items()}
 
 
@@ -555,3 +560,22 @@ def check_keys(config, shapes, source):
     if missing:
         raise KeyError(f"{source}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return ignored
+
+
+def check_tokenizer(tokenizer, config, source):
+    """A tokenizer that belongs to another model (a tokenizer.json copied from elsewhere) would train and
+    export without a word: its ids must fit the model's vocabulary, and the model's own eos and bos ids must be
+    tokens of it (its eos among the model's eos ids, when the model lists any)."""
+    if tokenizer.n_vocab > config.vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {tokenizer.n_vocab} tokens but the model's vocab_size is "
+                         f"{config.vocab_size}: they do not belong together")
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    eos = [i for i in eos if i is not None]
+    for name, ids in (("eos_token_id", eos), ("bos_token_id", [config.bos_token_id] * (
+            config.bos_token_id is not None))):
+        if any(i >= tokenizer.n_vocab for i in ids):
+            raise ValueError(f"{source}: config.json's {name} {ids} is past the tokenizer's {tokenizer.n_vocab} "
+                             "tokens: the tokenizer belongs to another model")
+    if eos and tokenizer.eos_id is not None and tokenizer.eos_id not in eos:
+        raise ValueError(f"{source}: the tokenizer's eos token (id {tokenizer.eos_id}) is not among config.json's "
+                         f"eos_token_id {eos}: the tokenizer belongs to another model")

@@ -74,7 +74,7 @@ def on_rank0(fn):
             result = fn()
         except SystemExit as e:
             error = str(e.code)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:  # (a missing, unreadable or full place is the user's to fix)
             error = f"error: {e}"
     box = [error]
     dist.broadcast_object_list(box, src=0)
@@ -94,7 +94,7 @@ def launch(run, args):
         return result
     except FloatingPointError as e:  # a diverged run: say which step and which checkpoint is good, no traceback
         raise SystemExit(str(e)) from None
-    except (ValueError, FileNotFoundError, KeyError) as e:  # a user's file or flag, named in the message
+    except (ValueError, OSError, KeyError) as e:  # a user's file, flag or disk, named in the message
         message = e.args[0] if isinstance(e, KeyError) else str(e)
         raise SystemExit(f"error: {message}" if not dist.is_initialized() or dist.get_rank() == 0 else 1) from None
     finally:

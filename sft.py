@@ -21,9 +21,9 @@ import torch
 
 import memory
 from chat import end_of_turn_id
-from checkpoint import checkpoint_dirs, export_hf, prepare_out, read_metrics, resume
+from checkpoint import checkpoint_dirs, export_hf, finish, prepare_out, read_metrics, record_run, resume
 from data import Curriculum, read_conversations, sft_files, sft_row
-from model import IGNORE, to_dtype
+from model import IGNORE, check_tokenizer, to_dtype
 from parallel import check_batch_sizes, compute_dtype, launch, load_sharded, log, setup_distributed
 from tokenizer import Tokenizer
 from train import (Schedule, add_training_flags, cosine_lr, make_optimizer, next_token_loss, parse_training_args,
@@ -156,9 +156,11 @@ def run(args):
     with memory.stage(out, "load", device):
         model = load_sharded(init, device, compute_dtype(args.dtype, device), compile=args.compile)
     config = model.config
+    check_tokenizer(tokenizer, config, init)
     export_dtype = to_dtype(config.dtype)
     model.activation_checkpointing = args.activation_checkpointing
     optimizer = make_optimizer(model, args.weight_decay, device)
+    record_run(out, args)
     start_step = resume(model, optimizer, out) if args.resume else 0
 
     def lr_fn(step):  # warmup then cosine to a tenth, restarted at each stage with its own peak
@@ -197,6 +199,7 @@ def run(args):
     if rank == 0:
         print(stage_table(os.path.join(out, "metrics.jsonl"), curriculum))
         print(memory.table(out))
+    finish(out)
     return out
 
 

@@ -324,7 +324,8 @@ class Tokenizer:
         self.special_tokens_map = special_tokens_map or {}  # {"eos_token": "<|im_end|>", ...}: the template's variables
         self.stripped_tokens = stripped_tokens  # added tokens HF matches with lstrip / rstrip / single_word
         self.merges = merges  # [(id_a, id_b), ...] in merge order, for a trained tokenizer
-        self.source = source  # the HF directory it was loaded from, whose files save_pretrained copies
+        self.source = source  # the HF directory it was loaded from
+        self.files = {}  # from_pretrained: its files' bytes as loaded, which save_pretrained writes back
 
     @property
     def n_vocab(self):
@@ -472,11 +473,15 @@ class Tokenizer:
         named = {k: v.get("content") if isinstance(v, dict) else v for k, v in named.items() if k in NAMED_TOKENS}
         eos_id, bos_id = token_id("eos"), token_id("bos")
         try:
-            return cls(ranks, added, pattern, nfc=nfc, eos_id=eos_id, bos_id=bos_id, chat_template=template,
-                       special_tokens_map={k: v for k, v in named.items() if isinstance(v, str)},
-                       stripped_tokens=stripped, source=path, name=path.name or "bpe")
+            tok = cls(ranks, added, pattern, nfc=nfc, eos_id=eos_id, bos_id=bos_id, chat_template=template,
+                      special_tokens_map={k: v for k, v in named.items() if isinstance(v, str)},
+                      stripped_tokens=stripped, source=path, name=path.name or "bpe")
         except ValueError as e:  # e.g. a Split regex that tiktoken's engine (fancy-regex) cannot compile
             raise ValueError(f"{file}: pre_tokenizer regex {pattern!r}: tiktoken refused it: {e}") from None
+        # The files as they were when loaded: an export writes the tokenizer the run used, even if the folder it
+        # came from has changed or gone since.
+        tok.files = {name: (path / name).read_bytes() for name in TOKENIZER_FILES if (path / name).is_file()}
+        return tok
 
     @classmethod
     def train(cls, texts, vocab_size, special_tokens=SPECIAL_TOKENS):
@@ -542,10 +547,9 @@ class Tokenizer:
         the same ids. A tokenizer loaded from an HF directory copies that directory's tokenizer files: exact."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        if self.source is not None:
-            for name in TOKENIZER_FILES:
-                if (self.source / name).is_file():
-                    write_atomic(path / name, (self.source / name).read_bytes())
+        if self.files:
+            for name, data in self.files.items():
+                write_atomic(path / name, data)
             return
         if self.merges is None:
             raise ValueError("save_pretrained needs a tokenizer from Tokenizer.train or Tokenizer.from_pretrained")

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import memory
-from checkpoint import (checkpoint_dirs, export_hf, first_eval, holds_run, last_tokens, prepare_out, resume,
-                        save_checkpoint, write_metrics)
+from checkpoint import (checkpoint_dirs, export_hf, finish, first_eval, holds_run, is_complete, last_tokens,
+                        prepare_out, record_run, resume, save_checkpoint, write_metrics)
 from data import ReplayMixture, corpus_files, find_domains, read_documents
-from model import IGNORE, PRESETS, Transformer, preset_model, to_dtype
+from model import IGNORE, PRESETS, Transformer, check_tokenizer, preset_model, to_dtype
 from parallel import (PEAK_FLOPS, all_sum, by_gpu_name, check_batch_sizes, compute_dtype, launch, load_sharded, log,
                       micro_batches_of, rank_share, setup_distributed, shard_model, tokenize_once)
 from tokenizer import Tokenizer
@@ -353,7 +353,7 @@ def pretrain_base(args):
     """--init-from auto: out/base, a small model pretrained from scratch on the general corpus, first (or resumed,
     when an earlier attempt was interrupted) if it is not there yet."""
     base = os.path.join("out", "base")
-    if os.path.exists(os.path.join(base, "config.json")):
+    if is_complete(base):
         return base
     log(f"--init-from auto: {base} does not exist, so first pretraining a small base model from scratch on "
         f"data/{args.replay_domain} (as: train.py --domain {args.replay_domain} --replay-ratio 0 --init-from small "
@@ -381,14 +381,13 @@ def run(args):
     with memory.stage(out, "load", device):
         model, tokenizer = load_init(args, device, dtype)
     config = model.config
-    if tokenizer.n_vocab > config.vocab_size:
-        raise SystemExit(f"the tokenizer of {args.init_from} has {tokenizer.n_vocab} tokens but the model's "
-                         f"vocab_size is {config.vocab_size}")
+    check_tokenizer(tokenizer, config, args.init_from)
     if args.seq_len > config.max_seq_len:
         raise SystemExit(f"--seq-len {args.seq_len} exceeds the model's context ({config.max_seq_len} tokens)")
     export_dtype = to_dtype(config.dtype)  # the checkpoint's own (fp32 for a preset)
     model.activation_checkpointing = args.activation_checkpointing
     optimizer = make_optimizer(model, args.weight_decay, device)
+    record_run(out, args)
 
     # Data: the domain and replay token streams (tokenised once, cached), and their val streams for evaluation.
     domains = [args.domain] + ([args.replay_domain] if args.replay_domain != args.domain else [])
@@ -426,6 +425,7 @@ def run(args):
     if rank == 0:
         print(summary_table(before, final, args.domain, args.replay_domain))
         print(memory.table(out))
+    finish(out, **final)
     return final
 
 

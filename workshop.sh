@@ -68,7 +68,7 @@ run() {
 stage() {
     local dir=$1
     shift
-    if [ -f "$dir/config.json" ]; then
+    if [ -f "$dir/complete.json" ]; then  # written last by a finished run (a model alone may lack its tail)
         echo
         echo "= $dir is already there: skipping \"$*\""
     elif [ -f "$dir/run.json" ] || compgen -G "$dir/checkpoints/step_*" > /dev/null; then

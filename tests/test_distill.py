@@ -182,3 +182,12 @@ def test_chunked_distillation_equals_the_formula_even_with_empty_chunks(kind):
     assert torch.isfinite(loss) and loss.item() == pytest.approx(ref.item(), rel=1e-5)
     for n, p in student.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_no_acceptance_prompts_measures_no_acceptance_and_finishes(teacher, tmp_path):
+    """--accept-prompts 0 records no made-up "before" acceptance of 0.0, and the run finishes."""
+    root, _ = teacher
+    r = run_distill(root, tmp_path / "d", "--data", "text", "--max-steps", "1", "--accept-prompts", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (tmp_path / "d" / "acceptance.json").exists() and (tmp_path / "d" / "complete.json").exists()
+    assert "the acceptance rate is not measured" in r.stdout + r.stderr

@@ -19,6 +19,7 @@ import torch
 from conftest import REPO, kill_after_step, losses, run_train, train_cmd
 
 from model import ModelConfig, Transformer
+from tokenizer import Tokenizer
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 
@@ -351,3 +352,105 @@ def test_a_gguf_file_or_a_folder_without_tokenizer_files_is_named(tiny_run, tmp_
         (bare / name).unlink()
     p = run_train(train_cmd(tiny_run, tmp_path / "o2", "--init-from", str(bare)), ok=False)
     assert_user_error(p, r"weights-only/tokenizer\.json: not found")
+
+
+# -----------------------------------------------------------------------------
+# A stage's output is complete or visibly not; what a failed or killed run leaves does not block the next
+
+
+def test_a_failed_start_does_not_block_its_correction(tiny_run, tmp_path):
+    """A mistyped --init-from fails before any work; the corrected command then runs as a new run (no run.json
+    was left to refuse it with and without --resume)."""
+    out = tmp_path / "out"
+    assert_user_error(run_train(train_cmd(tiny_run, out, "--init-from", str(tmp_path / "missing")), ok=False),
+                      "not a directory nor a preset")
+    run_train(train_cmd(tiny_run, out, "--max-steps", "1"))
+
+
+def test_a_finished_run_marks_itself_complete_after_its_export(tiny_run, tmp_path):
+    """The export writes config.json after the tokenizer files and generation_config.json, and the run writes
+    complete.json after all of them: a folder killed anywhere before is visibly unfinished (workshop.sh checks
+    complete.json)."""
+    out = tmp_path / "out"
+    run_train(train_cmd(tiny_run, out, "--max-steps", "1"))
+    mtime = {f: (out / f).stat().st_mtime_ns for f in ("tokenizer.json", "tokenizer_config.json",
+                                                       "generation_config.json", "model.safetensors", "config.json",
+                                                       "complete.json")}
+    assert max(mtime.values()) == mtime["complete.json"]
+    assert mtime["config.json"] >= max(v for k, v in mtime.items() if k != "complete.json")
+
+
+def test_the_export_writes_the_tokenizer_the_run_loaded(tiny_run, tmp_path):
+    """The tokenizer files are those read at the start, even if the folder they came from changed since."""
+    init = tmp_path / "init"
+    shutil.copytree(tiny_run / "init", init)
+    tok = Tokenizer.from_pretrained(init)
+    loaded = (init / "tokenizer.json").read_bytes()
+    (init / "tokenizer.json").write_text("{}")  # changed (or removed) while the run trained
+    tok.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == loaded
+
+
+def test_a_tokenizer_from_another_model_is_refused(tiny_run, tmp_path):
+    """A tokenizer.json copied from elsewhere beside the weights trained and exported without a word."""
+    init = tmp_path / "init"
+    shutil.copytree(tiny_run / "init", init)
+    config = json.loads((init / "config.json").read_text())  # the checkpoint says its eos, as real ones do
+    (init / "config.json").write_text(json.dumps({**config, "eos_token_id": Tokenizer.from_pretrained(init).eos_id}))
+    Tokenizer.train(["another model's text, another model's merges " * 40], 300).save_pretrained(init)
+    assert_user_error(run_train(train_cmd(tiny_run, tmp_path / "out", "--init-from", str(init)), ok=False),
+                      "the tokenizer belongs to another model")
+
+
+def test_a_tied_config_whose_checkpoint_stores_its_own_head_is_refused(tmp_path):
+    """transformers keeps such a head (and warns); dropping it silently changes every logit."""
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=300, tie_embeddings=False))
+    model.init_weights()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match="lm_head.weight is not its embedding"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_peak_memory_of_a_run_resumed_on_another_number_of_processes(tmp_path):
+    """metrics.jsonl rows of 2 processes, then of 1 after a resume: the peaks of the processes of the last part."""
+    import memory
+    rows = [{"step": 1, "peak_mb": [10, 12]}, {"step": 2, "peak_mb": [11, 9]}, {"step": 3, "peak_mb": [30]},
+            {"step": 4, "peak_mb": [25]}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert memory.step_peaks(tmp_path) == [30]
+
+
+def test_a_killed_writers_temporary_files_are_swept_by_the_next_run(tiny_run, tmp_path):
+    """A SIGKILL mid-export leaves .model.safetensors.<host>-<pid>.*.tmp; the next run on that --out removes it
+    (and leaves a live process's alone)."""
+    from files import temporary_name
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = temporary_name(out / "model.safetensors")  # a live writer: this process
+    dead = subprocess.run([sys.executable, "-c", f"from files import temporary_name; "
+                           f"print(temporary_name({str(out / 'model.safetensors')!r}))"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True).stdout.strip()
+    assert os.path.exists(dead)
+    run_train(train_cmd(tiny_run, out, "--max-steps", "1"))
+    assert not os.path.exists(dead) and os.path.exists(mine)
+
+
+def test_a_failed_weight_write_leaves_no_temporary_files(tmp_path, monkeypatch):
+    """A full disk mid-export: the half-written files are removed, not left holding the space."""
+    import hf
+
+    def full(path, specs, keys, tensors):
+        open(path, "wb").write(b"x" * 1000)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(hf, "write_safetensors", full)
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=300))
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_unwritable_out_is_a_one_line_error(tiny_run, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    assert_user_error(run_train(train_cmd(tiny_run, tmp_path / "a-file" / "out"), ok=False), "a-file")
