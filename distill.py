@@ -24,6 +24,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import memory
@@ -103,7 +104,11 @@ def get_args(argv=None):
                        micro_batch_size=8, seq_len=256, max_steps=60, lr=1e-3, min_lr=None, warmup_steps=5,
                        weight_decay=0.0, grad_clip=1.0, seed=1337, eval_every=20, save_every=20, keep_checkpoints=2,
                        resume=False, compile=False, dtype=None)
-    return parse_training_args(p, argv)
+    args = parse_training_args(p, argv)
+    if args.gen_tokens >= args.seq_len:
+        p.error(f"--gen-tokens {args.gen_tokens} must be less than --seq-len {args.seq_len}: a training row holds "
+                "the prompt and its continuation")
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -188,15 +193,16 @@ def sample_rows(model, prompts, seeds, args, eos_id, dtype):
     number of forward passes, as FSDP's collectives need (a process with fewer prompts than the others samples its
     last one again, or a one-token prompt if it has none, and drops those rows)."""
     device = model.lm_head.weight.device
-    model.setup_cache(args.gen_batch_size, min(args.seq_len, model.config.max_seq_len), dtype=dtype)
     n = len(prompts)
     most = max(gather([n]))
+    rows_at_once = max(1, min(args.gen_batch_size, most))  # (a cache for the prompts there are, not for the flag)
+    model.setup_cache(rows_at_once, min(args.seq_len, model.config.max_seq_len), dtype=dtype)
     prompts = [p[-(args.seq_len - args.gen_tokens):] for p in prompts + [(prompts or [[0]])[-1]] * (most - n)]
     seeds = seeds + [0] * (most - n)
     rows = []
-    for b in range(0, most, args.gen_batch_size):
-        batch = prompts[b:b + args.gen_batch_size]
-        generators = [torch.Generator(device).manual_seed(s) for s in seeds[b:b + args.gen_batch_size]]
+    for b in range(0, most, rows_at_once):
+        batch = prompts[b:b + rows_at_once]
+        generators = [torch.Generator(device).manual_seed(s) for s in seeds[b:b + rows_at_once]]
         news = generate_batch(model, batch, args.gen_tokens, temperature=args.gen_temperature, generators=generators)
         rows += [continuation_row(p, cut_at_eos(new, eos_id)) for p, new in zip(batch, news)]
     return rows[:n]
@@ -277,9 +283,12 @@ def student_source(student, prompts, args, eos, dtype, pad_id, rank, world):
 @torch.no_grad()
 def acceptance(teacher, student, tokenizer, prompts, args):
     """Mean acceptance rate and tokens per target call of speculative decoding, greedy and at temperature 1, with
-    the speedup Leviathan et al. predict from them and the measured cost ratio c."""
+    the speedup Leviathan et al. predict from them and the measured cost ratio c. A teacher sharded over
+    processes decodes at the speed of its collectives, not its own: c and the speedup are then not measured (None;
+    speculative.py --bench times them)."""
     eos = stop_id(teacher, tokenizer)
-    c = cost_ratio(teacher, student)
+    sharded = dist.get_world_size() > 1 and not args.replicate_teacher
+    c = None if sharded else cost_ratio(teacher, student)
     result = {"cost_ratio": c}
     for temperature in (0.0, 1.0):
         with seeded(args.seed):
@@ -288,14 +297,16 @@ def acceptance(teacher, student, tokenizer, prompts, args):
         a = pooled_stats(runs, args.gamma)["acceptance_rate"]
         name = "greedy" if temperature == 0 else "T=1"
         result[f"acceptance_{name}"] = a
-        result[f"predicted_speedup_{name}"] = predicted_speedup(a, args.gamma, c)
+        result[f"predicted_speedup_{name}"] = None if c is None else predicted_speedup(a, args.gamma, c)
     return result
 
 
 def acceptance_line(when, r, gamma):
-    return (f"{when}: acceptance rate greedy {r['acceptance_greedy']:.3f}, T=1 {r['acceptance_T=1']:.3f}; "
-            f"predicted speedup (gamma {gamma}, c {r['cost_ratio']:.3f}) {r['predicted_speedup_greedy']:.2f}x "
-            f"greedy, {r['predicted_speedup_T=1']:.2f}x at T=1")
+    line = f"{when}: acceptance rate greedy {r['acceptance_greedy']:.3f}, T=1 {r['acceptance_T=1']:.3f}; "
+    if r["cost_ratio"] is None:
+        return line + "speedup not predicted: the teacher is sharded, so decoding times its collectives"
+    return line + (f"predicted speedup (gamma {gamma}, c {r['cost_ratio']:.3f}) {r['predicted_speedup_greedy']:.2f}x "
+                   f"greedy, {r['predicted_speedup_T=1']:.2f}x at T=1")
 
 
 def record_acceptance(out, when, result, rank):

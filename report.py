@@ -145,9 +145,10 @@ def rows(out, domain, n_items, refs):
     acc = read(os.path.join(out, f"{domain}-draft", "acceptance.json"))
     if acc and {"before", "after"} <= set(acc):
         b, a = acc["before"], acc["after"]
-        ours = (f"greedy acceptance {b['acceptance_greedy']:.3f} -> {a['acceptance_greedy']:.3f}, predicted "
-                f"speedup {b['predicted_speedup_greedy']:.2f}x -> {a['predicted_speedup_greedy']:.2f}x "
-                f"(+{100 * (a['predicted_speedup_greedy'] / b['predicted_speedup_greedy'] - 1):.0f} %); at T=1 "
+        speedup = "" if None in (b["predicted_speedup_greedy"], a["predicted_speedup_greedy"]) else (
+            f", predicted speedup {b['predicted_speedup_greedy']:.2f}x -> {a['predicted_speedup_greedy']:.2f}x "
+            f"(+{100 * (a['predicted_speedup_greedy'] / b['predicted_speedup_greedy'] - 1):.0f} %)")
+        ours = (f"greedy acceptance {b['acceptance_greedy']:.3f} -> {a['acceptance_greedy']:.3f}{speedup}; at T=1 "
                 f"{b['acceptance_T=1']:.3f} -> {a['acceptance_T=1']:.3f}")
     else:  # not run, or stopped before its "after" measurement: visibly so
         ours = "not run yet" if acc is None else "incomplete: no measurement after distillation (rerun distill.py)"
