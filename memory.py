@@ -403,6 +403,9 @@ def main(argv=None):
     pm.add_argument("--seq-len", type=int, default=512)
     pm.add_argument("--loss-seq-len", type=int, default=2048, help="tokens of the chunked-loss comparison")
     args = p.parse_args(argv)
+    for flag in ("world", "micro_batch_size", "seq_len", "loss_seq_len"):  # (a plan of 0 processes is no plan)
+        if getattr(args, flag, 1) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.command == "measure":
         return measure(args)
     try:

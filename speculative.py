@@ -408,6 +408,8 @@ def check_sampling_flags(p, args):
     for flag, value, ok, rule in rules:
         if not ok:
             p.error(f"{flag} must be {rule}, got {value}")
+    if any(not text.strip() for text in getattr(args, "prompt", None) or []):
+        p.error("--prompt is empty: give the text to continue")
 
 
 def bench_prompts(args):
@@ -482,10 +484,15 @@ def main(argv=None):
                 raise SystemExit("--bench compares with speculative decoding: give --draft")
             bench(args, target, draft, tokenizer, device)
             return
-    except (FileNotFoundError, ValueError) as e:  # includes a malformed --prompts row, named by file:line
-        raise SystemExit(f"error: {e}")
-    if not args.prompt:
-        raise SystemExit("give --prompt TEXT (or --bench)")
+        if not args.prompt:
+            raise SystemExit("give --prompt TEXT (or --bench)")
+        answer(args, target, draft, tokenizer)
+    except (FileNotFoundError, ValueError) as e:  # a malformed --prompts row, named by file:line; a prompt and
+        raise SystemExit(f"error: {e}")           # --max-new-tokens past the model's context
+
+
+def answer(args, target, draft, tokenizer):
+    """Decode each --prompt, plainly or with the draft, and print the text (and the draft's statistics)."""
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=stop_id(target, tokenizer))
     for text in args.prompt:
         ids = prompt_ids(target, tokenizer, text, not args.no_chat)

@@ -264,10 +264,15 @@ def test_sft_drops_conversations_cut_to_nothing_and_runs_a_stage_smaller_than_a_
     ("speculative.py", ["--target", "x", "--temperature", "-1"], "--temperature"),
     ("speculative.py", ["--target", "x", "--top-k", "0"], "--top-k"),
     ("eval.py", ["x", "--domain", "telco", "--limit", "0"], "--limit"),
+    ("memory.py", ["plan", "135m", "--world", "0"], "--world"),
+    ("memory.py", ["plan", "135m", "--micro-batch-size", "-1"], "--micro-batch-size"),
+    ("memory.py", ["plan", "135m", "--seq-len", "0"], "--seq-len"),
+    ("speculative.py", ["--target", "x", "--prompt", ""], "--prompt"),
+    ("distill.py", ["--teacher", "x", "--seq-len", "64", "--gen-tokens", "64"], "--gen-tokens"),
 ])
 def test_nonsense_flags_are_refused_naming_the_flag(tiny_run, tmp_path, script, flags, flag):
-    p = run([sys.executable, script, "--out", str(tmp_path / "out"), *flags] if script != "speculative.py" else
-            [sys.executable, script, *flags], cwd=REPO)
+    out = ["--out", str(tmp_path / "out")] if script not in ("speculative.py", "memory.py") else []
+    p = run([sys.executable, script, *out, *flags], cwd=REPO)
     assert_user_error(p, re.escape(flag))
     assert not (tmp_path / "out").exists()
 
@@ -454,3 +459,9 @@ def test_a_failed_weight_write_leaves_no_temporary_files(tmp_path, monkeypatch):
 def test_an_unwritable_out_is_a_one_line_error(tiny_run, tmp_path):
     (tmp_path / "a-file").write_text("")
     assert_user_error(run_train(train_cmd(tiny_run, tmp_path / "a-file" / "out"), ok=False), "a-file")
+
+
+def test_decoding_past_the_context_is_a_one_line_error(tiny_run):
+    p = run([sys.executable, "speculative.py", "--target", str(tiny_run / "init"), "--prompt", "hello",
+             "--max-new-tokens", "100000"])
+    assert_user_error(p, "max_seq_len")
