@@ -1,12 +1,18 @@
 """Data for DACP, in the order the pipeline uses it: corpus -> token shards, the replay-mixed token stream, and SFT
 batches (conversations rendered by chat.py, with its loss mask).
 """
+import bz2
+import codecs
 import contextlib
+import gzip
 import hashlib
+import io
 import itertools
 import json
+import lzma
 import math
 import os
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -14,16 +20,25 @@ import numpy as np
 from tqdm import tqdm
 
 from chat import check_messages, render_chat
-from files import commit, temporary_name
+from files import commit, sweep_temporaries, temporary_name
 from model import IGNORE
 
 # -----------------------------------------------------------------------------
 # Corpora and token shards
 #
-# A domain is a folder data/<domain>/ with train/ and val/ (docs/training.md). A .txt file is one document; a .jsonl file
-# has one document per row, {"text": ...}. Documents are joined as [bos] doc [eos] (bos only where the tokenizer has
-# one), so the model learns where documents end. Tokenised corpora are cached as one flat .bin of uint16 (uint32 for
-# vocabularies over 65536) per split, read back through np.memmap: a corpus never has to fit in memory.
+# A domain is a folder data/<domain>/ with train/ and, optionally, val/ (docs/training.md has the table of layouts and
+# formats). A .txt file is one document; a .jsonl file has one document per row, {"text": ...} (--text-key names
+# another key); so has a .parquet file (a column), when pyarrow is installed. .txt and .jsonl may be compressed
+# (.gz, .bz2, .xz): they are decompressed as they are read. Documents are joined as [bos] doc [eos] (bos only where
+# the tokenizer has one), so the model learns where documents end. Tokenised corpora are cached as one flat .bin of
+# uint16 (uint32 for vocabularies over 65536) per split, read back through np.memmap: a corpus never has to fit in
+# memory, and neither does one file while it is tokenised (a huge .txt is read in pieces: txt_pieces).
+
+TEXT_KEY = "text"  # the key (column) of a .jsonl / .parquet row that holds its document, unless --text-key says
+HELD_OUT = 100  # a domain without val/ holds out 1 in HELD_OUT of its train documents as val (held_out_documents)
+PIECE_CHARS = 64 << 20  # a .txt longer than this is read and tokenised in pieces of at most this many characters
+COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # all in the standard library
+SUFFIXES = (".txt", ".jsonl", ".parquet") + tuple(kind + c for kind in (".txt", ".jsonl") for c in COMPRESSED)
 
 
 def find_domains(data_root):
@@ -32,80 +47,199 @@ def find_domains(data_root):
     return sorted(d for d in os.listdir(data_root) if os.path.isdir(os.path.join(data_root, d, "train")))
 
 
+def holds_out(data_root, domain):
+    """Whether the domain's val split is held out of its train files (it has train/ but no val/ folder)."""
+    return domain in find_domains(data_root) and not os.path.isdir(os.path.join(data_root, domain, "val"))
+
+
 def corpus_files(data_root, domain, split):
-    """The .txt / .jsonl files of data/<domain>/<split>/, in path order. A domain needs a train/ folder, except an
+    """The corpus files (SUFFIXES) of data/<domain>/<split>/, in path order; for the val split of a domain without
+    val/, its train files (the held-out documents come from them). A domain needs a train/ folder, except an
     evaluation-only one (data/heldout: val/ and eval/) asked for its val split."""
     if domain not in find_domains(data_root) and not (split == "val" and os.path.isdir(os.path.join(
             data_root, domain, "val"))):
         found = ", ".join(find_domains(data_root)) or "none"
         raise ValueError(f"unknown domain {domain!r}: no {os.path.join(data_root, domain, 'train')}/ "
                          f"(domains found in {data_root}: {found})")
-    folder = os.path.join(data_root, domain, split)
+    folder = os.path.join(data_root, domain, "train" if split == "val" and holds_out(data_root, domain) else split)
     files = []
     for parent, subfolders, names in os.walk(folder):  # subfolders too (hidden ones skipped), in path order
         subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-        files += [os.path.join(parent, f) for f in names if f.endswith((".txt", ".jsonl"))]
+        files += [os.path.join(parent, f) for f in names if f.endswith(SUFFIXES)]
     files.sort()
     if not files:
-        raise ValueError(f"{folder}/: no .txt or .jsonl files")
+        raise ValueError(f"{folder}/: no corpus files (" + ", ".join(SUFFIXES) + ")")
     return files
 
 
+def open_binary(path, raw):
+    """A corpus file's bytes, decompressed on the fly when its name says it is compressed (raw: the file itself)."""
+    ext = os.path.splitext(path)[1]
+    return COMPRESSED[ext](raw) if ext in COMPRESSED else raw
+
+
+@contextlib.contextmanager
+def reading(path):
+    """(the file on disk, its text): the position of the first is the progress; a file that is not UTF-8 or a
+    damaged compressed file is a one-line error naming it."""
+    with open(path, "rb") as raw:
+        try:  # universal newlines, as open(path, encoding="utf-8"): a .txt.gz reads as the same .txt
+            yield raw, io.TextIOWrapper(open_binary(path, raw), encoding="utf-8")
+        except UnicodeDecodeError:
+            raise not_utf8(path) from None
+        except (EOFError, OSError, lzma.LZMAError) as e:
+            if not path.endswith(tuple(COMPRESSED)):
+                raise
+            raise ValueError(f"{path}: not a readable {os.path.splitext(path)[1]} file ({e})") from None
+
+
 def not_utf8(path):
-    """The error for a file that is not UTF-8 text, naming the file and its first bad byte (found by reading it
-    again: this runs only once decoding has failed)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        data.decode("utf-8")
-        return ValueError(f"{path}: not UTF-8 text")
-    except UnicodeDecodeError as e:
-        return ValueError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); convert it "
-                          "to UTF-8, e.g. with iconv -f latin1 -t utf-8")
+    """The error for a file that is not UTF-8 text, naming the file and its first bad byte (of the decompressed
+    text), found by decoding it again in 1 MB pieces: this runs only once decoding has failed."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as raw, open_binary(path, raw) as f:
+        for chunk in itertools.chain(iter(lambda: f.read(1 << 20), b""), [None]):
+            pending = decoder.getstate()[0]  # the bytes of a character cut at the last chunk's end
+            try:
+                decoder.decode(chunk or b"", final=chunk is None)
+            except UnicodeDecodeError as e:
+                bad, at = (pending + (chunk or b""))[e.start], offset - len(pending) + e.start
+                return ValueError(f"{path}: not UTF-8 text (byte 0x{bad:02x} at offset {at}); convert it to UTF-8, "
+                                  "e.g. with iconv -f latin1 -t utf-8")
+            offset += len(chunk or b"")
+    return ValueError(f"{path}: not UTF-8 text")
+
+
+def jsonl_rows(f, path):
+    """Yield ("file:line", row) for each non-blank line of an open .jsonl file; a line that is not a JSON object is
+    an error naming its file and line (callers check the row's keys and name the place the same way)."""
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object")
+        yield f"{path}:{lineno}", row
 
 
 def read_jsonl(path):
-    """Yield ("file:line", row) for each non-blank line of a .jsonl file; a line that is not a JSON object is an
-    error naming its file and line (callers check the row's keys and name the place the same way)."""
+    """jsonl_rows of a .jsonl file (compressed too)."""
+    with reading(path) as (_, f):
+        yield from jsonl_rows(f, path)
+
+
+def txt_pieces(f, piece_chars):
+    """A .txt document as (piece, last) pairs, so that memory stays bounded however large the file: while more than
+    piece_chars characters are left, a piece is the next piece_chars characters cut just after the last blank line
+    ("\\n\\n") in them (or all of them, when they hold none). A file of at most piece_chars characters is one piece.
+    BPE never merges across a piece boundary, so the tokens there can differ from encoding the file whole."""
+    rest = ""
+    while True:
+        text = rest + f.read(piece_chars + 1 - len(rest))
+        if len(text) <= piece_chars:
+            yield text, True
+            return
+        cut = text.rfind("\n\n", 0, piece_chars)
+        cut = cut + 2 if cut >= 0 else piece_chars
+        yield text[:cut], False
+        rest = text[cut:]
+
+
+def parquet_rows(path, text_key):
+    """Yield (document, bytes read) for the rows of a .parquet file, one row group in memory at a time."""
     try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object")
-                yield f"{path}:{lineno}", row
-    except UnicodeDecodeError:
-        raise not_utf8(path) from None
+        import pyarrow.parquet as pq  # optional: only .parquet corpora need it
+    except ImportError:
+        raise ValueError(f"{path}: reading .parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # (pyarrow's own error classes)
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+    if text_key not in pf.schema_arrow.names:
+        raise ValueError(f"{path}: no column {text_key!r} (columns: {', '.join(pf.schema_arrow.names)}); name the "
+                         "text column with --text-key")
+    size, groups, row = os.path.getsize(path), pf.num_row_groups, 0
+    for g in range(groups):
+        for text in pf.read_row_group(g, columns=[text_key]).column(0).to_pylist():
+            row += 1
+            if not isinstance(text, str):
+                raise ValueError(f"{path}: row {row}: expected a string in column {text_key!r}, got "
+                                 f"{type(text).__name__}")
+            yield text, size * g // groups
 
 
-def read_documents(files):
-    """Yield the documents of these files one at a time (never the whole corpus in memory)."""
+def read_pieces(path, text_key=TEXT_KEY, piece_chars=PIECE_CHARS):
+    """Yield (text, ends_document, bytes of the file read so far) for one corpus file: a .jsonl or .parquet row is a
+    document, a .txt file is one document in one piece or several (txt_pieces). Blank documents are skipped."""
+    if path.endswith(".parquet"):
+        for text, done in parquet_rows(path, text_key):
+            if text.strip():
+                yield text, True, done
+        return
+    with reading(path) as (raw, f):
+        if ".jsonl" in os.path.basename(path):
+            for where, row in jsonl_rows(f, path):
+                if not isinstance(row.get(text_key), str):
+                    raise ValueError(f'{where}: expected a row {{"{text_key}": <string>}} (the key is --text-key)')
+                if row[text_key].strip():
+                    yield row[text_key], True, raw.tell()
+            return
+        for i, (text, last) in enumerate(txt_pieces(f, piece_chars)):
+            if not (i == 0 and last and not text.strip()):  # (a blank file is no document)
+                yield text, last, raw.tell()
+
+
+def read_documents(files, text_key=TEXT_KEY):
+    """Yield the documents of these files one at a time, each whole (never the whole corpus in memory)."""
     for path in files:
-        if path.endswith(".txt"):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
-            except UnicodeDecodeError:
-                raise not_utf8(path) from None
-            yield text
-            continue
-        for where, row in read_jsonl(path):
-            if not isinstance(row.get("text"), str):
-                raise ValueError(f'{where}: expected a row {{"text": <string>}}')
-            yield row["text"]
+        parts = []
+        for text, last, _ in read_pieces(path, text_key):
+            parts.append(text)
+            if last:
+                yield "".join(parts)
+                parts = []
 
 
-def tokenize_corpus(tokenizer, data_root, domain, split, batch_bytes=8 << 20):
-    """The token stream of data/<domain>/<split> as a read-only np.memmap, from the cache when the tokenizer and the
-    files (name, size, mtime) are unchanged; otherwise tokenised (write_tokens) to a temporary file that is renamed
-    into place when complete."""
+def document_hash(text):
+    """The 64-bit content hash that decides a document's split: the first 8 bytes of its UTF-8 SHA-256, big-endian."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big")
+
+
+def held_out_documents(files, text_key, piece_chars, every=HELD_OUT):
+    """The val split of a domain without val/: the indices (in corpus order) of its held-out documents, those whose
+    document_hash is 0 modulo `every` (1 in 100 by default), or when that picks none, those with the smallest hash.
+    A hash of the content, not of names or order: the same documents on every run and machine, a duplicate never on
+    both sides; train skips them. One pass over the corpus, hashing each document as its pieces stream by."""
+    held, smallest, n, h = set(), (None, []), 0, hashlib.sha256()
+    for path in files:
+        for text, last, _ in read_pieces(path, text_key, piece_chars):
+            h.update(text.encode("utf-8", "surrogatepass"))  # (pieces hash as their concatenation)
+            if last:
+                value = int.from_bytes(h.digest()[:8], "big")
+                if value % every == 0:
+                    held.add(n)
+                if smallest[0] is None or value <= smallest[0]:
+                    smallest = (value, smallest[1] + [n] if value == smallest[0] else [n])
+                n, h = n + 1, hashlib.sha256()
+    held = held or set(smallest[1])
+    if len(held) >= n:
+        raise ValueError(f"{os.path.dirname(files[0])}/: {n} distinct document(s), too few to hold out a val split "
+                         "from; add a val/ folder")
+    return held
+
+
+def tokenize_corpus(tokenizer, data_root, domain, split, text_key=TEXT_KEY, batch_bytes=8 << 20,
+                    piece_chars=PIECE_CHARS):
+    """The token stream of data/<domain>/<split> as a read-only np.memmap, from the cache when the tokenizer, the
+    files (name, size, mtime) and the reading settings are unchanged; otherwise tokenised (write_tokens) to a
+    temporary file that is renamed into place when complete (a killed run leaves only that, swept by the next one,
+    which starts over). A domain without val/ splits its train documents (held_out_documents)."""
     files = corpus_files(data_root, domain, split)
-    key = hashlib.sha256(tokenizer.fingerprint.encode())
+    held_out = holds_out(data_root, domain)
+    key = hashlib.sha256(f"{tokenizer.fingerprint}\0{text_key}\0{piece_chars}\0{held_out and HELD_OUT}\0".encode())
     for path in files:
         st = os.stat(path)
         key.update(f"{os.path.relpath(path, data_root)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
@@ -116,9 +250,15 @@ def tokenize_corpus(tokenizer, data_root, domain, split, batch_bytes=8 << 20):
         return np.memmap(bin_path, dtype=dtype, mode="r")
 
     os.makedirs(cache, exist_ok=True)
+    sweep_temporaries(cache)  # a killed tokenisation's partial file
+    keep = None
+    if held_out:
+        held = held_out_documents(files, text_key, piece_chars)
+        keep = held.__contains__ if split == "val" else lambda i: i not in held
     tmp = temporary_name(bin_path)  # unique: two processes tokenising at once never write one file
     try:
-        n_tokens = write_tokens(tokenizer, files, tmp, dtype, batch_bytes, desc=f"tokenizing {domain}/{split}")
+        n_tokens = write_tokens(tokenizer, files, tmp, dtype, batch_bytes, f"tokenizing {domain}/{split}", text_key,
+                                piece_chars, keep)
         if n_tokens == 0:
             raise ValueError(f"{os.path.join(data_root, domain, split)}/: the corpus is empty")
         commit(tmp, bin_path)  # readers see no cache or a complete one, never a partial file
@@ -132,37 +272,49 @@ def tokenize_corpus(tokenizer, data_root, domain, split, batch_bytes=8 << 20):
     return np.memmap(bin_path, dtype=dtype, mode="r")
 
 
-def write_tokens(tokenizer, files, path, dtype, batch_bytes, desc):
-    """Tokenise the documents of files in batches with tiktoken's multi-threaded batch encoder and stream the ids
-    to path, each document followed by end-of-text (and preceded by begin-of-text where the family uses one:
-    Tokenizer.document_ids), fsynced. Returns the number of tokens written."""
-    n_tokens = 0
+def write_tokens(tokenizer, files, path, dtype, batch_bytes, desc, text_key=TEXT_KEY, piece_chars=PIECE_CHARS,
+                 keep=None):
+    """Tokenise the documents of files (those whose index keep(i) accepts, or all) in batches of about batch_bytes
+    with tiktoken's multi-threaded batch encoder (every core) and stream the ids to path, each document followed by
+    end-of-text (and preceded by begin-of-text where the family uses one: Tokenizer.document_ids), fsynced. Memory:
+    one batch and its ids. The progress bar counts the bytes of the files on disk and shows tokens/s. Returns the
+    number of tokens written."""
     bos, eos = tokenizer.document_ids()
+    n_tokens, start = 0, time.perf_counter()
     with open(path, "wb") as out, \
             tqdm(total=sum(os.path.getsize(p) for p in files), unit="B", unit_scale=True, desc=desc) as bar:
-        def flush(docs):
+        def flush(batch):  # [(text, first piece of its document, last piece)]
             nonlocal n_tokens
-            ids = tokenizer.encode_batch(docs)
-            lengths = np.array([len(d) for d in ids])
+            ids = tokenizer.encode_batch([text for text, _, _ in batch])
+            lengths = np.array([len(d) for d in ids], dtype=np.int64)
             arr = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=lengths.sum())
             ends = np.cumsum(lengths)
-            arr = np.insert(arr, ends, eos)  # doc eos doc eos ... (numpy, not per-token Python)
-            if bos is not None:  # document i now starts at its old start + i
-                arr = np.insert(arr, ends - lengths + np.arange(len(ids)), bos)
+            first, last = (np.array([piece[k] for piece in batch], dtype=bool) for k in (1, 2))
+            where, what = [ends[last]], [np.full(last.sum(), eos)]  # doc eos doc eos ... (numpy, not per token)
+            if bos is not None:  # (listed after the eos: at a shared position np.insert keeps eos first)
+                where.append((ends - lengths)[first])
+                what.append(np.full(first.sum(), bos))
+            arr = np.insert(arr, np.concatenate(where), np.concatenate(what).astype(dtype))
             arr.tofile(out)
             n_tokens += len(arr)
-            bar.update(sum(len(d.encode("utf-8")) for d in docs))
+            bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - start):,.0f} tokens/s", refresh=False)
 
-        docs, size = [], 0
-        for doc in read_documents(files):
-            if doc.strip():
-                docs.append(doc)
-                size += len(doc)
-            if size >= batch_bytes:
-                flush(docs)
-                docs, size = [], 0
-        if docs:
-            flush(docs)
+        batch, size, doc, first = [], 0, 0, True
+        for file in files:
+            done = 0
+            for text, last, read in read_pieces(file, text_key, piece_chars):
+                if keep is None or keep(doc):
+                    batch.append((text, first, last))
+                    size += len(text)
+                first, doc = last, doc + last
+                if size >= batch_bytes:
+                    flush(batch)
+                    batch, size = [], 0
+                bar.update(read - done)
+                done = read
+            bar.update(os.path.getsize(file) - done)
+        if batch:
+            flush(batch)
         out.flush()
         os.fsync(out.fileno())
     return n_tokens

@@ -95,6 +95,7 @@ def get_args(argv=None):
     p.add_argument("--gen-batch-size", type=POSITIVE, default=16, help="teacher/student data: prompts sampled "
                    "together, in one forward pass per token")
     p.add_argument("--prompt-tokens", type=POSITIVE, default=32, help="base teachers: corpus prefix length as prompt")
+    p.add_argument("--text-key", default="text", help="the key (column) of .jsonl / .parquet rows holding the text")
     p.add_argument("--accept-prompts", type=COUNT, default=12, help="held-out prompts for the acceptance rate")
     p.add_argument("--gamma", type=POSITIVE, default=4, help="draft tokens per round, for the acceptance measurement")
     p.add_argument("--replicate-teacher", action="store_true",
@@ -165,7 +166,7 @@ def domain_prompts(tokenizer, teacher, args, split):
     if chat and split == "val" and os.path.isfile(qa):
         return [prompt_ids(teacher, tokenizer, row["prompt"]) for _, row in read_jsonl(qa)
                 if isinstance(row.get("prompt"), str)]
-    tokens = tokenize_once(tokenizer, args.data_root, args.domain, split)
+    tokens = tokenize_once(tokenizer, args.data_root, args.domain, split, args.text_key)
     n = (len(tokens) - 1) // args.seq_len
     return [tokens[i * args.seq_len:i * args.seq_len + args.prompt_tokens].tolist() for i in range(n)]
 
@@ -219,7 +220,7 @@ def continuation_row(prompt, new):
 
 def text_source(tokenizer, args):
     """Domain text: every next token of corpus windows is distilled."""
-    windows = WindowSampler(tokenize_once(tokenizer, args.data_root, args.domain, "train"), args.seq_len,
+    windows = WindowSampler(tokenize_once(tokenizer, args.data_root, args.domain, "train", args.text_key), args.seq_len,
                             args.seed)
 
     def batch(step):

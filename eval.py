@@ -282,7 +282,8 @@ def eval_model(path, args, tasks, draft=None):
     if draft is not None:
         check_same_tokenizer(tokenizer, draft[1], a_name=f"model {path}", b_name=f"--draft {args.draft}")
     metrics, answers = {}, {}
-    val = {d: tokenize_corpus(tokenizer, args.data_root, d, "val") for d in tasks} if "bpb" in args.tasks else {}
+    val = {d: tokenize_corpus(tokenizer, args.data_root, d, "val", args.text_key) for d in tasks} \
+        if "bpb" in args.tasks else {}
     for key, value in val_loss_and_bpb(model, val, min(args.seq_len, model.config.max_seq_len), args.batch_size,
                                        tokenizer.token_byte_lengths(), device, max_windows=10 ** 9).items():
         kind, d = key.split("/")
@@ -364,6 +365,7 @@ def get_args(argv=None):
                    help="the general corpora whose retention is measured, comma-separated: general,heldout gives "
                         "the replay corpus's own writing beside text and questions kept apart from it")
     p.add_argument("--data-root", default="data")
+    p.add_argument("--text-key", default="text", help="the key (column) of .jsonl / .parquet rows holding the text")
     p.add_argument("--draft", help="HF directory of a draft model: QA answers by speculative decoding")
     p.add_argument("--gamma", type=POSITIVE, default=4)
     p.add_argument("--max-new-tokens", type=POSITIVE, default=96)

@@ -7,6 +7,7 @@ vocabulary rows (Megatron-LM's vocabulary parallelism).
 import os
 import socket
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from data import corpus_files, tokenize_corpus
+from data import HELD_OUT, TEXT_KEY, corpus_files, holds_out, tokenize_corpus
 from model import Transformer, read_checkpoint, to_dtype
 
 # Peak dense bf16 tensor FLOP/s, for MFU (Chowdhery et al. 2022): achieved model FLOP/s over this.
@@ -102,17 +103,23 @@ def launch(run, args):
             dist.destroy_process_group()
 
 
-def tokenize_once(tokenizer, data_root, domain, split):
-    """The token stream of data/<domain>/<split>: rank 0 tokenises it (or finds it cached) while the others wait,
-    then every process reads the cache. (Two separate runs tokenising one corpus at once are safe too: each
-    writes its own temporary file and renames it into place.)"""
-    tokens = on_rank0(lambda: tokenize_corpus(tokenizer, data_root, domain, split))
+def tokenize_once(tokenizer, data_root, domain, split, text_key=TEXT_KEY):
+    """The token stream of data/<domain>/<split> (rows' text under text_key): rank 0 tokenises it (or finds it
+    cached) while the others wait, then every process reads the cache. (Two separate runs tokenising one corpus at
+    once are safe too: each writes its own temporary file and renames it into place.)"""
+    tokens = on_rank0(lambda: tokenize_corpus(tokenizer, data_root, domain, split, text_key=text_key))
     if tokens is None:  # the other processes, once rank 0 has written the cache
-        tokens = tokenize_corpus(tokenizer, data_root, domain, split)
+        tokens = tokenize_corpus(tokenizer, data_root, domain, split, text_key=text_key)
     bos, eos = tokenizer.document_ids()
     framing = " ".join(repr(tokenizer.decode([i])) for i in (bos, eos) if i is not None)
-    log(f"{os.path.join(data_root, domain, split)}/: {len(corpus_files(data_root, domain, split))} files, "
-        f"{len(tokens):,} tokens (documents framed by {framing})")
+    n_files = len(corpus_files(data_root, domain, split))
+    if split == "val" and holds_out(data_root, domain):  # (a count of eos: one per document)
+        log(f"{os.path.join(data_root, domain, 'val')}/: none, so val is {int(np.count_nonzero(tokens == eos))} "
+            f"documents held out of train/'s {n_files} files (1 in {HELD_OUT} by content hash; train skips them), "
+            f"{len(tokens):,} tokens")
+    else:
+        log(f"{os.path.join(data_root, domain, split)}/: {n_files} files, {len(tokens):,} tokens (documents framed "
+            f"by {framing})")
     return tokens
 
 

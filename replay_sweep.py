@@ -18,7 +18,7 @@ import sys
 import torch.distributed as dist
 
 import train
-from checkpoint import holds_run, read_metrics
+from checkpoint import holds_run, is_complete, read_metrics
 from files import write_atomic
 from parallel import launch, log, setup_distributed
 
@@ -46,7 +46,7 @@ def get_args(argv=None):
 
 def read_run(out):
     """(eval before, eval after) from a finished run's metrics.jsonl, or None if the run is not finished."""
-    if not os.path.exists(os.path.join(out, "config.json")):
+    if not is_complete(out):
         return None
     evals = [row for row in read_metrics(os.path.join(out, "metrics.jsonl"))
              if any(k.startswith("bpb/") for k in row)]

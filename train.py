@@ -316,6 +316,7 @@ def get_args(argv=None):
     p.add_argument("--vocab-size", type=number(int, 260), default=4096, help="size of a tokenizer trained from scratch")
     p.add_argument("--eval-windows", type=POSITIVE, default=64, help="at most this many val windows per domain")
     p.add_argument("--base-steps", type=POSITIVE, default=150, help="--init-from auto: steps to pretrain out/base")
+    p.add_argument("--text-key", default="text", help="the key (column) of .jsonl / .parquet rows holding the text")
     add_training_flags(p, "out/<domain>", domain="telco", data_root="data", out=None, batch_size=16,
                        micro_batch_size=8, seq_len=256, max_steps=60, lr=3e-4, min_lr=None, warmup_steps=10,
                        weight_decay=0.1, grad_clip=1.0, seed=1337, eval_every=20, save_every=20, keep_checkpoints=2,
@@ -336,7 +337,8 @@ def load_init(args, device, dtype):
         else:
             domains = find_domains(args.data_root)
             log(f"training a {args.vocab_size}-token BPE tokenizer on the train corpora of {', '.join(domains)}")
-            texts = (doc for d in domains for doc in read_documents(corpus_files(args.data_root, d, "train")))
+            texts = (doc for d in domains for doc in read_documents(corpus_files(args.data_root, d, "train"),
+                                                                    args.text_key))
             tokenizer = Tokenizer.train(list(texts), args.vocab_size)
         seq = max(PRESETS[args.init_from]["max_seq_len"], args.seq_len)
         model = preset_model(args.init_from, tokenizer.n_vocab, seq, tokenizer.bos_id, tokenizer.eos_id, args.seed)
@@ -362,7 +364,7 @@ def pretrain_base(args):
                   "--max-steps", str(args.base_steps), "--lr", "1e-3", "--min-lr", "1e-4", "--warmup-steps", "20",
                   "--eval-every", "0", "--data-root", args.data_root, "--seq-len", str(args.seq_len),
                   "--batch-size", str(args.batch_size), "--micro-batch-size", str(args.micro_batch_size),
-                  "--seed", str(args.seed), "--vocab-size", str(args.vocab_size)]
+                  "--seed", str(args.seed), "--vocab-size", str(args.vocab_size), "--text-key", args.text_key]
                  + (["--resume"] if holds_run(base) else [])))
     log(f"base model ready in {base}; now DACP on data/{args.domain}")
     return base
@@ -391,8 +393,8 @@ def run(args):
 
     # Data: the domain and replay token streams (tokenised once, cached), and their val streams for evaluation.
     domains = [args.domain] + ([args.replay_domain] if args.replay_domain != args.domain else [])
-    streams = {(d, split): tokenize_once(tokenizer, args.data_root, d, split) for split in ("train", "val")
-               for d in domains}
+    streams = {(d, split): tokenize_once(tokenizer, args.data_root, d, split, args.text_key)
+               for split in ("train", "val") for d in domains}
     for d in dict.fromkeys([args.domain] * (args.replay_ratio < 1) + [args.replay_domain] * (args.replay_ratio > 0)):
         if len(streams[d, "train"]) <= args.seq_len:
             raise SystemExit(f"{os.path.join(args.data_root, d, 'train')}/: {len(streams[d, 'train'])} tokens, "

@@ -52,6 +52,25 @@ BENCH_TOKENS=${BENCH_TOKENS:-128}  # new tokens per prompt in the speculative be
 DATA=${DATA:-data}                 # the corpora, conversations and eval sets
 RATIOS=${RATIOS:-0,0.1,0.25,0.5,0.75}  # ABLATION=replay: the replay ratios
 
+# Every knob is checked before the first stage: a typo is refused now, not after 15 minutes of DACP and SFT.
+fail() { echo "workshop.sh: $*" >&2; exit 2; }
+for knob in NPROC BASE_STEPS DACP_STEPS DISTILL_STEPS SFT_EPOCHS SFT_BATCH GEN_TOKENS BENCH_PROMPTS BENCH_TOKENS \
+            GAMMA ${DRAFT_LAYERS:+DRAFT_LAYERS} ${EVAL_LIMIT:+EVAL_LIMIT}; do
+    [[ ${!knob} =~ ^[1-9][0-9]*$ ]] || fail "$knob=${!knob}: expected a whole number >= 1"
+done
+if [[ ! -f $TARGET/config.json ]] && ! python -c "import model, sys; sys.exit(sys.argv[1] not in model.PRESETS)" \
+        "$TARGET" 2> /dev/null; then
+    fail "TARGET=$TARGET: neither an HF directory (no config.json there) nor a preset"
+fi
+[[ $DTYPE == float32 || $DTYPE == bfloat16 ]] || fail "DTYPE=$DTYPE: expected float32 or bfloat16"
+[[ -d $DATA/$DOMAIN/train ]] || fail "DOMAIN=$DOMAIN: no $DATA/$DOMAIN/train/"
+[[ -z ${ABLATION:-} || $ABLATION == replay || $ABLATION == sft ]] || fail "ABLATION=$ABLATION: expected replay or sft"
+ratio='(0(\.[0-9]*)?|1(\.0*)?|\.[0-9]+)'  # a number in [0, 1]
+[[ $RATIOS =~ ^$ratio(,$ratio)*$ ]] || fail "RATIOS=$RATIOS: expected replay ratios in [0, 1], comma-separated"
+# A stage runs with the parent-death signal set: if this script is killed (even with SIGKILL), its torchrun and
+# Python children are stopped with it instead of running on, holding the output's lock.
+pdeath=$(setpriv --pdeathsig TERM true 2> /dev/null && echo "setpriv --pdeathsig TERM" || true)
+
 took=()
 times="$OUT/stage-times${ABLATION:+-$ABLATION}.txt"  # each stage's seconds and command, as it finishes
 mkdir -p "$OUT"
@@ -59,7 +78,7 @@ run() {
     echo
     echo "+ $*"
     local start=$SECONDS
-    "$@"
+    $pdeath "$@"
     took+=("$(( SECONDS - start )) s  $*")
     printf '%s\n' "${took[@]}" > "$times"
 }
@@ -107,7 +126,8 @@ if [ -n "${ABLATION:-}" ]; then
         mkdir -p "$OUT/replay-sweep"
         [ -e "$OUT/replay-sweep/replay-0.5" ] || ln -s "../$DOMAIN" "$OUT/replay-sweep/replay-0.5"
         run $torchrun replay_sweep.py "${dacp[@]}" --ratios "$RATIOS" --out "$OUT/replay-sweep"
-        run python eval.py "$BASE" $(printf " $OUT/replay-sweep/replay-%s" ${RATIOS//,/ }) --domain "$DOMAIN" \
+        # (%g names each run as replay_sweep.py does: RATIOS=0.0,0.50 -> replay-0, replay-0.5)
+        run python eval.py "$BASE" $(printf " $OUT/replay-sweep/replay-%g" ${RATIOS//,/ }) --domain "$DOMAIN" \
             --data-root "$DATA" --general general,heldout --tasks bpb,mcq --dtype "$DTYPE" \
             --out "$OUT/eval-replay-$DOMAIN" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} ;;
     sft)  # SOAEsV2's baselines: the same SFT without DACP, and single-stage SFT after DACP
@@ -116,9 +136,6 @@ if [ -n "${ABLATION:-}" ]; then
             --out "$OUT/$DOMAIN-sft-single"
         run python eval.py "$OUT/$DOMAIN-sft-alone" "$OUT/$DOMAIN-sft-single" --domain "$DOMAIN" --tasks bpb,qa \
             --data-root "$DATA" --dtype "$DTYPE" --out "$OUT/eval-sft-$DOMAIN" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} ;;
-    *)
-        echo "ABLATION=$ABLATION: expected replay or sft" >&2
-        exit 2 ;;
     esac
     run python report.py "$OUT" --domain "$DOMAIN" --data-root "$DATA"
     printf '  %s\n' "${took[@]}"

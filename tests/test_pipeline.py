@@ -91,3 +91,16 @@ def test_replay_sweep_from_the_workshop_base(workshop, tmp_path):
     assert again.returncode == 0 and again.stdout.count("reusing the finished run") + \
         again.stderr.count("reusing the finished run") == 2
     assert open(tmp_path / "replay-sweep.md").read().splitlines() == table
+
+
+def test_the_replay_ablation_finds_the_runs_its_sweep_wrote(workshop):
+    """RATIOS=0.0,0.50: the sweep names its runs replay-0 and replay-0.5 (as %g writes them); eval.py is given
+    those names, not replay-0.0 (which does not exist)."""
+    out, _ = workshop
+    knobs = dict(OUT=str(out), DOMAIN="finance", TARGET="tiny", DRAFT="tiny", DACP_STEPS="4", SFT_EPOCHS="1",
+                 EVAL_LIMIT="2", ABLATION="replay", RATIOS="0.0,0.50")
+    proc = subprocess.run(["bash", os.path.join(REPO, "workshop.sh")], env={**os.environ, **knobs},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    models = json.load(open(os.path.join(out, "eval-replay-finance.json")))["metrics"]
+    assert [os.path.basename(m) for m in models][1:] == ["replay-0", "replay-0.5"]

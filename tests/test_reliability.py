@@ -465,3 +465,52 @@ def test_decoding_past_the_context_is_a_one_line_error(tiny_run):
     p = run([sys.executable, "speculative.py", "--target", str(tiny_run / "init"), "--prompt", "hello",
              "--max-new-tokens", "100000"])
     assert_user_error(p, "max_seq_len")
+
+
+# -----------------------------------------------------------------------------
+# workshop.sh: its knobs checked first, its children stopped with it
+
+
+@pytest.mark.parametrize("knobs, message", [
+    (dict(ABLATION="replya"), "ABLATION=replya: expected replay or sft"),
+    (dict(TARGET="models/no-such-model"), "TARGET=models/no-such-model: neither an HF directory"),
+    (dict(DACP_STEPS="ten"), "DACP_STEPS=ten: expected a whole number"),
+    (dict(RATIOS="0.5,1.5"), "RATIOS=0.5,1.5: expected replay ratios in"),
+    (dict(DTYPE="fp16"), "DTYPE=fp16: expected float32 or bfloat16"),
+])
+def test_workshop_refuses_a_bad_knob_before_any_stage(tmp_path, knobs, message):
+    p = subprocess.run(["bash", "workshop.sh"], cwd=REPO, env={**ENV, "OUT": str(tmp_path / "out"), **knobs},
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and message in p.stderr, p.stdout[-2000:] + p.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # nothing was run
+
+
+def test_killing_workshop_sh_stops_its_torchrun_children(tmp_path):
+    """SIGKILL cannot be trapped; the stages run with the parent-death signal, so torchrun and its workers stop
+    with the script instead of running on (and holding the output's lock)."""
+    import signal
+    import time
+    out = tmp_path / "out"
+    p = subprocess.Popen(["bash", "workshop.sh"], cwd=REPO, env={**ENV, "OUT": str(out), "BASE_STEPS": "500"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children():  # every process whose command line names this --out
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if str(out) in cmdline and int(pid) != p.pid:
+                found.append(pid)
+        return found
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "base" / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    assert children(), "the first stage did not start"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and children():
+        time.sleep(0.5)
+    assert children() == []
