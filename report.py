@@ -209,10 +209,13 @@ def main(argv=None):
         lines += [f"    {t}" for t in stages]
     text = "\n".join(lines) + "\n"
     print(text)
-    write_atomic(os.path.join(args.out, "paper-vs-ours.md"), text)
-    write_atomic(os.path.join(args.out, "paper-vs-ours.json"),
-                 json.dumps({"rows": [dict(key=k, result=n, paper=PAPER[k], ours=o, command=c)
-                                      for k, n, o, c in table], "stage_times": times}, indent=2) + "\n")
+    try:
+        write_atomic(os.path.join(args.out, "paper-vs-ours.md"), text)
+        write_atomic(os.path.join(args.out, "paper-vs-ours.json"),
+                     json.dumps({"rows": [dict(key=k, result=n, paper=PAPER[k], ours=o, command=c)
+                                          for k, n, o, c in table], "stage_times": times}, indent=2) + "\n")
+    except OSError as e:  # a read-only or full place: one line, the earlier table intact
+        raise SystemExit(f"error: writing {args.out}/paper-vs-ours: {e.strerror}") from None
     print(f"written: {os.path.join(args.out, 'paper-vs-ours.md')}", file=sys.stderr)
 
 

@@ -73,3 +73,10 @@ def test_a_truncated_report_is_named(tmp_path):
     (out / "eval-telco.json").write_text('{"metrics": {"base": ')
     with pytest.raises(SystemExit, match=r"eval-telco.json: not valid JSON"):
         report.main([str(out)])
+
+
+def test_an_unwritable_report_is_a_one_line_error(tmp_path):
+    out = track_outputs(tmp_path / "out")
+    (out / "paper-vs-ours.md").mkdir()  # (root ignores file modes: a folder in the way fails the same as they do)
+    with pytest.raises(SystemExit, match=r"error: writing .*paper-vs-ours"):
+        report.main([str(out), "--data-root", REPO + "/data"])
