@@ -8,7 +8,7 @@
 #                                         # (python prepare_real_model.py), writes out/real/ and the paper table
 #
 # Each `run` line below is one stage's ordinary command, printed before it runs (the README walks through them).
-# A stage whose output directory already holds a finished model is skipped, and an interrupted one is resumed
+# A stage whose output directory holds a finished run (complete.json) is skipped, and an interrupted one is resumed
 # from its last checkpoint, so the script can be stopped and started again. The variables are the knobs
 # (tests/test_pipeline.py turns them all down for a one-minute smoke run).
 set -euo pipefail
