@@ -9,11 +9,14 @@ ratio ours / theirs of the throughput (above 1: ours is faster).
              assisted generation: same target and draft, same prompts, same number of new tokens
 3. tokenize  tokenizer.Tokenizer.encode vs the raw tiktoken Encoding inside it vs HF tokenizers on the same
              tokenizer.json, one string and batched
+4. corpus    tokenising a generated corpus of gigabytes to a token shard (data.write_tokens) with our encoder vs HF
+             tokenizers' batch encoder: tokens/s and peak memory, each in a fresh process (not in the default run)
 
     python bench.py                                  # all three: 1-2 min on a 2-core CPU
     python bench.py --only train --preset 135m --vocab-size 49152 --batch-size 8 --seq-len 1024
     python bench.py --only decode --target out/qwen-telco-sft --draft out/qwen-telco-draft --max-new-tokens 256
     python bench.py --json out/bench.json            # every number, as JSON
+    python bench.py --only corpus --corpus-gb 1 --corpus-dir /tmp/corpus-1gb --tokenizer models/smollm2-135m-instruct
 
 On a GPU the defaults grow (the 360m preset, 8 x 2048 tokens per step), training runs under bf16 autocast over fp32
 weights (as HF Trainer's bf16=True does), decoding with bf16 weights, both eager and torch.compile'd, with MFU and
@@ -21,11 +24,14 @@ the fraction of the memory-bandwidth limit. Besides tests/, this is the one file
 tokenizers: they are what we are measured against.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import tiktoken
@@ -303,6 +309,94 @@ def bench_tokenize(args):
 
 
 # -----------------------------------------------------------------------------
+# 4. Tokenising a corpus of gigabytes (data.write_tokens, as train.py's first run does)
+#
+# The same pipeline (streamed reading, 8 MB batches, framing, writing the .bin) with our encoder and with HF
+# tokenizers' batch encoder swapped in: only the encoder differs. Each side runs in a fresh process, so that its peak
+# resident memory (ru_maxrss) is its own; an "idle" process that only imports and loads the tokenizer is the floor.
+
+CORPUS_WORKER = """
+import json, os, resource, sys, time
+import numpy as np
+from data import corpus_files, write_tokens
+from tokenizer import Tokenizer
+which, root, tokenizer_dir, out = sys.argv[1:5]
+tok = Tokenizer.from_pretrained(tokenizer_dir)
+encode, encoding = tok.encode_batch, [0.0]
+if which == "hf":
+    import tokenizers
+    hf = tokenizers.Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
+    encode = lambda texts: [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+def timed_encode(texts):  # (the encoder's share of the time)
+    t = time.perf_counter()
+    ids = encode(texts)
+    encoding[0] += time.perf_counter() - t
+    return ids
+tok.encode_batch = timed_encode
+t0 = time.perf_counter()
+n = 0 if which == "idle" else write_tokens(tok, corpus_files(root, "big", "train"), out, np.uint16, 8 << 20, which)
+print(json.dumps(dict(tokens=n, seconds=time.perf_counter() - t0, encode_seconds=encoding[0],
+                      peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+"""
+
+
+def make_corpus(root, gigabytes, data_root):
+    """<root>/big/train/: the documents of <data_root>/*/train repeated up to `gigabytes` GB, in 8 files: 7 .jsonl of
+    {"text": ...} rows and one .txt of documents separated by blank lines (over 64 MB: read in pieces). Made once."""
+    folder = os.path.join(root, "big", "train")
+    done = os.path.join(root, "big", "complete")
+    if os.path.exists(done):
+        return folder
+    docs = [d for domain in find_domains(data_root) for d in read_documents(corpus_files(data_root, domain, "train"))]
+    os.makedirs(folder, exist_ok=True)
+    part = int(gigabytes * 1e9 / 8)
+    for i in range(8):
+        name = os.path.join(folder, f"part-{i}.jsonl" if i < 7 else "book.txt")
+        with open(name + ".tmp", "w", encoding="utf-8") as f:
+            size, k = 0, 0
+            while size < part:
+                line = json.dumps({"text": docs[k % len(docs)]}) + "\n" if i < 7 else docs[k % len(docs)] + "\n\n"
+                size += f.write(line)
+                k += 1
+        os.replace(name + ".tmp", name)
+    open(done, "w").close()
+    return folder
+
+
+def bench_corpus(args):
+    path = args.tokenizer or args.target
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise SystemExit(f"--tokenizer {path}: no tokenizer.json there")
+    folder = make_corpus(args.corpus_dir, args.corpus_gb, args.data_root)
+    disk = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    print(f"[corpus] {disk / 1e9:.2f} GB in {folder} (make it once: 7 .jsonl + one .txt)", flush=True)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.abspath(__file__))}
+    runs, digests = {}, {}
+    load = os.getloadavg()
+    for which in ("idle", "ours", "hf"):
+        out = os.path.join(args.corpus_dir, f"tokens-{which}.bin")
+        p = subprocess.run([sys.executable, "-c", CORPUS_WORKER, which, args.corpus_dir, path, out], env=env,
+                           stdout=subprocess.PIPE, text=True, check=True)
+        runs[which] = json.loads(p.stdout.strip().splitlines()[-1])
+        if which != "idle":
+            with open(out, "rb") as f:
+                digests[which] = hashlib.file_digest(f, "sha256").hexdigest()
+            os.remove(out)
+        print(f"[corpus] {which}: {runs[which]}", flush=True)
+    load = (load, os.getloadavg())
+    equal = digests["ours"] == digests["hf"]
+    ours, hf = (runs[w]["tokens"] / runs[w]["seconds"] for w in ("ours", "hf"))
+    result = dict(bytes=disk, runs=runs, ids_equal=equal, load_average_before_after=load,
+                  tokens_per_s_ours=ours, tokens_per_s_hf=hf)
+    notes = (f"{disk / 1e9:.2f} GB, {runs['ours']['tokens']:,} tokens; ids equal: {'yes' if equal else 'NO'}; "
+             f"load average {load[0][0]:.1f} before, {load[1][0]:.1f} after")
+    rows = [row("tokenize a corpus end to end (read, encode, write), tokens/s: ours vs HF tokenizers", ours, hf, notes),
+            row("  same, peak resident MB (lower is better; idle process: "
+                f"{runs['idle']['peak_mb']:.0f} MB)", runs["ours"]["peak_mb"], runs["hf"]["peak_mb"], notes)]
+    return result, rows
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -337,6 +431,9 @@ def get_args(argv=None):
     g.add_argument("--data-root", default="data", help="the text: every <domain>/train/ here, concatenated")
     g.add_argument("--tokenize-mb", type=float, default=2.0, help="the text, repeated up to this many MB")
     g.add_argument("--repeats", type=int, default=3, help="timed encodes of the text (the median is reported)")
+    g = p.add_argument_group("corpus")
+    g.add_argument("--corpus-dir", default="/tmp/corpus-1gb", help="where the generated corpus is made (once)")
+    g.add_argument("--corpus-gb", type=float, default=1.0, help="its size, from --data-root's documents repeated")
     return p.parse_args(argv)
 
 
@@ -345,8 +442,8 @@ def main(argv=None):
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     sections = args.only.split(",")
-    if set(sections) - {"train", "decode", "tokenize"}:
-        raise SystemExit(f"--only {args.only}: sections are train, decode, tokenize")
+    if set(sections) - {"train", "decode", "tokenize", "corpus"}:
+        raise SystemExit(f"--only {args.only}: sections are train, decode, tokenize, corpus")
     # defaults sized for the device: a 2-3 minute run on a laptop CPU, a model worth measuring on a GPU
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.compile = gpu if args.compile is None else args.compile
@@ -369,6 +466,8 @@ def main(argv=None):
             results[name], new_rows = bench_train(args, device)
         elif name == "decode":
             results[name], new_rows = bench_decode(args, device)
+        elif name == "corpus":
+            results[name], new_rows = bench_corpus(args)
         else:
             results[name], new_rows = bench_tokenize(args)
         rows += new_rows

@@ -36,7 +36,7 @@ from model import IGNORE
 
 TEXT_KEY = "text"  # the key (column) of a .jsonl / .parquet row that holds its document, unless --text-key says
 HELD_OUT = 100  # a domain without val/ holds out 1 in HELD_OUT of its train documents as val (held_out_documents)
-PIECE_CHARS = 64 << 20  # a .txt longer than this is read and tokenised in pieces of at most this many characters
+PIECE_CHARS = 8 << 20  # a .txt longer than this (8 M characters) is read and tokenised in pieces of at most this
 COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # all in the standard library
 SUFFIXES = (".txt", ".jsonl", ".parquet") + tuple(kind + c for kind in (".txt", ".jsonl") for c in COMPRESSED)
 
@@ -180,7 +180,7 @@ def read_pieces(path, text_key=TEXT_KEY, piece_chars=PIECE_CHARS):
                 yield text, True, done
         return
     with reading(path) as (raw, f):
-        if ".jsonl" in os.path.basename(path):
+        if path.endswith(tuple(".jsonl" + c for c in ("", *COMPRESSED))):  # (notes.jsonl.txt is text)
             for where, row in jsonl_rows(f, path):
                 if not isinstance(row.get(text_key), str):
                     raise ValueError(f'{where}: expected a row {{"{text_key}": <string>}} (the key is --text-key)')
@@ -231,14 +231,16 @@ def held_out_documents(files, text_key, piece_chars, every=HELD_OUT):
     return held
 
 
-def tokenize_corpus(tokenizer, data_root, domain, split, text_key=TEXT_KEY, batch_bytes=8 << 20,
-                    piece_chars=PIECE_CHARS):
+def tokenize_corpus(tokenizer, data_root, domain, split, text_key=TEXT_KEY, skip_held_out=False,
+                    batch_bytes=8 << 20, piece_chars=PIECE_CHARS):
     """The token stream of data/<domain>/<split> as a read-only np.memmap, from the cache when the tokenizer, the
     files (name, size, mtime) and the reading settings are unchanged; otherwise tokenised (write_tokens) to a
     temporary file that is renamed into place when complete (a killed run leaves only that, swept by the next one,
-    which starts over). A domain without val/ splits its train documents (held_out_documents)."""
+    which starts over). The val split of a domain without val/ is the documents held out of its train files
+    (held_out_documents); its train split leaves them out with skip_held_out (as training must:
+    parallel.tokenize_once), else it is every document of train/."""
     files = corpus_files(data_root, domain, split)
-    held_out = holds_out(data_root, domain)
+    held_out = holds_out(data_root, domain) and (split == "val" or skip_held_out)
     key = hashlib.sha256(f"{tokenizer.fingerprint}\0{text_key}\0{piece_chars}\0{held_out and HELD_OUT}\0".encode())
     for path in files:
         st = os.stat(path)
@@ -246,11 +248,11 @@ def tokenize_corpus(tokenizer, data_root, domain, split, text_key=TEXT_KEY, batc
     dtype = np.uint16 if tokenizer.n_vocab <= 2**16 else np.uint32
     cache = os.path.join(data_root, domain, ".tokens")
     bin_path = os.path.join(cache, f"{split}-{key.hexdigest()[:16]}.bin")
+    sweep_temporaries(cache)  # a killed tokenisation's partial file (hundreds of MB, kept by nobody)
     if os.path.exists(bin_path):
         return np.memmap(bin_path, dtype=dtype, mode="r")
 
     os.makedirs(cache, exist_ok=True)
-    sweep_temporaries(cache)  # a killed tokenisation's partial file
     keep = None
     if held_out:
         held = held_out_documents(files, text_key, piece_chars)

@@ -107,15 +107,17 @@ def tokenize_once(tokenizer, data_root, domain, split, text_key=TEXT_KEY):
     """The token stream of data/<domain>/<split> (rows' text under text_key): rank 0 tokenises it (or finds it
     cached) while the others wait, then every process reads the cache. (Two separate runs tokenising one corpus at
     once are safe too: each writes its own temporary file and renames it into place.)"""
-    tokens = on_rank0(lambda: tokenize_corpus(tokenizer, data_root, domain, split, text_key=text_key))
+    def tokenize():  # (a domain without val/: training never sees the documents its val split holds out)
+        return tokenize_corpus(tokenizer, data_root, domain, split, text_key=text_key, skip_held_out=True)
+    tokens = on_rank0(tokenize)
     if tokens is None:  # the other processes, once rank 0 has written the cache
-        tokens = tokenize_corpus(tokenizer, data_root, domain, split, text_key=text_key)
+        tokens = tokenize()
     bos, eos = tokenizer.document_ids()
     framing = " ".join(repr(tokenizer.decode([i])) for i in (bos, eos) if i is not None)
     n_files = len(corpus_files(data_root, domain, split))
     if split == "val" and holds_out(data_root, domain):  # (a count of eos: one per document)
         log(f"{os.path.join(data_root, domain, 'val')}/: none, so val is {int(np.count_nonzero(tokens == eos))} "
-            f"documents held out of train/'s {n_files} files (1 in {HELD_OUT} by content hash; train skips them), "
+            f"document(s) held out of train/'s {n_files} files (1 in {HELD_OUT} by content hash; train skips them), "
             f"{len(tokens):,} tokens")
     else:
         log(f"{os.path.join(data_root, domain, split)}/: {n_files} files, {len(tokens):,} tokens (documents framed "

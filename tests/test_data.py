@@ -230,3 +230,15 @@ def test_batches_pad_without_loss_and_are_reproducible():
         batch = a.batch(s)
         assert a.n_trained[s] == int((batch[:, 1] != IGNORE).sum())
     assert a.padding() < Curriculum(stages, 8, seed=3, pool_batches=1).padding() + 1e-9
+
+
+def test_a_killed_tokenisations_temporary_file_is_swept(tiny_run, tmp_path):
+    """A SIGKILL mid-tokenisation leaves .train-*.bin.<host>-<pid>.*.tmp in the cache; the next tokenisation of that
+    domain removes it."""
+    shutil.copytree(tiny_run / "data" / "telco", tmp_path / "telco")
+    (tmp_path / "telco" / ".tokens").mkdir(exist_ok=True)
+    code = f"from files import temporary_name; print(temporary_name({str(tmp_path / 'telco' / '.tokens' / 'train-x.bin')!r}))"
+    dead = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True).stdout.strip()
+    assert os.path.exists(dead)
+    tokenize_corpus(Tokenizer.from_pretrained(tiny_run / "init"), tmp_path, "telco", "train")
+    assert not os.path.exists(dead)

@@ -209,9 +209,11 @@ def test_retention_on_several_general_sets_one_of_them_evaluation_only(checkpoin
     os.makedirs(held / "eval")
     (held / "eval" / "mcq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MCQ))
     out = tmp_path / "report"
-    ev.main([str(path), str(path), "--domain", "telco", "--general", "general,heldout", "--data-root",
+    same = tmp_path / "same"  # the same weights again (one path twice is refused)
+    shutil.copytree(path, same)
+    ev.main([str(path), str(same), "--domain", "telco", "--general", "general,heldout", "--data-root",
              str(tmp_path / "data"), "--max-new-tokens", "4", "--out", str(out)])
-    metrics = json.loads(out.with_suffix(".json").read_text())["metrics"][str(path)]
+    metrics = json.loads(out.with_suffix(".json").read_text())["metrics"][str(same)]
     for general in ("general", "heldout"):
         assert metrics[f"retention_bpb/{general}"] == 1.0 and metrics[f"retention_mcq/{general}"] == 1.0
     assert "heldout: general retention, bpb" in out.with_suffix(".md").read_text()
