@@ -1,5 +1,5 @@
-"""Helpers shared by the tests: the repository root, a free port, a tiny data root and checkpoint (tiny_run), and
-the command lines run as subprocesses."""
+"""Helpers shared by the tests: the repository root, a free port, randomized weights (randomize), a tiny data root
+and checkpoint (tiny_run), and the command lines run as subprocesses."""
 import json
 import os
 import shutil
@@ -61,6 +61,15 @@ def free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def randomize(model, seed=0):
+    """Every parameter random, norms included, so no weight can be silently ignored or misplaced."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            mean = 1.0 if "norm" in name else 0.0
+            p.copy_(mean + 0.2 * torch.randn(p.shape, generator=g))
 
 
 # -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from conftest import randomize
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import ModelConfig, Transformer
@@ -30,15 +31,6 @@ FAMILIES = {
     "mistral": ("MistralConfig", dict(sliding_window=5, tie_word_embeddings=False)),
     "qwen2-sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
 }
-
-
-def randomize(model, seed=0):
-    """Every parameter random, norms included, so no weight can be silently ignored or misplaced."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            mean = 1.0 if "norm" in name else 0.0
-            p.copy_(mean + 0.2 * torch.randn(p.shape, generator=g))
 
 
 def make_hf(path, family, **save_kwargs):

@@ -48,9 +48,6 @@ def assert_user_error(p, *patterns):
 
 
 # -----------------------------------------------------------------------------
-# The token cache under concurrency
-
-# -----------------------------------------------------------------------------
 # The output directory: never the input, one run at a time, resumed only as it was started
 
 
@@ -284,7 +281,7 @@ def test_an_mcq_answer_of_true_is_refused(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Corpora in subfolders, errors in the user's words, no leftovers, shareable exports
+# Errors in the user's words, no leftovers, shareable exports
 
 
 def damaged_copy(tiny_run, tmp_path, name, damage):

@@ -10,8 +10,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import REPO, free_port
-from test_model import randomize
+from conftest import REPO, free_port, randomize
 from tokenizer import Tokenizer
 
 # An odd vocabulary, so the two processes' shards of the embedding differ in length (51 and 50 rows)

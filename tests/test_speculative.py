@@ -181,8 +181,22 @@ def test_different_tokenizers_are_refused():
         check_same_tokenizer(a, b)
 
 
-def test_cache_too_small_is_a_clear_error():
-    with pytest.raises(ValueError, match="max_seq_len"):
-        generate(tiny(0), PROMPT, 500)
-    model = tiny(0)  # a budget that fits: exactly one token, the argmax of the full forward pass
-    assert generate(model, PROMPT, 1) == [int(model(torch.tensor([PROMPT]))[0, -1].argmax())]
+def test_a_budget_past_the_context_is_a_clear_error():
+    """The prompt and the new tokens must fit the model's context: one token more is refused, naming both sizes."""
+    model = tiny(0)
+    room = model.config.max_seq_len - len(PROMPT)
+    with pytest.raises(ValueError, match=f"need {model.config.max_seq_len + 1} positions; the model's max_seq_len "
+                                         f"is {model.config.max_seq_len}"):
+        generate(model, PROMPT, room + 1)
+
+
+def test_a_budget_that_fills_the_context_exactly_is_decoded():
+    """The refusal above is not off by one: a budget that fills the context to its last position decodes, and the
+    KV cache gives the tokens of greedy decoding by full forward passes without it, up to that last position."""
+    model = tiny(0)
+    room = model.config.max_seq_len - len(PROMPT)
+    ids = list(PROMPT)
+    with torch.no_grad():
+        while len(ids) < model.config.max_seq_len:
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert generate(model, PROMPT, room) == ids[len(PROMPT):]

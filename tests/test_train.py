@@ -60,6 +60,7 @@ def test_one_and_two_processes_give_the_same_gradient_norms(one_and_two):
 
 
 def test_the_run_learns(one_and_two):
+    """Equal losses in 1 and 2 processes would also hold for a run that never updates: the loss must fall."""
     one = one_and_two["one"][1]
     assert one[6] < one[1]
 
@@ -70,16 +71,21 @@ def test_validation_runs_before_the_first_step(one_and_two):
 
 
 def test_each_step_records_the_peak_memory_of_every_process(one_and_two):
+    """FSDP2 shards unevenly, so one process's peak is not the others': every step logs one peak per process."""
     assert all(len(r["peak_mb"]) == 2 and min(r["peak_mb"]) > 0 for r in one_and_two["two"][2] if "loss" in r)
 
 
 def test_memory_json_has_the_load_and_export_stages_of_every_process(one_and_two):
+    """Loading and exporting are stages outside the training steps, with peaks of their own: memory.json records
+    each one's peak for every process (the run's closing memory table is read from it)."""
     with open(one_and_two["two"][0] / "memory.json") as f:
         stages = json.load(f)
     assert set(stages) == {"load", "export"} and all(len(s["peak_mb"]) == 2 for s in stages.values())
 
 
 def test_the_export_loads_in_transformers_with_the_same_logits(one_and_two):
+    """The export of a sharded run is gathered from both processes: transformers must read it as the model we
+    trained (a missing or misplaced shard changes the logits)."""
     out = one_and_two["two"][0]
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     ours = Transformer.from_pretrained(out)
@@ -89,6 +95,7 @@ def test_the_export_loads_in_transformers_with_the_same_logits(one_and_two):
 
 
 def test_the_exported_tokenizer_gives_transformers_ids(one_and_two):
+    """An exported model is only usable with its tokenizer: transformers' AutoTokenizer must give our ids."""
     out = one_and_two["two"][0]
     assert transformers.AutoTokenizer.from_pretrained(out)("5G core")["input_ids"] == \
         Tokenizer.from_pretrained(out).encode("5G core")
