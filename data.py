@@ -203,16 +203,12 @@ def read_documents(files, text_key=TEXT_KEY):
                 parts = []
 
 
-def document_hash(text):
-    """The 64-bit content hash that decides a document's split: the first 8 bytes of its UTF-8 SHA-256, big-endian."""
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big")
-
-
 def held_out_documents(files, text_key, piece_chars, every=HELD_OUT):
     """The val split of a domain without val/: the indices (in corpus order) of its held-out documents, those whose
-    document_hash is 0 modulo `every` (1 in 100 by default), or when that picks none, those with the smallest hash.
-    A hash of the content, not of names or order: the same documents on every run and machine, a duplicate never on
-    both sides; train skips them. One pass over the corpus, hashing each document as its pieces stream by."""
+    content hash (the first 8 bytes of the UTF-8 SHA-256, big-endian) is 0 modulo `every` (1 in 100 by default), or
+    when that picks none, those with the smallest hash. A hash of the content, not of names or order: the same
+    documents on every run and machine, a duplicate never on both sides; train skips them. One pass over the
+    corpus, hashing each document as its pieces stream by."""
     held, smallest, n, h = set(), (None, []), 0, hashlib.sha256()
     for path in files:
         for text, last, _ in read_pieces(path, text_key, piece_chars):

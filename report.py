@@ -34,11 +34,6 @@ PAPER = {
 }
 
 
-def read(path):
-    """A JSON file, or None when that stage or ablation has not run; a damaged one is an error naming it."""
-    return read_json(path)
-
-
 def metrics_by_stage(report, names):
     """{name: metrics} of an eval.py report whose models were given in the order of `names`."""
     return dict(zip(names, report["metrics"].values())) if report else {}
@@ -75,7 +70,7 @@ def rows(out, domain, n_items, refs):
     """[(key, result, ours, command)] for the table, in the issue's order."""
     track = f"TARGET=<checkpoint> OUT={out} bash workshop.sh"
     ablation = f"TARGET=<checkpoint> OUT={out} ABLATION={{}} bash workshop.sh"
-    track_report = read(os.path.join(out, f"eval-{domain}.json"))
+    track_report = read_json(os.path.join(out, f"eval-{domain}.json"))
     if track_report is None:
         raise ValueError(f"{out}: no eval-{domain}.json, so the track has not run there ({track})")
     n_items = {**n_items, **track_report.get("questions", {})}  # what eval.py scored (--limit: fewer)
@@ -101,7 +96,7 @@ def rows(out, domain, n_items, refs):
         table.append(("domain", "DACP gains the domain", gain, track))
 
     # the replay sweep: domain bpb against held-out retention, one DACP run per ratio
-    report = read(os.path.join(out, f"eval-replay-{domain}.json"))
+    report = read_json(os.path.join(out, f"eval-replay-{domain}.json"))
     if report:  # its models: the base, then <out>/replay-sweep/replay-<ratio> for each ratio
         sweep = {os.path.basename(path).removeprefix("replay-"): m for path, m in report["metrics"].items()}
         cells = [f"{r}: {domain} bpb {m[f'bpb/{domain}']:.4f}, held-out bpb retention "
@@ -113,7 +108,7 @@ def rows(out, domain, n_items, refs):
         table.append(("replay", "the replay trade-off", "not run yet", ablation.format("replay")))
 
     # SFT ablations: the same SFT from the base (no DACP), and single-stage SFT after DACP
-    sft_report = read(os.path.join(out, f"eval-sft-{domain}.json"))
+    sft_report = read_json(os.path.join(out, f"eval-sft-{domain}.json"))
     sft_ab = metrics_by_stage(sft_report, ("alone", "single"))
     for key, name, other, what in (("sft_alone", "DACP + SFT against SFT alone", "alone", "SFT alone"),
                                    ("curriculum", "curriculum against single-stage SFT", "single", "single-stage")):
@@ -130,7 +125,7 @@ def rows(out, domain, n_items, refs):
         table.append((key, name, ours, ablation.format("sft")))
 
     # speculative decoding with the distilled draft, measured side by side with plain decoding
-    spec = read(os.path.join(out, f"speculative-{domain}.json"))
+    spec = read_json(os.path.join(out, f"speculative-{domain}.json"))
     if spec:
         ours = (f"{spec['measured_speedup']:.2f}x ({spec['speculative_tokens_per_s']:.1f} vs "
                 f"{spec['autoregressive_tokens_per_s']:.1f} tokens/s, {spec['prompts']} prompts, greedy, gamma "
@@ -142,7 +137,7 @@ def rows(out, domain, n_items, refs):
     table.append(("speculative", "speculative decoding with the distilled draft", ours, track))
 
     # what distillation adds: the same draft before and after, on the same held-out prompts
-    acc = read(os.path.join(out, f"{domain}-draft", "acceptance.json"))
+    acc = read_json(os.path.join(out, f"{domain}-draft", "acceptance.json"))
     if acc and {"before", "after"} <= set(acc):
         b, a = acc["before"], acc["after"]
         speedup = "" if None in (b["predicted_speedup_greedy"], a["predicted_speedup_greedy"]) else (
