@@ -18,10 +18,15 @@ Where a content starts is found by rendering it once more behind a marker, a Uni
 the rendering without the markers must be the plain one. A template that trims the content (Llama-3's `| trim`)
 gets the marker after the leading whitespace instead; one that rewrites it in other ways is refused.
 
+A checkpoint without a template (a base model: Gemma-3-270M, most base Mistral and Llama checkpoints, any model
+trained from scratch) is given one with --chat-template FILE (use_chat_template; samples in data/chat_templates/), which
+may also replace a checkpoint's own; the model a command exports carries it in tokenizer_config.json.
+
 Content that spells a control token ("<|im_start|>") is refused: HF would read it as that token, a conversation
 could forge turns, and encoding it as plain text would give ids apply_chat_template does not.
 """
 import functools
+import hashlib
 import itertools
 import json
 import os
@@ -34,6 +39,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 ROLES = ("system", "user", "assistant")
 MARK = "\ufdd0"  # where an assistant message's content starts, in a marked rendering
+SAMPLE_TEMPLATES = "data/chat_templates"  # our sample --chat-template files (Gemma-style turns, ChatML)
 
 
 class _TemplateRefusal(jinja2.TemplateError):
@@ -94,20 +100,28 @@ def _bounded_range(budget):
 
 
 def template_file(tokenizer):
-    """The file the chat template came from, to name in errors: chat_template.jinja where there is one (it wins,
-    as in transformers), else tokenizer_config.json."""
+    """The file the chat template came from, to name in errors: the --chat-template FILE that replaced the
+    checkpoint's (use_chat_template), else chat_template.jinja where there is one (it wins, as in transformers),
+    else tokenizer_config.json."""
+    if getattr(tokenizer, "chat_template_file", None):  # set by use_chat_template
+        return tokenizer.chat_template_file
     if tokenizer.source is None:
         return "this tokenizer's chat template"
     jinja = os.path.join(tokenizer.source, "chat_template.jinja")
     return jinja if os.path.isfile(jinja) else os.path.join(tokenizer.source, "tokenizer_config.json")
 
 
+def no_template(where):
+    """The error for a checkpoint without a chat template (a base model): it names the flag that supplies one."""
+    return (f"{where}: no chat_template (tokenizer_config.json or chat_template.jinja): pass --chat-template FILE "
+            f"(a Jinja chat template, e.g. {SAMPLE_TEMPLATES}/gemma.jinja)")
+
+
 def _render(tokenizer, messages, add_generation_prompt):
     """The template's text for these messages, with the variables apply_chat_template passes."""
     where = template_file(tokenizer)
     if not tokenizer.chat_template:
-        raise ValueError(f"{where}: no chat_template (tokenizer_config.json or chat_template.jinja); render_chat "
-                         "renders the checkpoint's own template")
+        raise ValueError(no_template(where))
     try:
         template = _compile(tokenizer.chat_template)
     except jinja2.TemplateSyntaxError as e:
@@ -147,8 +161,11 @@ def _content_starts(tokenizer, messages, add_generation_prompt, text):
         rendered = _render(tokenizer, marked, add_generation_prompt)
         if rendered.replace(MARK, "") == text and rendered.count(MARK) == n:
             return [i - k for k, i in enumerate(i for i, c in enumerate(rendered) if c == MARK)]
-    raise ValueError(f"{tokenizer.source or 'this tokenizer'}: the chat template rewrites the assistant messages' "
+    raise ValueError(f"{template_file(tokenizer)}: the chat template rewrites the assistant messages' "
                      "content (not only trims it), so render_chat cannot tell which tokens are the answer")
+
+
+PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]  # a template's shortest chat
 
 
 def end_of_turn_id(tokenizer):
@@ -157,9 +174,32 @@ def end_of_turn_id(tokenizer):
     render is an error naming its file, never taken for "no template"."""
     if not tokenizer.chat_template:
         return None
-    ids, mask = render_chat(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    ids, mask = render_chat(tokenizer, PROBE)
     last = max((i for i, m in enumerate(mask) if m), default=None)  # the end of the answer's span
     return ids[last] if last is not None and ids[last] in tokenizer.special_tokens.values() else None
+
+
+def chat_end_of_turn(tokenizer):
+    """end_of_turn_id for a command that cannot do without one (SFT): the id, or a ValueError naming the file and
+    what is missing: a template (pass --chat-template), or one of the tokenizer's control tokens where the template
+    ends an answer. A base model's tokenizer may lack ChatML's <|im_end|>: "<|im_end|>" is then plain text, several
+    ordinary tokens, and the model could neither learn nor signal the end of its turn."""
+    eot = end_of_turn_id(tokenizer)
+    if eot is not None:
+        return eot
+    where = template_file(tokenizer)
+    if not tokenizer.chat_template:
+        raise ValueError(no_template(where))
+    text = _render(tokenizer, PROBE, False)
+    after = text[_content_starts(tokenizer, PROBE, False, text)[0] + len(PROBE[1]["content"]):]
+    if not after.strip():
+        raise ValueError(f"{where}: the chat template writes nothing that ends an answer ({after!r} after it): a chat "
+                         "model needs a control token there (ChatML's <|im_end|>, Gemma's <end_of_turn>)")
+    end = after.split()[0]
+    raise ValueError(f"{where}: the chat template ends an answer with {end!r}, which is not one of the control "
+                     f"tokens of {tokenizer.source or 'the tokenizer'} (tokenizer.json's added_tokens) but "
+                     f"{len(tokenizer.encode(end))} ordinary tokens: write the turns with markers the tokenizer has "
+                     "(Gemma-3's vocabulary has <start_of_turn> and <end_of_turn>)")
 
 
 def check_messages(messages):
@@ -199,7 +239,7 @@ def render_chat(tokenizer, messages, add_generation_prompt=False):
         first = 0 if trained else len(tokens)  # this part's first trained token
         begins = [s - pos for s in starts if pos <= s <= start]
         if len(begins) > 1:
-            raise ValueError(f"{tokenizer.source or 'this tokenizer'}: the chat template writes no control token "
+            raise ValueError(f"{template_file(tokenizer)}: the chat template writes no control token "
                              "between two answers, so render_chat cannot tell where the first one ends")
         if begins:  # an answer starts here: train the tokens that end after its first byte
             before = sum(map(len, tokenizer.token_bytes(tokenizer.encode(part[:begins[0]]))))
@@ -218,3 +258,46 @@ def render_chat(tokenizer, messages, add_generation_prompt=False):
     if found < len(starts):  # the content and the template's text around it spell a control token together
         raise ValueError(f"{tokenizer.source or 'this tokenizer'}: an answer starts inside a control token")
     return ids, mask
+
+
+# -----------------------------------------------------------------------------
+# --chat-template FILE: a template for a checkpoint without one (a base model), or in place of its own
+
+
+def add_chat_template_flag(p, renders="SFT's conversations", exports=True):
+    """The --chat-template flag of every command that renders chats (sft.py, distill.py, eval.py, speculative.py);
+    renders: what it renders there, and whether the command exports a model, for the help."""
+    p.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template file, written as transformers' "
+                   f"chat templates are (samples in {SAMPLE_TEMPLATES}/), for a checkpoint without one (a base model) "
+                   f"or in place of its own: it renders {renders}" +
+                   ("; the exported model carries it in tokenizer_config.json" if exports else ""))
+
+
+def use_chat_template(tokenizer, path):
+    """--chat-template FILE: from now on the tokenizer renders chats with FILE's template (render_chat,
+    end_of_turn_id), and saves it (the export: save_pretrained) as tokenizer_config.json's chat_template, so
+    transformers' apply_chat_template on the exported model gives the ids the model was trained on. The file must be
+    UTF-8 Jinja that renders a conversation and ends the answer with a control token of the tokenizer, else a
+    one-line ValueError naming it. Returns the template's sha256 (None without a file): a run records it in run.json
+    so that --resume refuses another template."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            template = f.read()
+    except OSError as e:
+        raise ValueError(f"--chat-template {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--chat-template {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not template.strip():
+        raise ValueError(f"--chat-template {path}: the file is empty")
+    tokenizer.chat_template, tokenizer.chat_template_file = template, path
+    if tokenizer.files:  # a tokenizer from a directory saves its files back as loaded: the new template goes into
+        # them, as tokenizer_config.json's chat_template (every transformers version reads it), without the source's
+        # chat_template.jinja (which would win over it)
+        config = json.loads(tokenizer.files.get("tokenizer_config.json", b"{}"))
+        config["chat_template"] = template
+        tokenizer.files = {**{k: v for k, v in tokenizer.files.items() if k != "chat_template.jinja"},
+                           "tokenizer_config.json": (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()}
+    chat_end_of_turn(tokenizer)  # renders it: bad Jinja, a failing template or no end-of-turn token, named here
+    return hashlib.sha256(template.encode("utf-8")).hexdigest()

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import memory
-from chat import render_chat
+from chat import add_chat_template_flag, render_chat, use_chat_template
 from checkpoint import checkpoint_dirs, export_hf, finish, prepare_out, record_run, resume
 from data import WindowSampler, pad_rows, read_conversations, read_jsonl, sft_files, sft_row
 from files import write_atomic
@@ -101,6 +101,8 @@ def get_args(argv=None):
     p.add_argument("--replicate-teacher", action="store_true",
                    help="keep the whole teacher on every process instead of sharding it: more memory, but sampling "
                         "and the acceptance measurement need no collective per token (faster over gloo on CPUs)")
+    add_chat_template_flag(p, "a chat teacher's prompts (a teacher whose config.json stops at the template's "
+                           "end-of-turn token)")
     add_training_flags(p, "out/<domain>-draft", domain="telco", data_root="data", out=None, batch_size=16,
                        micro_batch_size=8, seq_len=256, max_steps=60, lr=1e-3, min_lr=None, warmup_steps=5,
                        weight_decay=0.0, grad_clip=1.0, seed=1337, eval_every=20, save_every=20, keep_checkpoints=2,
@@ -352,6 +354,7 @@ def run(args):
         raise SystemExit(f"--teacher {args.teacher}: not an HF model directory")
     dtype = compute_dtype(args.dtype, device)
     tokenizer = Tokenizer.from_pretrained(args.teacher)
+    args.chat_template_sha256 = use_chat_template(tokenizer, args.chat_template)  # run.json: --resume keeps it
     prepare_out(out, args, {"teacher": args.teacher, "student": args.student},
                 free={"accept_prompts", "replicate_teacher"})
     fresh = not checkpoint_dirs(out)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from chat import check_messages, render_chat
+from chat import add_chat_template_flag, check_messages, render_chat, use_chat_template
 from data import corpus_files, read_jsonl, tokenize_corpus
 from files import check_writable, write_atomic
 from speculative import (check_same_tokenizer, decode_dtype, generate_batch, is_chat_model, load, pooled_stats,
@@ -279,6 +279,7 @@ def eval_model(path, args, tasks, draft=None):
     """Every metric of one model: {"bpb/<d>": ..., "ppl/<d>": ..., "mcq_acc_norm/<d>": ..., ...}."""
     device = torch.device(args.device)
     model, tokenizer = load(path, device, args.dtype)
+    use_chat_template(tokenizer, args.chat_template)
     if draft is not None:
         check_same_tokenizer(tokenizer, draft[1], a_name=f"model {path}", b_name=f"--draft {args.draft}")
     metrics, answers = {}, {}
@@ -377,6 +378,9 @@ def get_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="weights and compute (default: bfloat16 on GPU, the checkpoint's own dtype on CPU)")
     p.add_argument("--out", help="report prefix: writes <out>.md and <out>.json (default: out/eval-<domain>)")
+    add_chat_template_flag(p, "the QA prompts of every chat model (one whose config.json stops at the template's "
+                           "end-of-turn token; base models get plain prompts)",
+                           exports=False)
     args = p.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
     if not args.tasks or set(args.tasks) - set(TASKS):

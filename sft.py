@@ -5,13 +5,16 @@ stage from weakly related data to expert-annotated domain data ("domain-progress
     python sft.py --init-from out/telco --domain telco                 # stages: data/telco/sft/*.jsonl, by name
     python sft.py --init-from out/telco --domain telco --epochs 1,1,2 --lr 1e-4,1e-4,5e-5
     python sft.py --init-from out/telco --domain telco --single-stage --out out/telco-sft-single   # the ablation
+    python sft.py --init-from models/gemma3-270m --domain telco --chat-template data/chat_templates/gemma.jinja
     torchrun --nproc_per_node=2 sft.py --init-from out/telco --domain telco
 
-Conversations are rendered by the checkpoint's own chat template (chat.render_chat) and only the assistant turns are
-trained. Each stage has its own epochs and peak LR (warmup, then cosine to a tenth of it) and its validation loss is
-logged after it (data/<domain>/sft/val/<stage>.jsonl). The loop is train.py's; checkpoints, resume and the HF
-export are checkpoint.py's.
-The output is an HF chat model: its config lists the end-of-turn token as an eos, as instruct checkpoints do.
+Conversations are rendered by the checkpoint's own chat template (chat.render_chat), or by --chat-template FILE for a
+checkpoint without one (a base model) or in place of its own, and only the assistant turns are trained. Each stage
+has its own epochs and peak LR (warmup, then cosine to a tenth of it) and its validation loss is logged after it
+(data/<domain>/sft/val/<stage>.jsonl). The loop is train.py's; checkpoints, resume and the HF export are
+checkpoint.py's.
+The output is an HF chat model: its config lists the end-of-turn token as an eos, as instruct checkpoints do, and its
+tokenizer_config.json holds the template it was trained with.
 """
 import argparse
 import os
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 
 import memory
-from chat import end_of_turn_id
+from chat import add_chat_template_flag, chat_end_of_turn, use_chat_template
 from checkpoint import checkpoint_dirs, export_hf, finish, prepare_out, read_metrics, record_run, resume
 from data import Curriculum, read_conversations, sft_files, sft_row
 from model import IGNORE, check_tokenizer, to_dtype
@@ -39,6 +42,7 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=stage_values(int), default="2",
                    help="epochs per stage: one value, or one per stage (1,1,2)")
     p.add_argument("--single-stage", action="store_true", help="shuffle all stages together (SOAEsV2's baseline)")
+    add_chat_template_flag(p)
     add_training_flags(p, "out/<domain>-sft", domain="telco", data_root="data", out=None,
                        batch_size=dict(default=16, help="global batch, in conversations"), micro_batch_size=8,
                        seq_len=dict(default=512, help="longer conversations are cut to this many tokens"),
@@ -125,10 +129,8 @@ def run(args):
         raise SystemExit(f"--init-from {init}: not an HF model directory (run train.py --domain {args.domain} "
                          "first, or give a checkpoint)")
     tokenizer = Tokenizer.from_pretrained(init)
-    if end_of_turn_id(tokenizer) is None:
-        raise SystemExit(f"{init}: its tokenizer has no chat template (tokenizer_config.json's chat_template or "
-                         "chat_template.jinja) that ends an answer with a control token, so conversations cannot be "
-                         "rendered for SFT")
+    args.chat_template_sha256 = use_chat_template(tokenizer, args.chat_template)  # run.json: --resume keeps it
+    end_of_turn = chat_end_of_turn(tokenizer)  # (an error naming --chat-template when there is no template)
 
     # The curriculum: stages in order, each with its epochs and LR; their val sets by the same file name.
     files = stage_files(args)
@@ -192,7 +194,7 @@ def run(args):
     # A chat model stops at the end of its turn: list <|im_end|> / <|eot_id|> among the eos ids (as Qwen2.5-Instruct
     # and Llama-3-Instruct configs do), so transformers, vLLM and our speculative.py stop there.
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    config.eos_token_id = [e for e in eos if e is not None] + [end_of_turn_id(tokenizer)]
+    config.eos_token_id = [e for e in eos if e is not None] + [end_of_turn]
     config.eos_token_id = list(dict.fromkeys(config.eos_token_id))
     with memory.stage(out, "export", device):
         export_hf(model, config, tokenizer, out, export_dtype)

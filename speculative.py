@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from chat import end_of_turn_id, render_chat
+from chat import add_chat_template_flag, end_of_turn_id, render_chat, use_chat_template
 from data import read_jsonl
 from files import write_atomic
 from model import Transformer, to_dtype
@@ -385,6 +385,8 @@ def get_args(argv=None):
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="feed the prompt as plain text even to a chat model")
+    add_chat_template_flag(p, "the prompts of a chat target (one whose config.json stops at the template's "
+                           "end-of-turn token)", exports=False)
     p.add_argument("--bench", action="store_true",
                    help="time autoregressive vs speculative decoding on the same prompts")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
@@ -473,6 +475,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     try:
         target, tokenizer = load(args.target, device, dtype)
+        use_chat_template(tokenizer, args.chat_template)
         draft = None
         if args.draft:
             draft, draft_tokenizer = load(args.draft, device, dtype)
