@@ -1,9 +1,12 @@
-"""A real public checkpoint, SmolLM2-135M-Instruct (prepare_real_model.py writes it to models/), through every
-stage, against transformers: fp32 and bf16 logits, greedy decoding, speculative decoding, and one step each of
-DACP, SFT and distillation whose outputs load in transformers with our logits.
+"""The real public checkpoints (prepare_real_model.py writes them to models/) through every stage, against
+transformers: fp32 and bf16 logits, greedy decoding, speculative decoding, and one step each of DACP, SFT and
+distillation whose outputs load in transformers with our logits. Two checkpoints, two families and two tokenizer
+styles: SmolLM2-135M-Instruct (llama, byte-level BPE, a chat model with its own template) and Gemma-3-270M (gemma3_text,
+SentencePiece-style BPE with byte fallback, 262,144 tokens, a base model without a chat template, so SFT and the
+chat prompts take --chat-template).
 
-The checkpoint comes from REAL_MODEL (default models/smollm2-135m-instruct); without it these tests are skipped
-(`python prepare_real_model.py` makes it; CI does)."""
+Without a checkpoint its tests are skipped (`python prepare_real_model.py` makes both; CI does). REAL_MODEL points
+the SmolLM2 tests at another copy."""
 import json
 import os
 import subprocess
@@ -12,33 +15,52 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REAL_MODEL, REPO
 
 from model import Transformer
 from speculative import generate, speculative_generate
 from tokenizer import Tokenizer
 
-REAL = os.environ.get("REAL_MODEL", os.path.join(REPO, "models", "smollm2-135m-instruct"))
-pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(REAL, "config.json")),
-                                reason=f"no real checkpoint at {REAL} (run python prepare_real_model.py)")
+GEMMA_TEMPLATE = os.path.join(REPO, "data", "chat_templates", "gemma.jinja")
+CHECKPOINTS = {
+    # name: (directory, how DACP frames a document, the chat template SFT and chat prompts need: None = its own)
+    "smollm2": (REAL_MODEL, "'<|endoftext|>'", None),  # not the Instruct checkpoint's <|im_end|>
+    "gemma3": (os.path.join(REPO, "models", "gemma3-270m"), "'<bos>' '<eos>'", GEMMA_TEMPLATE),
+}
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": REPO}
 PROMPT = "The 5G core network separates the control plane from the user plane, so that"
 
 
+@pytest.fixture(scope="module", params=list(CHECKPOINTS))
+def real(request):
+    """(directory, framing, chat template or None) of one prepared checkpoint; its tests skip without it."""
+    path, framing, template = CHECKPOINTS[request.param]
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        pytest.skip(f"no real checkpoint at {path} (run python prepare_real_model.py)")
+    return path, framing, template
+
+
+def template_flag(real):
+    return ["--chat-template", real[2]] if real[2] else []
+
+
 @pytest.fixture(scope="module")
-def hf():
+def hf(real):
     import transformers
-    return transformers.AutoModelForCausalLM.from_pretrained(REAL, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(real[0], dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
-def ours():
-    return Transformer.from_pretrained(REAL, dtype=torch.float32).eval()
+def ours(real):
+    return Transformer.from_pretrained(real[0], dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
-def ids():
-    return Tokenizer.from_pretrained(REAL).encode(PROMPT)
+def ids(real):
+    """The prompt's ids with the checkpoint's BOS first where its models were trained with one (Gemma's <bos>)."""
+    tokenizer = Tokenizer.from_pretrained(real[0])
+    bos = tokenizer.document_ids()[0]
+    return ([bos] if bos is not None else []) + tokenizer.encode(PROMPT)
 
 
 def test_fp32_logits_equal_transformers(hf, ours, ids):
@@ -48,11 +70,11 @@ def test_fp32_logits_equal_transformers(hf, ours, ids):
     assert ((mine - theirs).abs().max() / theirs.abs().max()).item() <= 1e-5
 
 
-def test_bf16_logits_equal_transformers_in_bf16(ids):
+def test_bf16_logits_equal_transformers_in_bf16(real, ids):
     """Both models in bf16 (weights and compute): equal within bf16's rounding of the logits."""
     import transformers
-    hf16 = transformers.AutoModelForCausalLM.from_pretrained(REAL, dtype=torch.bfloat16).eval()
-    ours16 = Transformer.from_pretrained(REAL, dtype=torch.bfloat16).eval()
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(real[0], dtype=torch.bfloat16).eval()
+    ours16 = Transformer.from_pretrained(real[0], dtype=torch.bfloat16).eval()
     x = torch.tensor([ids])
     with torch.no_grad():
         theirs, mine = hf16(x).logits.float(), ours16(x).float()
@@ -68,9 +90,9 @@ def test_greedy_generate_equals_transformers(hf, ours, ids):
     assert generate(ours, ids, 32) == theirs
 
 
-def test_speculative_greedy_equals_greedy(ours, ids):
+def test_speculative_greedy_equals_greedy(real, ours, ids):
     """Any draft gives the target's own greedy output; a draft of the target's first 6 layers is accepted often."""
-    draft = Transformer.from_pretrained(REAL, dtype=torch.float32).eval()
+    draft = Transformer.from_pretrained(real[0], dtype=torch.float32).eval()
     del draft.model.layers[6:]
     draft.config.n_layers = 6
     new, stats = speculative_generate(ours, draft, ids, 32, gamma=4)
@@ -98,7 +120,7 @@ def data_root(tmp_path_factory):
     return root
 
 
-def assert_loads_in_transformers_with_our_logits(out):
+def assert_loads_in_transformers_with_our_logits(out, real):
     import transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ours = Transformer.from_pretrained(out, dtype=torch.float32).eval()
@@ -106,7 +128,8 @@ def assert_loads_in_transformers_with_our_logits(out):
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-5, atol=1e-4)
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    assert tok.chat_template == transformers.AutoTokenizer.from_pretrained(REAL).chat_template
+    template = open(real[2]).read() if real[2] else transformers.AutoTokenizer.from_pretrained(real[0]).chat_template
+    assert tok.chat_template == template
     assert os.path.isfile(os.path.join(out, "generation_config.json"))
 
 
@@ -117,41 +140,43 @@ def run(script, *args):
     return p.stdout + p.stderr
 
 
-def test_one_dacp_step(data_root, tmp_path):
+def test_one_dacp_step(real, data_root, tmp_path):
     out = tmp_path / "dacp"
-    printed = run("train.py", "--domain", "telco", "--init-from", REAL, "--data-root", str(data_root), "--out",
+    printed = run("train.py", "--domain", "telco", "--init-from", real[0], "--data-root", str(data_root), "--out",
                   str(out), "--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2", "--seq-len", "64",
                   "--eval-windows", "2", "--save-every", "0", "--lr", "1e-5")
-    assert "documents framed by '<|endoftext|>'" in printed  # not the Instruct checkpoint's <|im_end|>
-    assert_loads_in_transformers_with_our_logits(out)
+    assert f"documents framed by {real[1]})" in printed
+    assert_loads_in_transformers_with_our_logits(out, real)
 
 
-def test_one_sft_step(data_root, tmp_path):
+def test_one_sft_step(real, data_root, tmp_path):
+    """A chat model with its own template, a base model with --chat-template: the export carries the template."""
     out = tmp_path / "sft"
-    run("sft.py", "--init-from", REAL, "--domain", "telco", "--data-root", str(data_root), "--out", str(out),
-        "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "128", "--save-every", "0")
-    assert_loads_in_transformers_with_our_logits(out)
+    run("sft.py", "--init-from", real[0], "--domain", "telco", "--data-root", str(data_root), "--out", str(out),
+        "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "128", "--save-every", "0",
+        *template_flag(real))
+    assert_loads_in_transformers_with_our_logits(out, real)
 
 
-def test_one_distillation_step(data_root, tmp_path):
+def test_one_distillation_step(real, data_root, tmp_path):
     out = tmp_path / "draft"
-    run("distill.py", "--teacher", REAL, "--student", "tiny", "--domain", "telco", "--data-root", str(data_root),
+    run("distill.py", "--teacher", real[0], "--student", "tiny", "--domain", "telco", "--data-root", str(data_root),
         "--out", str(out), "--data", "text", "--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2",
         "--seq-len", "64", "--accept-prompts", "1", "--gen-tokens", "8", "--eval-every", "0", "--save-every", "0")
-    assert_loads_in_transformers_with_our_logits(out)
+    assert_loads_in_transformers_with_our_logits(out, real)
 
 
-def test_evaluation_and_speculative_cli(data_root, tmp_path):
-    """eval.py scores the real checkpoint (bpb, multiple choice, QA: a chat model, so its own template) and
-    speculative.py decodes with it: the remaining stages, end to end."""
+def test_evaluation_and_speculative_cli(real, data_root, tmp_path):
+    """eval.py scores the real checkpoint (bpb, multiple choice, QA: a chat model with its own template, a base
+    model with plain prompts) and speculative.py decodes with it: the remaining stages, end to end."""
     os.makedirs(data_root / "telco" / "eval", exist_ok=True)
     for name in ("mcq", "qa"):
         rows = open(os.path.join(REPO, "data", "telco", "eval", f"{name}.jsonl")).readlines()[:3]
         (data_root / "telco" / "eval" / f"{name}.jsonl").write_text("".join(rows))
-    run("eval.py", REAL, "--domain", "telco", "--data-root", str(data_root), "--max-new-tokens", "8",
+    run("eval.py", real[0], "--domain", "telco", "--data-root", str(data_root), "--max-new-tokens", "8",
         "--out", str(tmp_path / "report"))
-    metrics = json.load(open(tmp_path / "report.json"))["metrics"][REAL]
+    metrics = json.load(open(tmp_path / "report.json"))["metrics"][real[0]]
     assert 0.5 < metrics["bpb/telco"] < 3 and 0 <= metrics["mcq_acc_norm/telco"] <= 1 and "rouge1/telco" in metrics
-    printed = run("speculative.py", "--target", REAL, "--prompt", "What is the capital of France?",
-                  "--max-new-tokens", "12")
+    prompt = "What is the capital of France?" if real[2] is None else "The capital of France is"  # chat / base
+    printed = run("speculative.py", "--target", real[0], "--prompt", prompt, "--max-new-tokens", "12")
     assert "Paris" in printed
