@@ -1,8 +1,9 @@
 """
 The HF checkpoint format, without any model code: config.json's fields as plain values (the names transformers 4.x
-and 5.x write) and back, and safetensors files read (whole, or a process's rows alone) and written byte for byte as
-safetensors' save_file writes them, one tensor at a time. model.py builds its ModelConfig from what read_config
-returns and checks the tensors' names and shapes against the network.
+and 5.x write, and each family's own) and back, weight names where a family stores its own, and safetensors files
+read (whole, or a process's rows alone) and written byte for byte as safetensors' save_file writes them, one tensor
+at a time. model.py builds its ModelConfig from what read_config returns and checks the tensors' names and shapes
+against the network.
 """
 import json
 import math
@@ -19,8 +20,70 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",  # Qwen2, Qwen2.5
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",  # Gemma-3's text models (270M, 1B)
+    "exaone": "ExaoneForCausalLM",  # EXAONE-3.x: its checkpoints' (and vLLM's) name; transformers 5 runs it as Llama
+    "exaone4": "Exaone4ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
 }
 MAX_SHARD_SIZE = 5 * 2**30  # bytes per safetensors file, as transformers' save_pretrained
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # of the gated MLP: SwiGLU, and Gemma-3's GeGLU (tanh-approximated GELU)
+ROPE_TYPES = ("default", "linear", "llama3")  # the RoPE scalings model.rope_inv_freq computes
+# transformers' defaults where config.json has no value, when a family's differs from Llama's
+DEFAULT_THETA = {"exaone": 500000.0, "gemma3_text": 1000000.0, "smollm3": 2000000.0}
+TIED_BY_DEFAULT = ("gemma3_text", "smollm3")
+# EXAONE-3.x names three fields as GPT-2 does (transformers maps them: ExaoneConfig.attribute_map) ...
+EXAONE_FIELDS = {"num_layers": "num_hidden_layers", "layer_norm_epsilon": "rms_norm_eps",
+                 "activation_function": "hidden_act"}
+# ... and its weights, which are Llama's network: (stored, ours), applied in this order (transformers 5 renames them
+# the same way on loading, and back on saving: conversion_mapping.py).
+EXAONE_WEIGHTS = (("transformer.wte.", "model.embed_tokens."), ("transformer.h.", "model.layers."),
+                  ("transformer.ln_f.", "model.norm."), (".attn.attention.", ".self_attn."), (".out_proj.", ".o_proj."),
+                  (".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm."),
+                  (".c_fc_0.", ".gate_proj."), (".c_fc_1.", ".up_proj."), (".c_proj.", ".down_proj."))
+# The switches a family's config.json implies rather than states: an export must not lose one (config_to_hf)
+IMPLIED = ("qkv_bias", "qk_norm", "activation", "norm_offset", "pre_norms", "post_norms", "embed_scale",
+           "query_pre_attn_scalar", "rope_local_theta", "nope_layers", "logit_softcap")
+
+
+def to_dtype(name):
+    """A torch dtype from its name as config.json, a flag or str(dtype) spells it ("bfloat16", "torch.bfloat16");
+    a torch.dtype passes through."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; supported: {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def check_settings(c: dict):
+    """Refuse, with a one-line error, settings model.py cannot compute (c: a ModelConfig's fields)."""
+    if c["model_type"] not in ARCHITECTURES:
+        raise ValueError(f"model_type {c['model_type']!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+    rope_type = (c["rope_scaling"] or {}).get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"RoPE type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    if c["n_heads"] % c["n_kv_heads"]:
+        raise ValueError(f"n_heads={c['n_heads']} is not a multiple of n_kv_heads={c['n_kv_heads']}")
+    if c["activation"] not in ACTIVATIONS:
+        raise ValueError(f"hidden_act {c['activation']!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+
+
+def stored_name(model_type, name):
+    """A weight's name in a checkpoint's files, from ours (HF's Llama names): EXAONE-3.x's are its own."""
+    if model_type == "exaone":
+        for stored, ours in reversed(EXAONE_WEIGHTS):
+            name = name.replace(ours, stored)
+    return name
+
+
+def our_name(model_type, stored):
+    """The inverse of stored_name."""
+    if model_type == "exaone":
+        for theirs, ours in EXAONE_WEIGHTS:
+            stored = stored.replace(theirs, ours)
+    return stored
 
 
 # -----------------------------------------------------------------------------
@@ -32,38 +95,70 @@ def config_from_hf(hf: dict) -> dict:
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
+    if model_type == "exaone":  # (a transformers 5 config has the usual names)
+        hf = {**{ours: hf[theirs] for theirs, ours in EXAONE_FIELDS.items() if theirs in hf}, **hf}
+    gemma = model_type == "gemma3_text"
+    activation = (hf.get("hidden_activation") or "gelu_pytorch_tanh") if gemma else hf.get("hidden_act", "silu")
     if hf.get("mlp_bias") or (model_type != "qwen2" and hf.get("attention_bias")):
         raise ValueError("attention_bias / mlp_bias = true is not supported for this model_type")
-    # RoPE: 5.x keeps everything in rope_parameters; 4.x has rope_theta plus rope_scaling, whose type was
-    # called "type" before "rope_type".
+    if gemma and hf.get("attn_logit_softcapping") is not None:  # (transformers' Gemma-3 would silently ignore it)
+        raise ValueError("attn_logit_softcapping is not supported (Gemma-3 replaced it with q/k norms)")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention is not supported: a causal language model only")
+    n_layers = hf["num_hidden_layers"]
+    # RoPE: 5.x keeps everything in rope_parameters (Gemma-3: one per layer type); 4.x has rope_theta plus
+    # rope_scaling, whose type was called "type" before "rope_type" (Gemma-3: plus rope_local_base_freq).
     rope = dict(hf.get("rope_parameters") or {})
+    local = rope.pop("sliding_attention", None)
+    rope = dict(rope.pop("full_attention", rope))
+    default_theta = DEFAULT_THETA.get(model_type, 10000.0)
     if not rope:
         rope = dict(hf.get("rope_scaling") or {})
-        rope["rope_theta"] = hf.get("rope_theta", 10000.0)
+        rope["rope_theta"] = hf.get("rope_theta", default_theta)
     rope["rope_type"] = rope.get("rope_type", rope.pop("type", "default"))
     rope.pop("type", None)
-    theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = float(rope.pop("rope_theta", hf.get("rope_theta", default_theta)))
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError("partial_rotary_factor != 1 is not supported")
     scaling = rope if rope["rope_type"] != "default" else None
-    # Sliding windows: Mistral slides on every layer when sliding_window is set; Qwen2/3 only with
-    # use_sliding_window, on layers from max_window_layers on (5.x spells that out as layer_types).
+    local_theta = None
+    if gemma:  # Gemma-3: its sliding-window layers have RoPE of their own base, unscaled
+        local = local or {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+        if local.get("rope_type", local.get("type", "default")) != "default":
+            raise ValueError("a scaled RoPE on the sliding-window layers is not supported")
+        local_theta = float(local["rope_theta"])
+    # Sliding windows: Mistral slides on every layer when sliding_window is set; Qwen2/3 and SmolLM3 only with
+    # use_sliding_window (Qwen: on layers from max_window_layers on); 5.x spells the layers out as layer_types.
     window, layer_types = hf.get("sliding_window"), hf.get("layer_types")
-    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "smollm3") and not hf.get("use_sliding_window", False):
         window, layer_types = None, None
     elif model_type in ("qwen2", "qwen3") and layer_types is None:
         n = hf.get("max_window_layers", 0)
-        layer_types = ["sliding_attention" if i >= n else "full_attention" for i in range(hf["num_hidden_layers"])]
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        window, layer_types = None, None
+        layer_types = ["sliding_attention" if i >= n else "full_attention" for i in range(n_layers)]
+    elif model_type in ("gemma3_text", "exaone4") and layer_types is None and window is not None:
+        # older configs give a period instead: every pattern-th layer global, the others sliding
+        pattern = hf.get("sliding_window_pattern", 6 if gemma else 4)
+        if not isinstance(pattern, int):
+            raise ValueError(f"sliding_window_pattern {pattern!r} without layer_types is not supported")
+        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+    nope = None  # layers without RoPE
+    if model_type == "smollm3":  # SmolLM3: no_rope_layers[i] is 1 where layer i HAS RoPE, 0 for a NoPE layer
+        interval = hf.get("no_rope_layer_interval", 4)
+        has_rope = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layers)]
+        nope = [i for i in range(n_layers) if not has_rope[i]]
+        if window is not None and layer_types is None:  # (its config slides on the NoPE layers)
+            layer_types = ["sliding_attention" if i in nope else "full_attention" for i in range(n_layers)]
+    elif model_type == "exaone4" and window is not None:  # EXAONE-4: RoPE on the sliding layers only
+        nope = [i for i in range(n_layers) if layer_types[i] != "sliding_attention"]
+    if layer_types is not None and "sliding_attention" not in layer_types and not gemma and model_type != "exaone4":
+        window, layer_types = None, None  # (kept where the window matters: EXAONE-4's says which layers have
+        # RoPE, and transformers' Gemma-3 needs one)
     n_heads = hf["num_attention_heads"]
     return dict(
         model_type=model_type,
         vocab_size=hf["vocab_size"],
         dim=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
@@ -72,31 +167,45 @@ def config_from_hf(hf: dict) -> dict:
         rope_theta=theta,
         rope_scaling=scaling,
         max_seq_len=hf.get("max_position_embeddings", 2048),
-        tie_embeddings=hf.get("tie_word_embeddings", False),
+        tie_embeddings=hf.get("tie_word_embeddings", model_type in TIED_BY_DEFAULT),
         qkv_bias=model_type == "qwen2",  # Qwen2's q/k/v projections always carry a bias
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "gemma3_text", "exaone4"),
         sliding_window=window,
         layer_types=list(layer_types) if layer_types is not None else None,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
         dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32").removeprefix("torch."),
+        activation=activation,
+        norm_offset=1.0 if gemma else 0.0,
+        pre_norms=model_type != "exaone4",
+        post_norms=model_type in ("gemma3_text", "exaone4"),
+        embed_scale=gemma,
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256) if gemma else None,
+        rope_local_theta=local_theta,
+        nope_layers=nope or None,
+        logit_softcap=hf.get("final_logit_softcapping") if gemma else None,
     )
 
 
 def config_to_hf(c: dict) -> dict:
     """An HF config.json from the model's settings (4.x style: rope_theta + rope_scaling, which transformers 5.x
-    also reads)."""
+    also reads). A setting the family's config.json cannot say (a NoPE layer in a Llama) is an error."""
+    model_type, n = c["model_type"], c["n_layers"]
+    # (a model cut to its first n layers, as distill.py's --student-layers cuts one, keeps their types)
+    c = {**c, "layer_types": c["layer_types"] and c["layer_types"][:n],
+         "nope_layers": [i for i in c["nope_layers"] or () if i < n] or None}
     hf = {
-        "architectures": [ARCHITECTURES[c["model_type"]]],
-        "model_type": c["model_type"],
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
         "vocab_size": c["vocab_size"],
         "hidden_size": c["dim"],
         "intermediate_size": c["hidden_dim"],
-        "num_hidden_layers": c["n_layers"],
+        "num_hidden_layers": n,
         "num_attention_heads": c["n_heads"],
         "num_key_value_heads": c["n_kv_heads"],
         "head_dim": c["head_dim"],
-        "hidden_act": "silu",
+        "hidden_act": c["activation"],
         "rms_norm_eps": c["norm_eps"],
         "rope_theta": c["rope_theta"],
         "rope_scaling": c["rope_scaling"],
@@ -107,17 +216,34 @@ def config_to_hf(c: dict) -> dict:
         "torch_dtype": c["dtype"],
         "attention_dropout": 0.0,
     }
-    if c["model_type"] == "llama":
+    if c["pad_token_id"] is not None:  # (None leaves the family's default: SmolLM3's is past a small vocabulary)
+        hf["pad_token_id"] = c["pad_token_id"]
+    if model_type in ("llama", "exaone", "smollm3"):
         hf.update(attention_bias=False, mlp_bias=False)
     # Written even when None: MistralConfig would otherwise default to a 4096-token window.
     hf["sliding_window"] = c["sliding_window"]
     if c["layer_types"] is not None:
         hf["layer_types"] = c["layer_types"]
-    if c["model_type"] in ("qwen2", "qwen3"):
-        types = c["layer_types"] or ["sliding_attention"] * c["n_layers"]
+    if model_type in ("qwen2", "qwen3"):
+        types = c["layer_types"] or ["sliding_attention"] * n
         sliding = [c["sliding_window"] is not None and t == "sliding_attention" for t in types]
         hf.update(use_sliding_window=any(sliding),
-                  max_window_layers=sliding.index(True) if any(sliding) else c["n_layers"])
+                  max_window_layers=sliding.index(True) if any(sliding) else n)
+    if model_type in ("gemma3_text", "exaone4", "smollm3"):  # (left out, their configs would derive a pattern)
+        hf["layer_types"] = c["layer_types"] or ["sliding_attention" if c["sliding_window"] else "full_attention"] * n
+    if model_type == "smollm3":
+        hf.update(use_sliding_window=c["sliding_window"] is not None,
+                  no_rope_layers=[int(i not in (c["nope_layers"] or ())) for i in range(n)])
+    if model_type == "gemma3_text":
+        hf["hidden_activation"] = hf.pop("hidden_act")
+        hf.update(query_pre_attn_scalar=c["query_pre_attn_scalar"], rope_local_base_freq=c["rope_local_theta"],
+                  final_logit_softcapping=c["logit_softcap"], attn_logit_softcapping=None)
+    if model_type == "exaone":  # EXAONE-3.x's own field names, as its checkpoints (and vLLM) have them
+        hf = {next((t for t, o in EXAONE_FIELDS.items() if o == k), k): v for k, v in hf.items()}
+    back = config_from_hf(hf)
+    lost = [k for k in IMPLIED if back[k] != c[k]]
+    if lost:
+        raise ValueError(f"a {model_type} config.json cannot say {', '.join(f'{k}={c[k]!r}' for k in lost)}")
     return hf
 
 
@@ -136,7 +262,8 @@ def read_config(path):
 
 def read_index(path):
     """(settings, {safetensors file: {key: shape}}) of an HF directory, from config.json and the files' headers (no
-    tensor is read). The settings' dtype is the one the weights are stored in, when they agree on one."""
+    tensor is read); keys by our names (stored_name gives the files'). The settings' dtype is the one the weights
+    are stored in, when they agree on one."""
     config_path = os.path.join(path, "config.json")
     if str(path).endswith(".gguf"):
         raise ValueError(f"{path}: a GGUF file, not an HF directory; de-quantise it into one first "
@@ -150,12 +277,58 @@ def read_index(path):
             files[file] = {}
             for key in f.keys():
                 s = f.get_slice(key)
-                files[file][key] = tuple(s.get_shape())
+                files[file][our_name(settings["model_type"], key)] = tuple(s.get_shape())
                 dtypes.add(s.get_dtype())
     floats = [name for name, code in SAFETENSORS_DTYPES.items() if code in dtypes and name.is_floating_point]
     if len(floats) == 1:
         settings["dtype"] = str(floats[0]).removeprefix("torch.")
+    where = {key: file for file, keys in files.items() for key in keys}
+    head, embedding = "lm_head.weight", "model.embed_tokens.weight"
+    if settings["tie_embeddings"] and head in where and embedding in where and not same_bytes(
+            (where[head], head), (where[embedding], stored_name(settings["model_type"], embedding))):
+        raise ValueError(f"{path}: config.json says tie_word_embeddings, but the checkpoint's lm_head.weight is not "
+                         "its embedding; set tie_word_embeddings to false to load the head it stores")
     return settings, files
+
+
+def check_shapes(expected, shapes, source, model_type, tied):
+    """Check a checkpoint's {key: shape} against the network's: an unexpected or missing key, or a wrong shape, is
+    an error naming it. Returns the keys to skip: rotary inv_freq (recomputed) and a tied lm_head (some checkpoints
+    store both anyway)."""
+    if tied:
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    ignored = []
+    for key, shape in shapes.items():
+        if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and tied):
+            ignored.append(key)
+        elif key not in expected:
+            raise KeyError(f"{source}: unexpected key {stored_name(model_type, key)!r} for a {model_type} model")
+        elif tuple(shape) != expected[key]:
+            raise ValueError(f"{source}: {stored_name(model_type, key)} has shape {tuple(shape)}, the config expects "
+                             f"{expected[key]}")
+    missing = [stored_name(model_type, k) for k in expected if k not in shapes]
+    if missing:
+        raise KeyError(f"{source}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return ignored
+
+
+def check_tokenizer(tokenizer, config, source):
+    """A tokenizer that belongs to another model (a tokenizer.json copied from elsewhere) would train and
+    export without a word: its ids must fit the model's vocabulary, and the model's own eos and bos ids must be
+    tokens of it (its eos among the model's eos ids, when the model lists any)."""
+    if tokenizer.n_vocab > config.vocab_size:
+        raise ValueError(f"{source}: the tokenizer has {tokenizer.n_vocab} tokens but the model's vocab_size is "
+                         f"{config.vocab_size}: they do not belong together")
+    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    eos = [i for i in eos if i is not None]
+    for name, ids in (("eos_token_id", eos), ("bos_token_id", [config.bos_token_id] * (
+            config.bos_token_id is not None))):
+        if any(i >= tokenizer.n_vocab for i in ids):
+            raise ValueError(f"{source}: config.json's {name} {ids} is past the tokenizer's {tokenizer.n_vocab} "
+                             "tokens: the tokenizer belongs to another model")
+    if eos and tokenizer.eos_id is not None and tokenizer.eos_id not in eos:
+        raise ValueError(f"{source}: the tokenizer's eos token (id {tokenizer.eos_id}) is not among config.json's "
+                         f"eos_token_id {eos}: the tokenizer belongs to another model")
 
 
 # -----------------------------------------------------------------------------
@@ -286,6 +459,9 @@ def write_weights(path, hf_config, specs, tensors, max_shard_size=MAX_SHARD_SIZE
     of this one are removed. A failed write (a full disk) removes its temporary files: nothing holds the space."""
     os.makedirs(path, exist_ok=True)
     layout = shard_files(specs, max_shard_size)
+    stored = {k: stored_name(hf_config["model_type"], k) for k in specs}  # (EXAONE-3.x's names are its own)
+    layout = [(name, [stored[k] for k in keys]) for name, keys in layout]
+    specs = {stored[k]: v for k, v in specs.items()}
     tensors = iter(tensors)
     files = {}  # final name -> its complete temporary file
     try:

@@ -158,20 +158,29 @@ def shapes(config):
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
-def activation_bytes(config, tokens, size, checkpointing=False):
+def activation_bytes(config, tokens, size, checkpointing=False, seq_len=0):
     """Bytes autograd keeps for backward in one forward pass over `tokens` positions, counted from what model.py's
     ops save (tests/test_memory.py checks this against the tensors autograd really saves): per block the inputs of
-    both norms, their normalised outputs and 1/rms, q and k after RoPE, v, attention's output and log-sum-exp, and
-    SwiGLU's four hidden-size tensors; then the final norm's. With activation checkpointing each block keeps its
-    input only, and one block's worth lives while it is recomputed."""
+    the norms, their normalised outputs and 1/rms (and a pre-norm's output, the next matmul's input; without
+    pre-norms that input is the residual stream itself), q and k after RoPE, v, attention's output and
+    log-sum-exp, and the gated MLP's four hidden-size tensors; then the final norm's. With activation checkpointing
+    each block keeps its input only, and one block's worth lives while it is recomputed. Per sequence rather than
+    per token: SDPA keeps a sliding-window layer's mask as a [seq_len, seq_len] tensor of the compute dtype; per
+    model: Gemma-3's (1 + w) of each norm, in fp32, and its embedding scale."""
     d, q, kv, h = config.dim, config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim, config.hidden_dim
-    per_block = (6 * d + 2 * q + 2 * kv + 4 * h) * size + (2 + config.n_heads) * 4  # 1/rms and lse in fp32
+    n_norms = 2 * (config.pre_norms + config.post_norms)
+    norms = (6 * d if config.pre_norms else 2 * d) + (4 * d if config.post_norms else 0)
+    per_block = (norms + 2 * q + 2 * kv + 4 * h) * size + (n_norms + config.n_heads) * 4  # 1/rms and lse in fp32
     if config.qk_norm:
         per_block += (2 * q + 2 * kv) * size + (config.n_heads + config.n_kv_heads) * 4
     head = (2 * d) * size + 4 + 8  # the final norm's input and output, 1/rms, and the int64 token id
+    sliding = sum(config.window(i) is not None for i in range(config.n_layers))
+    fixed = (size if config.embed_scale else 0) + seq_len ** 2 * size * (min(sliding, 1) if checkpointing else sliding)
+    if config.norm_offset:
+        fixed += 4 * (config.n_layers * (n_norms * d + 2 * config.head_dim * config.qk_norm) + d)
     if checkpointing:
-        return tokens * (config.n_layers * d * size + per_block + head)
-    return tokens * (config.n_layers * per_block + head)
+        return tokens * (config.n_layers * d * size + per_block + head) + fixed
+    return tokens * (config.n_layers * per_block + head) + fixed
 
 
 def plan(config, world, micro_batch_size, seq_len, dtype, teacher=None, checkpointing=False, device="cuda",
@@ -199,19 +208,21 @@ def plan(config, world, micro_batch_size, seq_len, dtype, teacher=None, checkpoi
     adam_temporaries = 0 if device == "cuda" else 2 * largest / world * 4  # (fused AdamW on GPU)
     # On CPU the activations' memory, freed during backward in pieces smaller than glibc's mmap threshold, stays
     # in the heap (and in the RSS) until trimmed; a GPU's max_memory_allocated counts live tensors only.
-    retained = 0 if device == "cuda" else activation_bytes(config, tokens, size, checkpointing)
+    activations = activation_bytes(config, tokens, size, checkpointing, seq_len)
+    retained = 0 if device == "cuda" else activations
+    # Gemma's final_logit_softcapping: the chunk's logits divided, their tanh (kept for backward) and the product
+    capped = 2 * size if config.logit_softcap is not None else 0
 
     def step(chunk, extra=0):
-        backward_start = (12 * n / world + (root + 2 * block) * size + activation_bytes(config, tokens, size,
-                                                                                         checkpointing)
-                          + tokens * d * size + V * d * 4 + chunk)
+        backward_start = (12 * n / world + (root + 2 * block) * size + activations + tokens * d * size + V * d * 4
+                          + chunk)
         backward_end = 16 * n / world + root * size + 2 * root * 4 + root * 4 / world + retained
         optimizer = 16 * n / world + adam_temporaries
         return max(backward_start, backward_end, optimizer) + extra
 
     stages = {
         "load": (load_bytes(params, world, 4, config_bytes(config)), "fp32 shards, one slice being read"),
-        "train step": (step(rows * V * (size + 3 * 4)),
+        "train step": (step(rows * V * (size + 3 * 4 + capped)),
                        "fp32 weights, gradients and AdamW's two moments (1/world each); gathered root and blocks; "
                        "activations; the loss's gradients and chunk"),
         "export (above training)": ((largest * 4 if world > 1 else 0) + (largest * export_dtype.itemsize if
@@ -227,7 +238,8 @@ def plan(config, world, micro_batch_size, seq_len, dtype, teacher=None, checkpoi
         stages["load teacher"] = (load_bytes(t, world, size, config_bytes(teacher)),
                                   "the teacher's shards in the compute dtype")
         stages["distill step (teacher + student)"] = (
-            step(rows * V * (3 * size + 10 * 4), extra=held),
+            step(rows * V * (3 * size + 10 * 4 + capped + (2 * size if teacher.logit_softcap is not None else 0)),
+                 extra=held),
             "the teacher's shards in the compute dtype, two gathered blocks and its hidden states; the student's "
             "step, with the distillation loss's chunk")
     return stages

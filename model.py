@@ -1,11 +1,12 @@
 """
-One decoder-only transformer for the Llama family: Llama-3.x, Qwen2 / Qwen2.5, Qwen3, Mistral and SmolLM2.
+One decoder-only transformer for the Llama family: Llama-3.x, Qwen2 / Qwen2.5, Qwen3, Mistral, SmolLM2 / SmolLM3,
+Gemma-3 and EXAONE-3.5 / 4.0.
 
-They differ in a handful of switches, all in ModelConfig: bias on q/k/v (Qwen2), RMSNorm on each head's q and k
-before RoPE (Qwen3), a head_dim that is not dim / n_heads (Qwen3), sliding-window attention (Mistral), tied input and
-output embeddings (small sizes), and the RoPE frequency scaling (Llama-3.1+). Module names follow the HF checkpoints
-(`model.layers.0.self_attn.q_proj.weight` ...), so loading is a plain state-dict copy: no renaming, no q/k
-permutation, because RoPE here uses HF's rotate-half layout.
+They differ in a handful of switches, all in ModelConfig: q/k/v bias (Qwen2), q/k RMSNorm (Qwen3, Gemma-3, EXAONE-4),
+sliding windows (Mistral, Gemma-3, EXAONE-4), layers without RoPE (SmolLM3, EXAONE-4), norms after attention and MLP
+(Gemma-3, EXAONE-4), Gemma-3's (1 + w) norms, embedding scale, GeGLU and attention scale, tied embeddings, RoPE
+scaling (Llama-3.1+). Module names are the HF checkpoints' (`model.layers.0.self_attn.q_proj.weight` ...; hf.py
+renames EXAONE-3.5's own), and RoPE uses HF's rotate-half layout: loading is a state-dict copy, q/k unpermuted.
 
     model = Transformer.from_pretrained("path/to/Qwen2.5-0.5B")     # HF directory, no transformers needed
     logits = model(idx)                                             # [B, T, vocab]
@@ -28,22 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hf import (ARCHITECTURES, MAX_SHARD_SIZE, config_from_hf, config_to_hf, open_safetensors, read_index, read_rows,
-                safetensors_header, same_bytes, write_order, write_weights)
-
-ROPE_TYPES = ("default", "linear", "llama3")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def to_dtype(name):
-    """A torch dtype from its name as config.json, a flag or str(dtype) spells it ("bfloat16", "torch.bfloat16");
-    a torch.dtype passes through."""
-    if isinstance(name, torch.dtype):
-        return name
-    key = str(name).removeprefix("torch.")
-    if key not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not supported; supported: {', '.join(DTYPES)}")
-    return DTYPES[key]
+# (to_dtype and check_tokenizer are hf.py's; train.py, sft.py and the others import them from here)
+from hf import (MAX_SHARD_SIZE, check_settings, check_shapes, check_tokenizer, config_from_hf, config_to_hf,  # noqa
+                open_safetensors, read_index, read_rows, safetensors_header, stored_name, to_dtype, write_order,
+                write_weights)
 
 
 # -----------------------------------------------------------------------------
@@ -71,18 +60,23 @@ class ModelConfig:
     layer_types: list | None = None  # per layer "full_attention" | "sliding_attention"; None: all full
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
+    pad_token_id: int | None = None  # (None: the family's default)
     dtype: str = "float32"  # the dtype the weights are stored in
+    # Gemma-3, EXAONE-4 and SmolLM3 (the defaults are Llama's)
+    activation: str = "silu"  # the gated MLP's: "silu" (SwiGLU), "gelu_pytorch_tanh" (Gemma-3's GeGLU)
+    norm_offset: float = 0.0  # Gemma-3: RMSNorm scales by (1 + w), its weights stored around 0
+    pre_norms: bool = True  # RMSNorm on the inputs of attention and MLP (all but EXAONE-4)
+    post_norms: bool = False  # RMSNorm on their outputs, before the residual add (Gemma-3, EXAONE-4)
+    embed_scale: bool = False  # Gemma-3: embeddings multiplied by sqrt(dim)
+    query_pre_attn_scalar: float | None = None  # Gemma-3: scores scaled by this^-0.5, not head_dim^-0.5
+    rope_local_theta: float | None = None  # Gemma-3: the RoPE base of its sliding-window layers (unscaled)
+    nope_layers: list | None = None  # layers without RoPE (NoPE): SmolLM3's, EXAONE-4's global ones
+    logit_softcap: float | None = None  # cap * tanh(logits / cap) on the output (final_logit_softcapping)
 
     def __post_init__(self):
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads
-        if self.model_type not in ARCHITECTURES:
-            raise ValueError(f"model_type {self.model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
-        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
-        if rope_type not in ROPE_TYPES:
-            raise ValueError(f"RoPE type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        check_settings(vars(self))  # (what this file cannot compute is refused)
 
     def window(self, layer: int) -> int | None:
         """The sliding-window size of this layer, or None for full causal attention."""
@@ -109,7 +103,7 @@ class ModelConfig:
 
     def num_params(self, embedding: bool = True) -> int:
         d, hd = self.dim, self.head_dim
-        block = self.block_matmul_params() + 2 * d  # + two RMSNorms
+        block = self.block_matmul_params() + 2 * (self.pre_norms + self.post_norms) * d  # + the RMSNorms
         block += hd * (self.n_heads + 2 * self.n_kv_heads) if self.qkv_bias else 0
         block += 2 * hd if self.qk_norm else 0
         n = self.n_layers * block + d  # + final norm
@@ -154,23 +148,27 @@ class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019), computed in fp32 and cast back before the weight, as HF does, so bf16
     outputs match transformers bit for bit."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma-3: (1 + w) RMSNorm (its w is stored around 0), multiplied in fp32, cast after
+            return (x * (self.offset + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """RoPE inverse frequencies theta^(-2i/d) (Su et al. 2021), with the configured frequency scaling."""
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
+    """RoPE inverse frequencies theta^(-2i/d) (Su et al. 2021), with the configured frequency scaling; local:
+    Gemma-3's sliding-window layers' own base, unscaled."""
     hd = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    scaling = config.rope_scaling or {}
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = {} if local else config.rope_scaling or {}
     if scaling.get("rope_type") == "linear":  # position interpolation (Chen et al. 2023): positions / factor
         inv_freq = inv_freq / scaling["factor"]
     elif scaling.get("rope_type") == "llama3":
@@ -219,16 +217,23 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.window = config.window(layer)
+        # RoPE: None in a NoPE layer (SmolLM3's, EXAONE-4's global ones), "local" in Gemma-3's sliding layers (their
+        # own base, rope_local_theta), else "global" (rope_theta with its scaling)
+        self.rope = None if layer in (config.nope_layers or ()) else \
+            "local" if config.rope_local_theta is not None and self.window is not None else "global"
+        # Gemma-3: scores scaled by query_pre_attn_scalar^-0.5 (None: SDPA's head_dim^-0.5)
+        self.scale = config.query_pre_attn_scalar ** -0.5 if config.query_pre_attn_scalar else None
         self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
-        if config.qk_norm:  # Qwen3: RMSNorm over each head's q and k, before RoPE
-            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
-            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+        if config.qk_norm:  # Qwen3, Gemma-3, EXAONE-4: RMSNorm over each head's q and k, before RoPE
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps, config.norm_offset)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps, config.norm_offset)
         self.kv_cache = None
 
-    def forward(self, x, cos, sin, mask, input_pos=None):
+    def forward(self, x, rope, mask, input_pos=None):
+        """rope: (cos, sin) of this layer's RoPE at the query positions (None: a NoPE layer)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -236,42 +241,72 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rope is not None:  # (a NoPE layer sees no positions: causal masking alone orders its tokens)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         # SDPA picks flash / memory-efficient kernels on GPU; enable_gqa shares each k/v head across
         # n_heads / n_kv_heads query heads without materialising copies.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward (Shazeer 2020): down(act(gate(x)) * up(x)); SwiGLU, or GeGLU with Gemma-3's
+    tanh-approximated GELU (gelu_pytorch_tanh)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.gelu = config.activation == "gelu_pytorch_tanh"
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Residual block, under HF's module names. Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)), where
+    post_attention_layernorm is the norm BEFORE the MLP. With post-norms, attention's and the MLP's outputs are
+    normalised too before they are added: Gemma-3 has both ("sandwich" norms), EXAONE-4 the post-norms alone."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        def norm():
+            return RMSNorm(config.dim, config.norm_eps, config.norm_offset)
+        self.post_norms = config.post_norms
+        self.input_layernorm = norm() if config.pre_norms else None
         self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.post_attention_layernorm = norm()  # (with post-norms: on attention's output)
+        if config.post_norms:
+            self.pre_feedforward_layernorm = norm() if config.pre_norms else None
+            self.post_feedforward_layernorm = norm()
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, input_pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rope, mask, input_pos=None):
+        if not self.post_norms:
+            x = x + self.self_attn(self.input_layernorm(x), rope, mask, input_pos)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        h = x if self.input_layernorm is None else self.input_layernorm(x)
+        x = x + self.post_attention_layernorm(self.self_attn(h, rope, mask, input_pos))
+        h = x if self.pre_feedforward_layernorm is None else self.pre_feedforward_layernorm(x)
+        return x + self.post_feedforward_layernorm(self.mlp(h))
+
+
+def softcap(logits, cap):
+    """Logit soft-capping (Gemma-2/3's final_logit_softcapping): cap * tanh(logits / cap), in (-cap, cap)."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+class Head(nn.Linear):
+    """The output layer: logits = h W^T, soft-capped by its `cap` where the config has one."""
+
+    def forward(self, h):
+        return softcap(super().forward(h), self.cap)
 
 
 # -----------------------------------------------------------------------------
@@ -332,12 +367,15 @@ class Transformer(nn.Module):
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.dim),
             layers=nn.ModuleList(Block(config, i) for i in range(config.n_layers)),
-            norm=RMSNorm(config.dim, config.norm_eps),
+            norm=RMSNorm(config.dim, config.norm_eps, config.norm_offset),
         ))
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Head(config.dim, config.vocab_size, bias=False)
+        self.lm_head.cap = config.logit_softcap
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.register_buffer("inv_freq", None, persistent=False)
+        self.register_buffer("inv_freq_local", None, persistent=False)  # Gemma-3's sliding-window layers'
+        self.reset_rope()
         self.activation_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
         self.max_batch_size, self.max_seq_len = 0, 0
         # Masks for cached decoding, [max_seq_len, max_seq_len], made by setup_cache; one per distinct window.
@@ -349,14 +387,21 @@ class Transformer(nn.Module):
         output projections scaled by 1/sqrt(2 n_layers) (GPT-2) so the residual stream's variance stays O(1)."""
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
-                nn.init.ones_(p)
+                nn.init.constant_(p, 1.0 - self.config.norm_offset)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layers))
             else:
                 nn.init.normal_(p, std=std)
-        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        self.reset_rope()
+
+    def reset_rope(self):
+        """(Re)compute the RoPE frequencies, buffers rather than weights, on the weights' device."""
+        device = self.lm_head.weight.device
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+        if self.config.rope_local_theta is not None:
+            self.inv_freq_local = rope_inv_freq(self.config, local=True).to(device)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype=None):
         """Allocate a static KV cache in every layer (in the model's device, and its dtype unless a compute dtype is
@@ -400,12 +445,15 @@ class Transformer(nn.Module):
         if loss_fn is None:
             def loss_fn(logits, rows):
                 return F.cross_entropy(logits.float(), y[rows], reduction="sum")
+
+        def capped(logits, rows):  # soft-capping inside the chunk: its gradient goes through the tanh
+            return loss_fn(softcap(logits, self.config.logit_softcap), rows)
         h = self._trunk(idx)
         # The positions to score, split into the same number of chunks on every process (a sharded teacher's head
         # in loss_fn is a collective, so every process must call it equally often).
         rows = (y != IGNORE).nonzero().squeeze(1)
         chunks = rows.tensor_split(-(-B * T // self.loss_chunk_rows))
-        return ChunkedLoss.apply(h.flatten(0, 1), self.lm_head.weight, loss_fn, chunks)
+        return ChunkedLoss.apply(h.flatten(0, 1), self.lm_head.weight, capped, chunks)
 
     def _trunk(self, idx, input_pos=None, unpadded=None):
         """Embedding, blocks and final norm: the hidden states that forward, hidden and loss go on from."""
@@ -416,20 +464,24 @@ class Transformer(nn.Module):
             if self.max_seq_len == 0:
                 raise RuntimeError("forward with input_pos needs a KV cache: call setup_cache() first")
             pos = input_pos
-        # cos/sin in fp32, then in the activations' dtype, as HF computes them
-        freqs = pos.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
         x = self.model.embed_tokens(idx)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        masks = {}
+        # Gemma-3: its embedding is also its head, so inputs are scaled up by sqrt(dim) to the residual stream's
+        # size; the factor rounded to the model's dtype before the product, as transformers does
+        if self.config.embed_scale:
+            x = x * torch.tensor(self.config.dim ** 0.5, device=x.device).to(x.dtype)
+        masks, ropes = {}, {None: None}  # per window and per RoPE, made once for the layers that share them
         for block in self.model.layers:
-            window = block.self_attn.window
+            window, rope = block.self_attn.window, block.self_attn.rope
             if window not in masks:
                 masks[window] = self._mask(window, pos, input_pos is not None, unpadded)
+            if rope not in ropes:  # cos/sin in fp32, then in the activations' dtype, as HF computes them
+                freqs = pos.float()[:, None] * (self.inv_freq_local if rope == "local" else self.inv_freq)[None, :]
+                emb = torch.cat((freqs, freqs), dim=-1)
+                ropes[rope] = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, masks[window], input_pos, use_reentrant=False)
+                x = checkpoint(block, x, ropes[rope], masks[window], input_pos, use_reentrant=False)
             else:
-                x = block(x, cos, sin, masks[window], input_pos)
+                x = block(x, ropes[rope], masks[window], input_pos)
         return self.model.norm(x)
 
     def _mask(self, window, pos, cached, unpadded=None):
@@ -442,7 +494,7 @@ class Transformer(nn.Module):
             return self.cache_masks[window][pos][None, None]
         if window is None:
             return None
-        # sliding window (Mistral): query i sees keys i - window < j <= i
+        # sliding window (Mistral; Gemma-3's and EXAONE-4's local layers): query i sees keys i - window < j <= i
         return torch.ones(len(pos), len(pos), dtype=torch.bool, device=pos.device).tril().triu(-window + 1)
 
     # -------------------------------------------------------------------------
@@ -459,7 +511,7 @@ class Transformer(nn.Module):
         for file, keys in files.items():
             with open_safetensors(file, device) as f:
                 for key in keys:
-                    t = f.get_tensor(key)
+                    t = f.get_tensor(stored_name(config.model_type, key))
                     state[key] = t.to(dtype) if dtype is not None else t
         return cls.from_state_dict(config, state, device=device, source=path)
 
@@ -477,7 +529,7 @@ class Transformer(nn.Module):
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        model.inv_freq = rope_inv_freq(config).to(model.lm_head.weight.device)
+        model.reset_rope()
         return model
 
     def load_rows(self, path, owned):
@@ -491,8 +543,9 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():  # a tied lm_head is the embedding: read once
             local, start = owned(p)
             with torch.no_grad():
-                read_rows(where[name], headers[where[name]], name, start, start + len(local), into=local)
-        self.inv_freq = rope_inv_freq(config).to(self.inv_freq.device)
+                read_rows(where[name], headers[where[name]], stored_name(config.model_type, name), start,
+                          start + len(local), into=local)
+        self.reset_rope()
 
     def save_pretrained(self, path, max_shard_size: int = MAX_SHARD_SIZE):
         """Write config.json and model.safetensors (or model-0000i-of-0000n.safetensors shards with
@@ -532,50 +585,11 @@ def read_checkpoint(path):
     except (ValueError, TypeError) as e:
         raise ValueError(f"{os.path.join(path, 'config.json')}: {e}") from None
     ignored = check_keys(config, {k: s for keys in files.values() for k, s in keys.items()}, path)
-    where = {key: file for file, keys in files.items() for key in keys}
-    head, embedding = "lm_head.weight", "model.embed_tokens.weight"
-    if config.tie_embeddings and head in where and not same_bytes((where[head], head), (where[embedding], embedding)):
-        raise ValueError(f"{path}: config.json says tie_word_embeddings, but the checkpoint's lm_head.weight is not "
-                         "its embedding; set tie_word_embeddings to false to load the head it stores")
     return config, {file: [k for k in keys if k not in ignored] for file, keys in files.items()}
 
 
 def check_keys(config, shapes, source):
-    """Check a checkpoint's {key: shape} against the model of config: an unexpected or missing key, or a wrong
-    shape, is an error naming it. Returns the keys to skip: rotary inv_freq (recomputed) and a tied lm_head (some
-    checkpoints store both anyway)."""
+    """hf.check_shapes against the tensors of the model of config (built on the meta device: no memory)."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
-    if config.tie_embeddings:
-        expected.pop("lm_head.weight")
-    ignored = []
-    for key, shape in shapes.items():
-        if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and config.tie_embeddings):
-            ignored.append(key)
-        elif key not in expected:
-            raise KeyError(f"{source}: unexpected key {key!r} for a {config.model_type} model")
-        elif tuple(shape) != expected[key]:
-            raise ValueError(f"{source}: {key} has shape {tuple(shape)}, the config expects {expected[key]}")
-    missing = [k for k in expected if k not in shapes]
-    if missing:
-        raise KeyError(f"{source}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    return ignored
-
-
-def check_tokenizer(tokenizer, config, source):
-    """A tokenizer that belongs to another model (a tokenizer.json copied from elsewhere) would train and
-    export without a word: its ids must fit the model's vocabulary, and the model's own eos and bos ids must be
-    tokens of it (its eos among the model's eos ids, when the model lists any)."""
-    if tokenizer.n_vocab > config.vocab_size:
-        raise ValueError(f"{source}: the tokenizer has {tokenizer.n_vocab} tokens but the model's vocab_size is "
-                         f"{config.vocab_size}: they do not belong together")
-    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    eos = [i for i in eos if i is not None]
-    for name, ids in (("eos_token_id", eos), ("bos_token_id", [config.bos_token_id] * (
-            config.bos_token_id is not None))):
-        if any(i >= tokenizer.n_vocab for i in ids):
-            raise ValueError(f"{source}: config.json's {name} {ids} is past the tokenizer's {tokenizer.n_vocab} "
-                             "tokens: the tokenizer belongs to another model")
-    if eos and tokenizer.eos_id is not None and tokenizer.eos_id not in eos:
-        raise ValueError(f"{source}: the tokenizer's eos token (id {tokenizer.eos_id}) is not among config.json's "
-                         f"eos_token_id {eos}: the tokenizer belongs to another model")
+    return check_shapes(expected, shapes, source, config.model_type, config.tie_embeddings)

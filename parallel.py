@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data import HELD_OUT, TEXT_KEY, corpus_files, holds_out, tokenize_corpus
-from model import Transformer, read_checkpoint, to_dtype
+from model import Transformer, read_checkpoint, softcap, to_dtype
 
 # Peak dense bf16 tensor FLOP/s, for MFU (Chowdhery et al. 2022): achieved model FLOP/s over this.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -276,23 +276,23 @@ class VocabShardedEmbedding(nn.Module):
 class VocabShardedHead(nn.Module):
     """The output layer's rows for this process's slice of the vocabulary: the logits of the slice for every
     process's hidden states, exchanged (all-to-all) so that each process gets its own rows' logits over the whole
-    vocabulary."""
+    vocabulary; soft-capped as model.Head caps them (Gemma's final_logit_softcapping)."""
 
-    def __init__(self, weight, vocab_size):
+    def __init__(self, weight, vocab_size, cap=None):
         super().__init__()
-        self.weight, self.vocab_size = weight, vocab_size
+        self.weight, self.vocab_size, self.cap = weight, vocab_size, cap
 
     def forward(self, h):
         world = dist.get_world_size()
         if world == 1:
-            return F.linear(h, self.weight)
+            return softcap(F.linear(h, self.weight), self.cap)
         hidden, n = gather_rows(h.reshape(-1, h.shape[-1]))
         width = -(-self.vocab_size // world)  # every slice padded to the same width, as all_to_all needs
         local = F.pad(F.linear(hidden, self.weight), (0, width - len(self.weight)))  # [world, n_max, width]
         parts = torch.empty_like(local)
         dist.all_to_all_single(parts, local)  # parts[r]: slice r's logits of this process's rows
         logits = parts.permute(1, 0, 2).flatten(1)[:n, :self.vocab_size]
-        return logits.view(*h.shape[:-1], self.vocab_size)
+        return softcap(logits.view(*h.shape[:-1], self.vocab_size), self.cap)
 
 
 def load_teacher(path, device, dtype, replicate=False):
@@ -310,7 +310,7 @@ def load_teacher(path, device, dtype, replicate=False):
         shard = [nn.Parameter(torch.empty(min(rows, config.vocab_size - first), config.dim, dtype=dtype),
                               requires_grad=False) for _ in range(1 if config.tie_embeddings else 2)]
     teacher.model.embed_tokens = VocabShardedEmbedding(shard[0])
-    teacher.lm_head = VocabShardedHead(shard[-1], config.vocab_size)
+    teacher.lm_head = VocabShardedHead(shard[-1], config.vocab_size, config.logit_softcap)
     for block in teacher.model.layers:
         fully_shard(block, reshard_after_forward=True)
     fully_shard(teacher, reshard_after_forward=True, ignored_params=set(shard))  # (the final norm)
