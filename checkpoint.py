@@ -260,10 +260,15 @@ def export_hf(model, config, tokenizer, out, dtype):
 
 
 def write_generation_config(out, config, source):
-    """The source checkpoint's generation defaults (sampling settings and all), with this model's bos and eos ids
-    (SFT adds the end-of-turn token to them)."""
+    """The source checkpoint's generation defaults (sampling settings and all), with this model's bos id and every
+    eos id of both: the source's stop tokens (Qwen2.5-Instruct's generation_config stops at <|endoftext|> as well
+    as config.json's <|im_end|>) and this model's (SFT adds the end-of-turn token)."""
     generation = read_json(os.path.join(source, "generation_config.json"), {}) if source else {}
-    for key in ("bos_token_id", "eos_token_id"):
-        if getattr(config, key) is not None:
-            generation[key] = getattr(config, key)
+    if config.bos_token_id is not None:
+        generation["bos_token_id"] = config.bos_token_id
+    eos = [generation.get("eos_token_id"), config.eos_token_id]
+    eos = [i for ids in eos for i in (ids if isinstance(ids, list) else [ids]) if i is not None]
+    if eos:
+        eos = list(dict.fromkeys(eos))
+        generation["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     write_atomic(os.path.join(out, "generation_config.json"), json.dumps(generation, indent=2) + "\n")

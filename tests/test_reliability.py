@@ -511,3 +511,19 @@ def test_killing_workshop_sh_stops_its_torchrun_children(tmp_path):
     while time.time() < deadline and children():
         time.sleep(0.5)
     assert children() == []
+
+
+def test_the_export_keeps_every_stop_token_of_the_source(tmp_path):
+    """generation_config.json keeps the source checkpoint's eos ids and adds the model's: Qwen2.5-Instruct stops at
+    <|im_end|> (151645, config.json's eos) and <|endoftext|> (151643, only in its generation_config), Gemma-3-it at
+    <eos> and <end_of_turn>; an export that listed only config.json's would run past the second."""
+    import transformers
+    from checkpoint import write_generation_config
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "generation_config.json").write_text(json.dumps({"bos_token_id": 151643, "do_sample": True,
+                                                               "eos_token_id": [151645, 151643]}))
+    config = ModelConfig(vocab_size=151936, bos_token_id=151643, eos_token_id=[151645, 7])  # 7: a new end of turn
+    write_generation_config(str(tmp_path), config, str(source))
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path)
+    assert generation.eos_token_id == [151645, 151643, 7] and generation.do_sample
