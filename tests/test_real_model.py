@@ -91,10 +91,11 @@ def test_greedy_generate_equals_transformers(hf, ours, ids):
 
 
 def test_speculative_greedy_equals_greedy(real, ours, ids):
-    """Any draft gives the target's own greedy output; a draft of the target's first 6 layers is accepted often."""
+    """Any draft gives the target's own greedy output; a draft of the target's first 12 layers is accepted at times
+    (Gemma-3-270M's first 6 of 18 layers never agree with it on this prompt; its first 12, about 1 in 5)."""
     draft = Transformer.from_pretrained(real[0], dtype=torch.float32).eval()
-    del draft.model.layers[6:]
-    draft.config.n_layers = 6
+    del draft.model.layers[12:]
+    draft.config.n_layers = 12
     new, stats = speculative_generate(ours, draft, ids, 32, gamma=4)
     assert new == generate(ours, ids, 32)
     assert stats["target_calls"] < 32
@@ -120,7 +121,9 @@ def data_root(tmp_path_factory):
     return root
 
 
-def assert_loads_in_transformers_with_our_logits(out, real):
+def assert_loads_in_transformers_with_our_logits(out, real, template=None):
+    """An export loads in transformers with our logits and carries the chat template it was trained with (template,
+    a file), else the source checkpoint's (none for a base model)."""
     import transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ours = Transformer.from_pretrained(out, dtype=torch.float32).eval()
@@ -128,8 +131,8 @@ def assert_loads_in_transformers_with_our_logits(out, real):
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-5, atol=1e-4)
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    template = open(real[2]).read() if real[2] else transformers.AutoTokenizer.from_pretrained(real[0]).chat_template
-    assert tok.chat_template == template
+    expected = open(template).read() if template else transformers.AutoTokenizer.from_pretrained(real[0]).chat_template
+    assert tok.chat_template == expected
     assert os.path.isfile(os.path.join(out, "generation_config.json"))
 
 
@@ -155,7 +158,7 @@ def test_one_sft_step(real, data_root, tmp_path):
     run("sft.py", "--init-from", real[0], "--domain", "telco", "--data-root", str(data_root), "--out", str(out),
         "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "128", "--save-every", "0",
         *template_flag(real))
-    assert_loads_in_transformers_with_our_logits(out, real)
+    assert_loads_in_transformers_with_our_logits(out, real, template=real[2])
 
 
 def test_one_distillation_step(real, data_root, tmp_path):
@@ -177,6 +180,7 @@ def test_evaluation_and_speculative_cli(real, data_root, tmp_path):
         "--out", str(tmp_path / "report"))
     metrics = json.load(open(tmp_path / "report.json"))["metrics"][real[0]]
     assert 0.5 < metrics["bpb/telco"] < 3 and 0 <= metrics["mcq_acc_norm/telco"] <= 1 and "rouge1/telco" in metrics
-    prompt = "What is the capital of France?" if real[2] is None else "The capital of France is"  # chat / base
+    # a chat model gets the question through its template; the base model the same as plain text after <bos>
+    prompt = "What is the capital of France?" if real[2] is None else "Q: What is the capital of France?\nA:"
     printed = run("speculative.py", "--target", real[0], "--prompt", prompt, "--max-new-tokens", "12")
     assert "Paris" in printed
