@@ -8,7 +8,7 @@ ratio ours / theirs of the throughput (above 1: ours is faster).
 2. decode    greedy speculative.generate vs transformers' generate, and speculative_generate vs transformers'
              assisted generation: same target and draft, same prompts, same number of new tokens
 3. tokenize  tokenizer.Tokenizer.encode vs the raw tiktoken Encoding inside it vs HF tokenizers on the same
-             tokenizer.json, one string and batched
+             tokenizer.json, one string and batched; with --sp-tokenizer also for a SentencePiece-style one
 4. corpus    tokenising a generated corpus of gigabytes to a token shard (data.write_tokens) with our encoder vs HF
              tokenizers' batch encoder: tokens/s and peak memory, each in a fresh process (not in the default run)
 
@@ -16,6 +16,7 @@ ratio ours / theirs of the throughput (above 1: ours is faster).
     python bench.py --only train --preset 135m --vocab-size 49152 --batch-size 8 --seq-len 1024
     python bench.py --only decode --target out/qwen-telco-sft --draft out/qwen-telco-draft --max-new-tokens 256
     python bench.py --json out/bench.json            # every number, as JSON
+    python bench.py --only tokenize --tokenizer models/smollm2-135m-instruct --sp-tokenizer models/gemma3-270m
     python bench.py --only corpus --corpus-gb 1 --corpus-dir /tmp/corpus-1gb --tokenizer models/smollm2-135m-instruct
 
 On a GPU the defaults grow (the 360m preset, 8 x 2048 tokens per step), training runs under bf16 autocast over fp32
@@ -275,8 +276,8 @@ def bench_tokenize(args):
     path = args.tokenizer or args.target
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise SystemExit(f"--tokenizer {path}: no tokenizer.json there; {PIPELINE}")
-    ours = Tokenizer.from_pretrained(path)
-    theirs = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    if args.sp_tokenizer and not os.path.isfile(os.path.join(args.sp_tokenizer, "tokenizer.json")):
+        raise SystemExit(f"--sp-tokenizer {args.sp_tokenizer}: no tokenizer.json there (python prepare_real_model.py)")
     docs = [doc for domain in find_domains(args.data_root)
             for doc in read_documents(corpus_files(args.data_root, domain, "train"))]
     if not docs:
@@ -286,10 +287,28 @@ def bench_tokenize(args):
     text = "\n\n".join(docs)
     mb = len(text.encode()) / 1e6
     print(f"[tokenize] {mb:.1f} MB: {len(docs)} documents of data/*/train", flush=True)
-    result, rows = dict(megabytes=mb, documents=len(docs), nfc=ours.nfc), []
-    one = (lambda: ours.encode(text), lambda: ours.enc.encode_ordinary(text),
+    result, rows = tokenize_rows(path, "", docs, text, mb, args)
+    result.update(megabytes=mb, documents=len(docs))
+    if args.sp_tokenizer:  # the same rows for a SentencePiece-style tokenizer (Mistral, Gemma)
+        result["sentencepiece"], sp_rows = tokenize_rows(args.sp_tokenizer, "SentencePiece-style "
+                                                         f"({os.path.basename(os.path.normpath(args.sp_tokenizer))}) ",
+                                                         docs, text, mb, args)
+        rows += sp_rows
+    return result, rows
+
+
+def tokenize_rows(path, label, docs, text, mb, args):
+    """Ours vs the raw tiktoken Encoding inside it vs HF tokenizers on one tokenizer.json, one string and batched.
+    A SentencePiece-style tokenizer's raw Encoding runs on the text it is handed (spaces already "▁") and gives
+    tiktoken's ranks, not HF's ids: the row shows what the normalising and the mapping to ids cost."""
+    ours = Tokenizer.from_pretrained(path)
+    theirs = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    theirs.encode_special_tokens = True  # as ours: special-token spellings in the text are text
+    raw_one, raw_docs = (ours.normalize(text), [ours.normalize(d) for d in docs]) if ours.sp else (text, docs)
+    result, rows = dict(nfc=ours.nfc, sentencepiece=ours.sp is not None), []
+    one = (lambda: ours.encode(text), lambda: ours.enc.encode_ordinary(raw_one),
            lambda: theirs.encode(text, add_special_tokens=False).ids)
-    batched = (lambda: ours.encode_batch(docs), lambda: ours.enc.encode_ordinary_batch(docs),
+    batched = (lambda: ours.encode_batch(docs), lambda: ours.enc.encode_ordinary_batch(raw_docs),
                lambda: [e.ids for e in theirs.encode_batch(docs, add_special_tokens=False)])
     for mode, fns in (("1 string", one), (f"batch of {len(docs)} documents", batched)):
         ids, secs = [], []
@@ -298,13 +317,14 @@ def bench_tokenize(args):
             ids.append(runs[0][0])
             secs.append(statistics.median(t for _, t in runs))
         ours_mb, tik_mb, hf_mb = (mb / s for s in secs)
-        equal = ids[0] == ids[1] == ids[2]
+        equal = ids[0] == ids[2] and (ours.sp is not None or ids[0] == ids[1])
         result[mode] = dict(mb_per_s_ours=ours_mb, mb_per_s_tiktoken=tik_mb, mb_per_s_hf=hf_mb, ids_equal=equal)
-        notes = (f"ids equal (ours, tiktoken, HF): {'yes' if equal else 'NO'}; "
+        notes = (f"ids equal ({'ours, HF' if ours.sp else 'ours, tiktoken, HF'}): {'yes' if equal else 'NO'}; "
                  f"{'one thread' if mode == '1 string' else 'tiktoken thread pool vs HF rayon pool'}")
-        rows.append(row(f"tokenize {mode}, MB/s: ours vs raw tiktoken", ours_mb, tik_mb,
-                        notes + ("; ours also NFC-normalises non-ASCII text" if ours.nfc else "")))
-        rows.append(row(f"tokenize {mode}, MB/s: ours vs HF tokenizers", ours_mb, hf_mb, notes))
+        rows.append(row(f"tokenize {label}{mode}, MB/s: ours vs raw tiktoken", ours_mb, tik_mb,
+                        notes + ("; ours also NFC-normalises non-ASCII text" if ours.nfc else "")
+                        + ("; raw tiktoken: the normalised text, its ranks" if ours.sp else "")))
+        rows.append(row(f"tokenize {label}{mode}, MB/s: ours vs HF tokenizers", ours_mb, hf_mb, notes))
     return result, rows
 
 
@@ -334,7 +354,8 @@ def timed_encode(texts):  # (the encoder's share of the time)
     return ids
 tok.encode_batch = timed_encode
 t0 = time.perf_counter()
-n = 0 if which == "idle" else write_tokens(tok, corpus_files(root, "big", "train"), out, np.uint16, 8 << 20, which)
+dtype = np.uint16 if tok.n_vocab <= 2**16 else np.uint32  # as data.tokenize_corpus (Gemma's 262,144 tokens)
+n = 0 if which == "idle" else write_tokens(tok, corpus_files(root, "big", "train"), out, dtype, 8 << 20, which)
 print(json.dumps(dict(tokens=n, seconds=time.perf_counter() - t0, encode_seconds=encoding[0],
                       peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
 """
@@ -429,6 +450,8 @@ def get_args(argv=None):
     g = p.add_argument_group("tokenize")
     g.add_argument("--tokenizer", help="HF directory with tokenizer.json (default: --target)")
     g.add_argument("--data-root", default="data", help="the text: every <domain>/train/ here, concatenated")
+    g.add_argument("--sp-tokenizer", help="also a SentencePiece-style HF directory (e.g. "
+                   "models/mistral-7b-v0.3-tokenizer, models/gemma3-270m): the same rows for it")
     g.add_argument("--tokenize-mb", type=float, default=2.0, help="the text, repeated up to this many MB")
     g.add_argument("--repeats", type=int, default=3, help="timed encodes of the text (the median is reported)")
     g = p.add_argument_group("corpus")

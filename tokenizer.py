@@ -1,10 +1,11 @@
-"""The tokenizer: byte-level BPE on tiktoken, with the same ids as a checkpoint's HF tokenizer.
+"""The tokenizer: BPE on tiktoken, with the same ids as a checkpoint's HF tokenizer.
 
-A checkpoint's tokenizer.json (byte-level BPE in the GPT-2, Llama-3, Qwen2 or SmolLM2 style) becomes a tiktoken
-Encoding that gives the same ids as HF tokenizers, also for vocabularies that lack some single bytes (HF drops those
-bytes); anything tiktoken cannot reproduce exactly is refused, with an error naming the file and the field.
-Tokenizer.train is a small byte-level BPE trainer for from-scratch models, and save_pretrained writes files that
-transformers loads with the same ids.
+A checkpoint's tokenizer.json becomes a tiktoken Encoding that gives the same ids as HF tokenizers: byte-level BPE in
+the GPT-2, Llama-3, Qwen2 or SmolLM2 style (here, also for vocabularies that lack some single bytes, which HF drops),
+and SentencePiece-style BPE with byte fallback in the Llama-2, Mistral and Gemma style (sentencepiece_bpe.py);
+anything tiktoken cannot reproduce exactly is refused, with an error naming the file and the field.
+Tokenizer.train is a small byte-level BPE trainer for from-scratch models (bpe_train.py), and save_pretrained writes
+files that transformers loads with the same ids.
 
     tokenizer = Tokenizer.from_pretrained("path/to/Qwen2.5-0.5B")     # tokenizer.json (+ tokenizer_config.json)
     ids = tokenizer.encode("Hello world")                             # no BOS/EOS added
@@ -12,19 +13,17 @@ transformers loads with the same ids.
     tokenizer.save_pretrained("out/run")                              # transformers.AutoTokenizer loads it
 """
 import hashlib
-import heapq
 import json
 import math
-import re
 import unicodedata
-from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import tiktoken
-from tqdm import tqdm
 
+from bpe_train import train_bpe
 from files import read_json, write_atomic
+from sentencepiece_bpe import SentencePieceBPE, is_sentencepiece_style
 
 # -----------------------------------------------------------------------------
 # Split patterns, byte alphabet
@@ -43,12 +42,6 @@ SMOLLM2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                   r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
-# The trainer splits text with Python's `re`, which has no \p{L} / \p{N}, so this approximates LLAMA3_PATTERN: a
-# letter is a word character that is not a decimal digit or "_", a number is a decimal digit. That only changes which
-# merges are learned, never whether encode() matches HF: encoding always splits with the exact saved pattern.
-TRAIN_SPLIT = re.compile(r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[^\r\n\w]|_)?[^\W\d_]+|\d{1,3}"""
-                         r"""| ?(?:[^\s\w]|_)+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
-
 # A trained tokenizer's special tokens: the first is end-of-text, the document separator (eos); the ChatML pair
 # delimits chat turns (Qwen2.5's simple template below, and render_chat).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -57,7 +50,8 @@ CHATML_TEMPLATE = (r"{% for message in messages %}{{'<|im_start|>' + message['ro
                    r"{% endif %}")
 # End-of-text tokens that separate pretraining documents, each with the begin-of-text token its family puts before
 # a document (None: no such token). See Tokenizer.document_ids.
-END_OF_TEXT = (("<|endoftext|>", None), ("<|end_of_text|>", "<|begin_of_text|>"), ("</s>", "<s>"))
+END_OF_TEXT = (("<|endoftext|>", None), ("<|end_of_text|>", "<|begin_of_text|>"), ("<eos>", "<bos>"),
+               ("</s>", "<s>"))  # (Gemma's vocabulary also has </s> and <s>: HTML tags, so <eos> comes first)
 # tokenizer_config.json's named special tokens: apply_chat_template passes them to the template (bos_token, ...).
 NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # The files save_pretrained copies from a checkpoint's directory (config.json etc. are model.py's business).
@@ -87,11 +81,14 @@ def bytes_to_token(b):
 # ---- reading tokenizer.json: everything tiktoken cannot reproduce exactly is refused
 
 
-def _check_bpe_model(model, file):
+def _check_model_type(model, file):
     kind = model.get("type", "BPE" if "merges" in model else None)  # very old files leave the type out
     if kind != "BPE":
-        raise ValueError(f"{file}: model.type is {kind!r}; only byte-level 'BPE' is supported "
-                         "(Unigram / SentencePiece, WordPiece and WordLevel tokenizers cannot be run by tiktoken)")
+        raise ValueError(f"{file}: model.type is {kind!r}; only 'BPE' is supported, byte-level or SentencePiece-style "
+                         "(Unigram, WordPiece and WordLevel tokenizers cannot be run by tiktoken)")
+
+
+def _check_bpe_model(model, file):
     for field in ["byte_fallback", "continuing_subword_prefix", "end_of_word_suffix", "dropout"]:
         if model.get(field):  # SentencePiece's <0xNN> fallback, word-piece affixes, random merge dropout
             raise ValueError(f"{file}: model.{field} is {model[field]!r}; tiktoken's byte-level BPE has no such "
@@ -263,58 +260,22 @@ def _pieces_holding(pattern, texts, datas, positions):
     return pieces
 
 
-# ---- BPE training helpers
-
-
-def _pop_most_frequent(heap, pair_count):
-    """Pop the pair with the highest current count off the lazy heap (None when no pairs are left)."""
-    while heap:
-        neg, pair = heapq.heappop(heap)
-        count = pair_count.get(pair, 0)
-        if count == -neg:
-            return pair
-        if count > 0:  # stale: the pair got rarer since it was pushed; put it back at its true count
-            heapq.heappush(heap, (-count, pair))
-    return None
-
-
-def _merge(word, pair, new_id, f, pair_count):
-    """Replace each occurrence of pair in word, left to right, by new_id ("aaa" with (a, a) -> [aa, a]), and move
-    the counts of the neighbouring pairs (f per occurrence): (left, a) becomes (left, new), (b, right) becomes
-    (new, right). The left neighbour is read from the output, so back-to-back merges ("abab") come out right.
-    Returns the new word and the pairs with new_id it made."""
-    a, b = pair
-    out, born, i, n = [], [], 0, len(word)
-    while i < n:
-        if i + 1 < n and word[i] == a and word[i + 1] == b:
-            if out:
-                pair_count[out[-1], a] -= f
-                pair_count[out[-1], new_id] += f
-                born.append((out[-1], new_id))
-            if i + 2 < n:
-                pair_count[b, word[i + 2]] -= f
-                pair_count[new_id, word[i + 2]] += f
-                born.append((new_id, word[i + 2]))
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return out, born
-
-
 class Tokenizer:
-    """Byte-level BPE on tiktoken: encode(text) -> ids, adding no BOS/EOS and reading special-token strings in the
-    text as plain text (so data can't inject control tokens); decode(ids) -> text."""
+    """BPE on tiktoken (byte-level here, SentencePiece-style through sp): encode(text) -> ids, adding no BOS/EOS and
+    reading special-token strings in the text as plain text (so data can't inject control tokens); decode(ids) ->
+    text."""
 
     def __init__(self, mergeable_ranks, special_tokens, pattern, *, nfc=False, eos_id=None, bos_id=None,
                  chat_template=None, special_tokens_map=None, stripped_tokens=frozenset(), merges=None, source=None,
-                 name="bpe"):
-        self.missing = bytes(b for b in range(256) if bytes([b]) not in mergeable_ranks)  # bytes HF drops
+                 name="bpe", sp=None):
         self._n_vocab = max([*mergeable_ranks.values(), *special_tokens.values()], default=-1) + 1
+        # A SentencePiece-style file: sp encodes and decodes (sentencepiece_bpe.py); mergeable_ranks is then its
+        # vocabulary (UTF-8 of each token -> id), to compare tokenizers by.
+        self.sp = sp
+        self.missing = b"" if sp else bytes(b for b in range(256) if bytes([b]) not in mergeable_ranks)  # HF drops
         placeholders = {bytes([b]): self._n_vocab + k for k, b in enumerate(self.missing)}  # never emitted
-        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks={**mergeable_ranks, **placeholders},
-                                     special_tokens=special_tokens)
+        self.enc = sp.enc if sp else tiktoken.Encoding(name, pat_str=pattern, special_tokens=special_tokens,
+                                                       mergeable_ranks={**mergeable_ranks, **placeholders})
         self._lengths = None  # bytes per id, for _drop_missing
         self.mergeable_ranks = mergeable_ranks  # bytes -> id
         self.special_tokens = special_tokens  # str -> id: every added token, e.g. {"<|im_start|>": 151644}
@@ -331,12 +292,19 @@ class Tokenizer:
     def n_vocab(self):
         return self._n_vocab
 
-    def encode(self, text):
+    def encode(self, text, at_start=True):
+        """HF's ids for text (no BOS/EOS; special-token strings are text). at_start=False: the text follows a
+        control token inside a longer input, where a Metaspace "first" tokenizer (Mistral v0.3) puts no "▁" before
+        it (chat.render_chat encodes the text between control tokens piece by piece); byte-level BPE ignores it."""
+        if self.sp:
+            return self.sp.encode(text, at_start)
         text = self.normalize(text)
         ids = self.enc.encode_ordinary(text)
         return self._drop_missing([text], [ids])[0] if self.missing and self._has_missing(text) else ids
 
     def encode_batch(self, texts):
+        if self.sp:
+            return self.sp.encode_batch(texts)
         texts = [self.normalize(t) for t in texts]
         ids = self.enc.encode_ordinary_batch(texts)  # on tiktoken's thread pool
         redo = [i for i, t in enumerate(texts) if self._has_missing(t)] if self.missing else []
@@ -378,7 +346,10 @@ class Tokenizer:
         return out
 
     def normalize(self, text):
-        """NFC, where the tokenizer.json asks for it. ASCII text is already NFC, and str.isascii() is O(1)."""
+        """NFC, where the tokenizer.json asks for it. ASCII text is already NFC, and str.isascii() is O(1).
+        SentencePiece-style: spaces as "▁", with the dummy prefix where the file puts one."""
+        if self.sp:
+            return self.sp.normalize(text)
         return unicodedata.normalize("NFC", text) if self.nfc and not text.isascii() else text
 
     @property
@@ -386,34 +357,46 @@ class Tokenizer:
         """A hash of everything that decides the ids: token shards cached under one tokenizer are not reused by
         another."""
         h = hashlib.sha256(f"{self.pattern}\0{self.nfc}\0{self.eos_id}\0{self.bos_id}\0".encode())
-        for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
-            h.update(rank.to_bytes(4, "little") + token)
+        if self.sp:  # its tokenizer.json decides the rest (normaliser, vocabulary, merges, added tokens)
+            h.update(self.files.get("tokenizer.json", b""))
+        else:
+            for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
+                h.update(rank.to_bytes(4, "little") + token)
         h.update(json.dumps(sorted(self.special_tokens.items())).encode())
         return h.hexdigest()
 
     def document_ids(self):
         """(bos, eos) that frame each corpus document for pretraining: the checkpoint's end-of-text token
-        (<|endoftext|> for Qwen and SmolLM2, <|end_of_text|> for Llama-3, </s> for Mistral), preceded by its
-        begin-of-text token where the base model was trained with one (Llama-3's <|begin_of_text|>, Mistral's
-        <s>). Not an Instruct checkpoint's eos, which ends a chat turn (<|im_end|>, <|eot_id|>): DACP text is not
-        a conversation. A tokenizer with none of these (our own) uses its eos and bos."""
+        (<|endoftext|> for Qwen and SmolLM2, <|end_of_text|> for Llama-3, <eos> for Gemma, </s> for Mistral and
+        Llama-2), preceded by its begin-of-text token where the base model was trained with one (Llama-3's
+        <|begin_of_text|>, Gemma's <bos>, Mistral's and Llama-2's <s>). Not an Instruct checkpoint's eos, which
+        ends a chat turn (<|im_end|>, <|eot_id|>): DACP text is not a conversation. A tokenizer with none of these
+        (our own) uses its eos and bos."""
         for end, begin in END_OF_TEXT:
             if end in self.special_tokens:
                 return self.special_tokens.get(begin), self.special_tokens[end]
         return self.bos_id, self.eos_id
 
     def token_byte_lengths(self):
-        """UTF-8 bytes each id stands for, as an int array [n_vocab] (special tokens: 0), for bits per byte."""
+        """UTF-8 bytes each id stands for, as an int array [n_vocab] (special tokens: 0), for bits per byte.
+        SentencePiece-style: the bytes it decodes to ("▁" one space, <0xXX> one byte, a plain added token such as
+        Gemma's newline its text); so the dummy-prefix "▁" counts one byte per document that the text lacks."""
+        if self.sp:
+            return self.sp.token_byte_lengths(self.n_vocab)
         lengths = np.zeros(self.n_vocab, dtype=np.int64)
         for token, rank in self.mergeable_ranks.items():
             lengths[rank] = len(token)
         return lengths
 
     def decode(self, ids):
+        if self.sp:
+            return self.sp.decode(ids)  # as HF's decoder chain (Replace "▁", ByteFallback, Fuse, Strip)
         return self.enc.decode(ids)  # a cut multi-byte char becomes U+FFFD, as in HF's ByteLevel decoder
 
     def token_bytes(self, ids):
         """The bytes of each id (a special token: its text)."""
+        if self.sp:
+            return self.sp.token_bytes(ids)
         return self.enc.decode_tokens_bytes(ids)
 
     @classmethod
@@ -424,19 +407,26 @@ class Tokenizer:
         file = path / "tokenizer.json"
         if not file.is_file():
             raise FileNotFoundError(f"{file}: not found; Tokenizer.from_pretrained needs an HF tokenizer directory "
-                                    "with a tokenizer.json holding a byte-level BPE")
+                                    "with a tokenizer.json holding a BPE model")
         spec = read_json(file, {})
         model = spec.get("model")
         if not isinstance(model, dict):
             raise ValueError(f"{file}: no 'model' object")
-        _check_bpe_model(model, file)
-        nfc = _uses_nfc(spec.get("normalizer"), file)
-        pattern = _split_pattern(spec.get("pre_tokenizer"), file)
+        _check_model_type(model, file)
         added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
         stripped = frozenset(t["content"] for t in spec.get("added_tokens") or []
                              if t.get("lstrip") or t.get("rstrip") or t.get("single_word"))
-        ranks = _mergeable_ranks(model, added, file)
-        _check_merges(model, ranks, file)
+        sp = None
+        if is_sentencepiece_style(spec):  # no ByteLevel step: "▁" for spaces, merges of characters
+            sp = SentencePieceBPE(spec, file)
+            nfc, pattern = False, sp.pattern
+            ranks = {s.encode("utf-8"): i for s, i in model["vocab"].items() if s not in added}
+        else:
+            _check_bpe_model(model, file)
+            nfc = _uses_nfc(spec.get("normalizer"), file)
+            pattern = _split_pattern(spec.get("pre_tokenizer"), file)
+            ranks = _mergeable_ranks(model, added, file)
+            _check_merges(model, ranks, file)
 
         config_file, gen_file = path / "tokenizer_config.json", path / "generation_config.json"
         config, gen = read_json(config_file, {}), read_json(gen_file, {})
@@ -475,7 +465,7 @@ class Tokenizer:
         try:
             tok = cls(ranks, added, pattern, nfc=nfc, eos_id=eos_id, bos_id=bos_id, chat_template=template,
                       special_tokens_map={k: v for k, v in named.items() if isinstance(v, str)},
-                      stripped_tokens=stripped, source=path, name=path.name or "bpe")
+                      stripped_tokens=stripped, source=path, name=path.name or "bpe", sp=sp)
         except ValueError as e:  # e.g. a Split regex that tiktoken's engine (fancy-regex) cannot compile
             raise ValueError(f"{file}: pre_tokenizer regex {pattern!r}: tiktoken refused it: {e}") from None
         # The files as they were when loaded: an export writes the tokenizer the run used, even if the folder it
@@ -494,46 +484,7 @@ class Tokenizer:
             raise ValueError(f"vocab_size {vocab_size} < 256 bytes + {len(special_tokens)} special tokens")
         texts = [texts] if isinstance(texts, str) else texts
 
-        # Each distinct chunk once, with its count: merges never cross chunks, so equal chunks merge alike.
-        chunk_counts = Counter()
-        for text in texts:
-            chunk_counts.update(TRAIN_SPLIT.findall(unicodedata.normalize("NFC", text)))
-        words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
-        freqs = list(chunk_counts.values())
-
-        # Pair statistics, updated incrementally: pair -> count, pair -> indices of the words that hold it (or did:
-        # a stale index is harmless, merging there changes nothing). The max-heap is lazy: it may hold stale
-        # counts, which are checked when popped.
-        pair_count, where = defaultdict(int), defaultdict(set)
-        for i, (word, f) in enumerate(zip(words, freqs)):
-            for pair in zip(word, word[1:]):
-                pair_count[pair] += f
-                where[pair].add(i)
-        heap = [(-c, pair) for pair, c in pair_count.items()]  # most frequent first; ties: the smaller ids first
-        heapq.heapify(heap)
-
-        vocab = [bytes([b]) for b in range(256)]  # id -> bytes
-        merges = []
-        for _ in tqdm(range(n_merges), desc="BPE merges", disable=None):
-            pair = _pop_most_frequent(heap, pair_count)
-            if pair is None:
-                break  # every chunk is one token already
-            new_id = len(vocab)
-            vocab.append(vocab[pair[0]] + vocab[pair[1]])
-            merges.append(pair)
-            new_pairs = set()  # pairs with the new token: the only counts that grow, so the only heap pushes
-            for i in where.pop(pair):  # rewrite only the words that hold the pair
-                words[i], born = _merge(words[i], pair, new_id, freqs[i], pair_count)
-                for p in born:
-                    where[p].add(i)
-                new_pairs.update(born)
-            del pair_count[pair]
-            for p in new_pairs:
-                if pair_count[p] > 0:  # it can be gone again: "abab" makes (ab, a), then (ab, ab)
-                    heapq.heappush(heap, (-pair_count[p], p))
-        # Can't happen: once some bytes are merged into a token, they never show up split another way.
-        assert len(set(vocab)) == len(vocab), "BPE trainer produced a duplicate token"
-
+        vocab, merges = train_bpe(texts, n_merges)
         specials = {s: len(vocab) + k for k, s in enumerate(special_tokens)}
         chatml = "<|im_start|>" in specials and "<|im_end|>" in specials
         eos = special_tokens[0] if specials else None

@@ -16,7 +16,8 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from conftest import REAL_MODEL, REPO, needs_real_model
-from tokenizer import BYTE_TO_CHAR, TRAIN_SPLIT, Tokenizer
+from bpe_train import TRAIN_SPLIT
+from tokenizer import BYTE_TO_CHAR, Tokenizer
 
 # A small multilingual corpus written for these tests: prose, code, CJK, emoji, digits, CRLF, tabs, long whitespace.
 CORPUS = [
