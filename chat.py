@@ -235,14 +235,14 @@ def render_chat(tokenizer, messages, add_generation_prompt=False):
     cuts = [(c.start(), c.end(), c.group()) for c in control.finditer(text)] if control else []
     for start, end, token in cuts + [(len(text), len(text), None)]:
         part = text[pos:start]  # the text between two control tokens: one encode, as HF does
-        tokens = tokenizer.encode(part)
+        tokens = tokenizer.encode(part, at_start=pos == 0)
         first = 0 if trained else len(tokens)  # this part's first trained token
         begins = [s - pos for s in starts if pos <= s <= start]
         if len(begins) > 1:
             raise ValueError(f"{template_file(tokenizer)}: the chat template writes no control token "
                              "between two answers, so render_chat cannot tell where the first one ends")
         if begins:  # an answer starts here: train the tokens that end after its first byte
-            before = sum(map(len, tokenizer.token_bytes(tokenizer.encode(part[:begins[0]]))))
+            before = sum(map(len, tokenizer.token_bytes(tokenizer.encode(part[:begins[0]], at_start=pos == 0))))
             ends = itertools.accumulate(map(len, tokenizer.token_bytes(tokens)))
             first, trained, found = next((i for i, e in enumerate(ends) if e > before), len(tokens)), True, found + 1
         ids += tokens
