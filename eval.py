@@ -28,8 +28,8 @@ from tqdm import tqdm
 from chat import add_chat_template_flag, check_messages, render_chat, use_chat_template
 from data import corpus_files, read_jsonl, tokenize_corpus
 from files import check_writable, write_atomic
-from speculative import (check_same_tokenizer, decode_dtype, generate_batch, is_chat_model, load, pooled_stats,
-                         prompt_ids, speculative_generate, stop_id)
+from speculative import (check_same_tokenizer, decode_dtype, generate_batch, is_chat_model, load, load_draft,
+                         pooled_stats, prompt_ids, speculative_generate, stop_id)
 from train import POSITIVE, retention, val_loss_and_bpb
 
 # -----------------------------------------------------------------------------
@@ -402,7 +402,7 @@ def main(argv=None):
         for path in args.models + ([args.draft] if args.draft else []):
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise FileNotFoundError(f"{path}: not an HF model directory (no config.json)")
-        draft = load(args.draft, torch.device(args.device), args.dtype) if args.draft else None
+        draft = load_draft(args.draft, torch.device(args.device), args.dtype) if args.draft else None
         results, answers = {}, {}
         for path in tqdm(args.models, desc="models", unit="model"):
             results[path], answers[path] = eval_model(path, args, tasks, draft)
