@@ -16,6 +16,7 @@ The loop is train.py's, checkpoints, resume and the HF export checkpoint.py's, t
 parallel.py's; speculative decoding is speculative.py's.
 """
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -35,8 +36,9 @@ from files import write_atomic
 from model import IGNORE, PRESETS, Transformer, check_tokenizer, preset_model, to_dtype
 from parallel import (check_batch_sizes, compute_dtype, gather, launch, load_teacher, log, rank_share,
                       setup_distributed, shard_model, tokenize_once)
-from speculative import (check_same_tokenizer, cost_ratio, cut_at_eos, generate_batch, is_chat_model, pooled_stats,
-                         predicted_speedup, prompt_ids, speculative_generate, stop_id)
+from speculative import (DRAFT_VOCAB, check_same_tokenizer, cost_ratio, cut_at_eos, frequent_vocab, generate_batch,
+                         is_chat_model, pooled_stats, predicted_speedup, prompt_ids, prune_head, speculative_generate,
+                         stop_id)
 from tokenizer import Tokenizer
 from train import (COUNT, POSITIVE, add_training_flags, cosine_schedule, make_optimizer, number, parse_training_args,
                    step_of, train_loop)
@@ -98,6 +100,10 @@ def get_args(argv=None):
     p.add_argument("--text-key", default="text", help="the key (column) of .jsonl / .parquet rows holding the text")
     p.add_argument("--accept-prompts", type=COUNT, default=12, help="held-out prompts for the acceptance rate")
     p.add_argument("--gamma", type=POSITIVE, default=4, help="draft tokens per round, for the acceptance measurement")
+    p.add_argument("--draft-vocab", type=POSITIVE, metavar="K",
+                   help="give the draft's head only the K tokens most frequent in the domain corpus (FR-Spec), plus "
+                        "the stop tokens: a cheaper draft step; distilled on those K; the export lists them in "
+                        f"{DRAFT_VOCAB} (default: the whole vocabulary)")
     p.add_argument("--replicate-teacher", action="store_true",
                    help="keep the whole teacher on every process instead of sharding it: more memory, but sampling "
                         "and the acceptance measurement need no collective per token (faster over gloo on CPUs)")
@@ -141,6 +147,25 @@ def load_student(args, teacher, tokenizer, device):
         del student.model.layers[args.student_layers:]
         student.config = replace(student.config, n_layers=args.student_layers)
     return student
+
+
+def draft_vocabulary(tokenizer, teacher, args):
+    """--draft-vocab K: the K tokens most frequent in the domain's training corpus (FR-Spec ranks by corpus
+    frequency), plus the teacher's stop tokens; (ids, the share of the corpus's tokens they cover)."""
+    tokens = tokenize_once(tokenizer, args.data_root, args.domain, "train", args.text_key)
+    counts = np.bincount(np.asarray(tokens), minlength=teacher.config.vocab_size)[:teacher.config.vocab_size]
+    eos = teacher.config.eos_token_id
+    kept = frequent_vocab(counts, args.draft_vocab, keep=(eos if isinstance(eos, list) else [eos]) +
+                          [stop_id(teacher, tokenizer)])
+    return kept, float(counts[kept].sum() / max(1, counts.sum()))
+
+
+def pruned_copy(student, kept):
+    """The draft as speculative decoding will run it: a copy whose head scores only the kept ids (or the student
+    itself without --draft-vocab)."""
+    if kept is None:
+        return student
+    return prune_head(copy.deepcopy(student), kept)
 
 
 # -----------------------------------------------------------------------------
@@ -321,11 +346,12 @@ def record_acceptance(out, when, result, rank):
         write_atomic(path, json.dumps({**done, when: result}, indent=2) + "\n")
 
 
-def distilled(student, teacher, batch, kind, temperature=1.0, alpha=0.0):
+def distilled(student, teacher, batch, kind, temperature=1.0, alpha=0.0, kept=None):
     """The distillation loss summed over the positions of a [B, 2, T] (ids, labels) batch that have a label, plus
     alpha x the cross-entropy on the labels. A chunk of positions at a time: the teacher's final hidden states go
     through its head chunk by chunk beside the student's (model.ChunkedLoss), so neither model's logits of the
-    whole batch exist at once."""
+    whole batch exist at once. kept (a reduced draft vocabulary): both distributions over those ids alone, each
+    renormalised there, since the draft will never propose another (EAGLE-3 trains its reduced head so)."""
     x, labels = batch[:, 0], batch[:, 1]
     with torch.no_grad():
         teacher_hidden = teacher.hidden(x).flatten(0, 1)
@@ -335,7 +361,11 @@ def distilled(student, teacher, batch, kind, temperature=1.0, alpha=0.0):
         with torch.no_grad():
             teacher_logits = teacher.lm_head(teacher_hidden[rows])
         everywhere = torch.ones(len(rows), device=logits.device)  # (a chunk may be empty: its sum is 0, not NaN)
-        loss = distillation_loss(logits, teacher_logits, everywhere, kind, temperature) * len(rows)
+        if kept is None:
+            loss = distillation_loss(logits, teacher_logits, everywhere, kind, temperature)
+        else:
+            loss = distillation_loss(logits[:, kept], teacher_logits[:, kept], everywhere, kind, temperature)
+        loss = loss * len(rows)
         if alpha:
             loss = (1 - alpha) * loss + alpha * F.cross_entropy(logits.float(), y[rows], reduction="sum")
         return loss
@@ -366,11 +396,16 @@ def run(args):
     if args.seq_len > min(teacher.config.max_seq_len, student.config.max_seq_len):
         raise SystemExit(f"--seq-len {args.seq_len} exceeds a model's context")
     record_run(out, args)
+    kept = None
+    if args.draft_vocab:
+        kept, coverage = draft_vocabulary(tokenizer, teacher, args)
+        log(f"draft vocabulary: {len(kept):,} of {teacher.config.vocab_size:,} tokens (--draft-vocab "
+            f"{args.draft_vocab} + stop tokens), {coverage:.1%} of the {args.domain} corpus's tokens")
     held_out = domain_prompts(tokenizer, teacher, args, "val")[:args.accept_prompts]
     if not held_out:
         log("--accept-prompts 0 (or no held-out prompts): the acceptance rate is not measured")
     if fresh and held_out:  # (on every process: the sharded teacher's forward passes are collectives)
-        before = acceptance(teacher, student, tokenizer, held_out, args)
+        before = acceptance(teacher, pruned_copy(student, kept), tokenizer, held_out, args)
         log(acceptance_line("before distillation", before, args.gamma))
         record_acceptance(out, "before", before, rank)
     eos = stop_id(teacher, tokenizer)
@@ -394,7 +429,7 @@ def run(args):
 
     def loss_fn(model, batch):
         """Summed over the distilled tokens (train_loop divides by their global count)."""
-        return distilled(model, teacher, batch, args.loss, args.temperature, args.alpha)
+        return distilled(model, teacher, batch, args.loss, args.temperature, args.alpha, kept)
 
     val_rows = None
 
@@ -407,7 +442,7 @@ def run(args):
                         zip(held_out, generate_batch(teacher, held_out, args.gen_tokens))]
         batch = torch.from_numpy(pad_rows(val_rows, pad_id)).to(device)
         with torch.no_grad():
-            tvd = distilled(model, teacher, batch, "tvd").item() / int((batch[:, 1] != IGNORE).sum())
+            tvd = distilled(model, teacher, batch, "tvd", kept=kept).item() / int((batch[:, 1] != IGNORE).sum())
         return {f"tvd/{args.domain}": tvd}
 
     start_step = resume(model, optimizer, out) if args.resume else 0
@@ -419,8 +454,11 @@ def run(args):
                evaluate_fn=evaluate_fn if held_out else None, device=device)
     with memory.stage(out, "export", device):
         export_hf(model, student.config, tokenizer, out, to_dtype(student.config.dtype))  # (a preset's: fp32)
+    if kept is not None and rank == 0:  # (speculative.load_draft prunes the head to these)
+        write_atomic(os.path.join(out, DRAFT_VOCAB), json.dumps({"ids": kept, "draft_vocab": args.draft_vocab,
+                                                                  "coverage": round(coverage, 6)}) + "\n")
     if held_out:
-        draft = Transformer.from_pretrained(out, device=device).eval()
+        draft = pruned_copy(Transformer.from_pretrained(out, device=device).eval(), kept)
         after = acceptance(teacher, draft, tokenizer, held_out, args)
         log(acceptance_line("after distillation", after, args.gamma))
         record_acceptance(out, "after", after, rank)

@@ -245,3 +245,20 @@ def test_a_bf16_student_is_exported_in_bf16(teacher, tmp_path):
                     "--max-steps", "1", "--accept-prompts", "0")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "d" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_a_reduced_draft_vocabulary_is_chosen_exported_and_measured(teacher, tmp_path):
+    """--draft-vocab K: the export lists the K ids most frequent in the domain corpus plus the teacher's stop token,
+    load_draft gives the draft that head, and the acceptance is measured with it before and after."""
+    from speculative import DRAFT_VOCAB, load_draft
+    root, _ = teacher
+    out = tmp_path / "pruned"
+    r = run_distill(root, out, "--data", "text", "--max-steps", "2", "--draft-vocab", "60")
+    assert r.returncode == 0, r.stderr[-3000:]
+    printed = r.stdout + r.stderr
+    assert "draft vocabulary: " in printed and "after distillation: acceptance rate" in printed
+    ids = json.loads(open(out / DRAFT_VOCAB).read())["ids"]
+    eos = Transformer.from_pretrained(root / "teacher").config.eos_token_id
+    assert 60 <= len(ids) <= 61 and eos in ids and ids == sorted(set(ids))
+    draft, _ = load_draft(out, torch.device("cpu"))
+    assert draft.vocab_ids.tolist() == ids and draft.lm_head.weight.shape[0] == len(ids)

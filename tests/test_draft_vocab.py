@@ -97,3 +97,24 @@ def test_an_exported_pruned_draft_loads_whole_in_transformers_and_pruned_in_load
     (tmp_path / DRAFT_VOCAB).write_text(json.dumps({"ids": [1, 300]}))
     with pytest.raises(ValueError, match="draft_vocab.json: ids must be token ids"):
         load_draft(tmp_path, torch.device("cpu"))
+
+
+def test_distillation_on_the_kept_ids_is_the_kl_of_the_renormalised_distributions():
+    """distill.distilled with kept ids: sum over positions of KL(p || q), p and q the teacher's and the student's
+    softmax over the kept ids alone (T = 1), written out here."""
+    from distill import distilled
+    from model import IGNORE, ModelConfig, Transformer
+    torch.manual_seed(0)
+    config = ModelConfig.from_preset("tiny", vocab_size=50, max_seq_len=32)
+    student, teacher = Transformer(config), Transformer(config)
+    for m in (student, teacher):
+        m.init_weights(0.5)
+    ids = torch.randint(0, 50, (2, 12))
+    labels = torch.full((2, 12), IGNORE)
+    labels[:, 4:] = ids[:, 4:]
+    kept = [0, 3, 7, 11, 20, 49]
+    loss = distilled(student, teacher, torch.stack([ids, labels], 1), "fkl", kept=kept)
+    with torch.no_grad():
+        p = torch.softmax(teacher(ids)[:, 4:, kept].double(), -1)
+        q = torch.softmax(student(ids)[:, 4:, kept].double(), -1)
+    assert loss.item() == pytest.approx((p * (p.log() - q.log())).sum().item(), rel=1e-5)
