@@ -17,6 +17,7 @@ ratio ours / theirs of the throughput (above 1: ours is faster).
     python bench.py --only decode --target out/qwen-telco-sft --draft out/qwen-telco-draft --max-new-tokens 256
     python bench.py --json out/bench.json            # every number, as JSON
     python bench.py --only tokenize --tokenizer models/smollm2-135m-instruct --sp-tokenizer models/gemma3-270m
+    python bench.py --only draft-vocab --target models/smollm2-135m-instruct --draft-layers 4 --gamma 1 --n-prompts 8
     python bench.py --only corpus --corpus-gb 1 --corpus-dir /tmp/corpus-1gb --tokenizer models/smollm2-135m-instruct
 
 On a GPU the defaults grow (the 360m preset, 8 x 2048 tokens per step), training runs under bf16 autocast over fp32
@@ -42,11 +43,12 @@ import torch.nn.functional as F
 import transformers
 
 import speculative
-from data import corpus_files, find_domains, read_documents
+from data import corpus_files, find_domains, read_documents, tokenize_corpus
 from files import write_atomic
 from model import PRESETS, ModelConfig, Transformer, to_dtype
-from speculative import (bench_prompts, check_same_tokenizer, compare_decoders, generate, generate_batch, load,
-                         pooled_stats, prompt_ids, speculative_generate, timed)
+from speculative import (bench_prompts, check_same_tokenizer, compare_decoders, cost_ratio, frequent_vocab, generate,
+                         generate_batch, load, load_draft, pooled_stats, predicted_speedup, prompt_ids, prune_head,
+                         speculative_generate, stop_id, timed)
 from tokenizer import Tokenizer
 from parallel import PEAK_FLOPS, by_gpu_name
 from train import make_optimizer
@@ -213,7 +215,7 @@ def bench_decode(args, device):
             raise SystemExit(f"{flag} {path}: no HF model directory there (no config.json); {PIPELINE}")
     dtype = to_dtype(args.dtype)
     target, tokenizer = load(args.target, device, dtype)
-    draft, draft_tokenizer = load(args.draft, device, dtype)
+    draft, draft_tokenizer = load_draft(args.draft, device, dtype)  # (its reduced head, if it has one)
     check_same_tokenizer(tokenizer, draft_tokenizer)
     target_hf, draft_hf = load_hf(args.target, device, dtype), load_hf(args.draft, device, dtype, args.gamma)
     prompts = [prompt_ids(target, tokenizer, p) for p in bench_prompts(args)]
@@ -265,6 +267,38 @@ def bench_decode(args, device):
             rows.append(row(f"{name}, tokens/s ({args.dtype}, {mode})", r["tokens_per_s_ours"],
                             r["tokens_per_s_theirs"], notes))
         result[mode] = dict(plain=plain, batched=batched, speculative=spec)
+    return result, rows
+
+
+def bench_draft_vocab(args, device):
+    """FR-Spec's trade-off, measured: the draft's head over the K tokens most frequent in --domain's corpus, for each
+    K of --draft-vocab-sizes (0: the whole vocabulary): the share of the corpus's tokens they cover, the draft's
+    step cost c (one draft step over one target step, timed), greedy acceptance on the bench prompts, and the
+    speedup Leviathan et al. predict from them. The draft is --draft, or with --draft-layers N the target's first
+    N layers (undistilled)."""
+    dtype = to_dtype(args.dtype)
+    target, tokenizer = load(args.target, device, dtype)
+    tokens = tokenize_corpus(tokenizer, args.data_root, args.domain, "train", skip_held_out=True)
+    counts = torch.bincount(torch.from_numpy(tokens.astype("int64")), minlength=target.config.vocab_size)
+    prompts = [prompt_ids(target, tokenizer, p) for p in bench_prompts(args)]
+    eos = stop_id(target, tokenizer)
+    result, rows = {}, []
+    for k in [int(k) for k in args.draft_vocab_sizes.split(",")]:
+        draft = load(args.draft, device, dtype)[0] if not args.draft_layers else load(args.target, device, dtype)[0]
+        if args.draft_layers:
+            del draft.model.layers[args.draft_layers:]
+            draft.config.n_layers = args.draft_layers
+        if k:
+            prune_head(draft, frequent_vocab(counts, k, keep=[eos]))
+        runs = [speculative_generate(target, draft, ids, args.max_new_tokens, gamma=args.gamma, eos_id=eos)[1]
+                for ids in prompts]
+        a, c = pooled_stats(runs, args.gamma)["acceptance_rate"], cost_ratio(target, draft)
+        kept = draft.vocab_ids if k else torch.arange(len(counts))
+        r = dict(coverage=float(counts[kept].sum() / counts.sum()), cost_ratio=c, acceptance=a,
+                 predicted_speedup=predicted_speedup(a, args.gamma, c))
+        result[k or "all"] = r
+        print(f"[draft-vocab] K {k or 'all'}: coverage {r['coverage']:.1%}, c {c:.3f}, acceptance {a:.3f}, "
+              f"predicted {r['predicted_speedup']:.2f}x", flush=True)
     return result, rows
 
 
@@ -447,6 +481,10 @@ def get_args(argv=None):
     g.add_argument("--gamma", type=int, default=4, help="draft tokens per round, both sides")
     g.add_argument("--decode-batch", type=int, default=8, help="rows of the batched decoding row (the prompts, "
                    "repeated as needed)")
+    g = p.add_argument_group("draft-vocab (also --target, --draft, --prompts, --n-prompts, --max-new-tokens, --gamma)")
+    g.add_argument("--draft-vocab-sizes", default="1024,4096,16384,0", help="K of each row (0: the whole vocabulary)")
+    g.add_argument("--draft-layers", type=int, help="the draft: the target's first N layers instead of --draft")
+    g.add_argument("--domain", default="telco", help="whose --data-root corpus ranks the tokens")
     g = p.add_argument_group("tokenize")
     g.add_argument("--tokenizer", help="HF directory with tokenizer.json (default: --target)")
     g.add_argument("--data-root", default="data", help="the text: every <domain>/train/ here, concatenated")
@@ -465,8 +503,8 @@ def main(argv=None):
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     sections = args.only.split(",")
-    if set(sections) - {"train", "decode", "tokenize", "corpus"}:
-        raise SystemExit(f"--only {args.only}: sections are train, decode, tokenize, corpus")
+    if set(sections) - {"train", "decode", "draft-vocab", "tokenize", "corpus"}:
+        raise SystemExit(f"--only {args.only}: sections are train, decode, draft-vocab, tokenize, corpus")
     # defaults sized for the device: a 2-3 minute run on a laptop CPU, a model worth measuring on a GPU
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.compile = gpu if args.compile is None else args.compile
@@ -489,6 +527,8 @@ def main(argv=None):
             results[name], new_rows = bench_train(args, device)
         elif name == "decode":
             results[name], new_rows = bench_decode(args, device)
+        elif name == "draft-vocab":
+            results[name], new_rows = bench_draft_vocab(args, device)
         elif name == "corpus":
             results[name], new_rows = bench_corpus(args)
         else:
