@@ -243,8 +243,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
         if rope is not None:  # (a NoPE layer sees no positions: causal masking alone orders its tokens)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+        if input_pos is not None:  # the cache's columns the mask covers: those written so far (see Transformer._mask)
+            k, v = (t[:, :, :mask.shape[-1]] for t in self.kv_cache.update(input_pos, k, v))
         # SDPA picks flash / memory-efficient kernels on GPU; enable_gqa shares each k/v head across
         # n_heads / n_kv_heads query heads without materialising copies.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
@@ -485,13 +485,15 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def _mask(self, window, pos, cached, unpadded=None):
-        """Boolean attention mask (True = attend), or None for plain causal attention (SDPA's is_causal)."""
+        """Boolean attention mask (True = attend), or None for plain causal attention (SDPA's is_causal). Cached:
+        the query rows at pos over the cache's first S columns, those written so far, which are all attention reads
+        (not the whole static cache); all of them under torch.compile (static shapes: one graph for every step)."""
+        S = self.max_seq_len if torch.compiler.is_compiling() or not cached else int(pos.max()) + 1
         if cached and unpadded is not None:  # per row: not its padding, but a padding query sees itself (no NaN)
-            S = self.max_seq_len
             itself = torch.arange(S, device=pos.device) == pos[:, None]
-            return (self.cache_masks[window][pos] & (unpadded[:, None, :S] | itself))[:, None]
-        if cached:  # the query rows at pos, over the whole static cache
-            return self.cache_masks[window][pos][None, None]
+            return (self.cache_masks[window][pos, :S] & (unpadded[:, None, :S] | itself))[:, None]
+        if cached:
+            return self.cache_masks[window][pos, :S][None, None]
         if window is None:
             return None
         # sliding window (Mistral; Gemma-3's and EXAONE-4's local layers): query i sees keys i - window < j <= i
