@@ -18,6 +18,7 @@ ratio ours / theirs of the throughput (above 1: ours is faster).
     python bench.py --json out/bench.json            # every number, as JSON
     python bench.py --only tokenize --tokenizer models/smollm2-135m-instruct --sp-tokenizer models/gemma3-270m
     python bench.py --only draft-vocab --target models/smollm2-135m-instruct --draft-layers 4 --gamma 1 --n-prompts 8
+    python bench.py --only verify --target models/smollm2-135m-instruct
     python bench.py --only corpus --corpus-gb 1 --corpus-dir /tmp/corpus-1gb --tokenizer models/smollm2-135m-instruct
 
 On a GPU the defaults grow (the 360m preset, 8 x 2048 tokens per step), training runs under bf16 autocast over fp32
@@ -48,7 +49,7 @@ from files import write_atomic
 from model import PRESETS, ModelConfig, Transformer, to_dtype
 from speculative import (bench_prompts, check_same_tokenizer, compare_decoders, cost_ratio, frequent_vocab, generate,
                          generate_batch, load, load_draft, pooled_stats, predicted_speedup, prompt_ids, prune_head,
-                         speculative_generate, stop_id, timed)
+                         speculative_generate, step_time, stop_id, timed)
 from tokenizer import Tokenizer
 from parallel import PEAK_FLOPS, by_gpu_name
 from train import make_optimizer
@@ -302,6 +303,20 @@ def bench_draft_vocab(args, device):
     return result, rows
 
 
+def bench_verify(args, device):
+    """The target's verification pass over gamma + 1 = 2..5 tokens, in its one-token decode steps
+    (speculative.verify_cost's ratio), in fp32 and bf16. Leviathan et al. take it as 1 (a memory-bound step reads
+    the weights once for any few tokens); every tenth above 1 comes off the speedup."""
+    result = {}
+    for dtype in ("float32", "bfloat16"):
+        target = load(args.target, device, to_dtype(dtype))[0]
+        one = step_time(target)
+        result[dtype] = dict(step_ms=one * 1e3, **{str(n): step_time(target, n) / one for n in range(2, 6)})
+        print(f"[verify] {dtype}: one-token step {one * 1e3:.1f} ms; pass over 2..5 tokens: " +
+              ", ".join(f"{result[dtype][str(n)]:.2f}" for n in range(2, 6)) + " steps", flush=True)
+    return result, []
+
+
 # -----------------------------------------------------------------------------
 # 3. Tokenisation
 
@@ -503,8 +518,8 @@ def main(argv=None):
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     sections = args.only.split(",")
-    if set(sections) - {"train", "decode", "draft-vocab", "tokenize", "corpus"}:
-        raise SystemExit(f"--only {args.only}: sections are train, decode, draft-vocab, tokenize, corpus")
+    if set(sections) - {"train", "decode", "draft-vocab", "verify", "tokenize", "corpus"}:
+        raise SystemExit(f"--only {args.only}: sections are train, decode, draft-vocab, verify, tokenize, corpus")
     # defaults sized for the device: a 2-3 minute run on a laptop CPU, a model worth measuring on a GPU
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.compile = gpu if args.compile is None else args.compile
@@ -527,6 +542,8 @@ def main(argv=None):
             results[name], new_rows = bench_train(args, device)
         elif name == "decode":
             results[name], new_rows = bench_decode(args, device)
+        elif name == "verify":
+            results[name], new_rows = bench_verify(args, device)
         elif name == "draft-vocab":
             results[name], new_rows = bench_draft_vocab(args, device)
         elif name == "corpus":
