@@ -6,18 +6,23 @@
 Reads what the stages wrote under <out>: eval-<domain>.json (base, DACP, DACP + SFT), speculative-<domain>.json,
 <domain>-draft/acceptance.json (the draft before and after distillation), stage-times.txt, and each ablation's
 output once it has run (ABLATION=... in workshop.sh). A row whose ablation has not run names the command that
-fills it. Writes <out>/paper-vs-ours.md and .json.
+fills it. Writes <out>/paper-vs-ours.md and .json, and, when matplotlib is installed (it is optional: without it, one
+line says so), two pictures beside them: <out>/replay-tradeoff.png (domain bpb against held-out retention, a point
+per replay ratio) and <out>/loss-curves.png (train and held-out loss against step of DACP, SFT and distillation).
+`--compare OUT2` draws another track (the other checkpoint's) into the same pictures.
 
 Every number carries its noise: an accuracy over n questions has a standard error of sqrt(p (1 - p) / n) (one
 question is worth 100 / n points), and a ROUGE-1 difference between two models on the same questions the standard
 error of its per-question differences.
 """
 import argparse
+import io
 import json
 import math
 import os
 import sys
 
+from checkpoint import read_metrics
 from data import read_jsonl
 from eval import rouge1
 from files import read_json, write_atomic
@@ -61,6 +66,16 @@ def paired_rouge1(hyps_a, hyps_b, refs):
     return f"difference {mean:+.2f} ± {sd / math.sqrt(len(d)):.2f} (paired over {len(d)} questions)"
 
 
+def replay_sweep(out, domain):
+    """{ratio: metrics} of <out>/eval-replay-<domain>.json, or None before it has run. Its models, in workshop.sh's
+    order: the base (left out here), then <out>/replay-sweep/replay-<ratio> for each ratio."""
+    report = read_json(os.path.join(out, f"eval-replay-{domain}.json"))
+    if not report:
+        return None
+    _, *runs = report["metrics"].items()
+    return {os.path.basename(path).removeprefix("replay-"): m for path, m in runs}
+
+
 def answers_of(report, index, domain):
     """The QA answers of the index-th model of an eval.py report."""
     return list(report["answers"].values())[index][domain]
@@ -96,12 +111,11 @@ def rows(out, domain, n_items, refs):
         table.append(("domain", "DACP gains the domain", gain, track))
 
     # the replay sweep: domain bpb against held-out retention, one DACP run per ratio
-    report = read_json(os.path.join(out, f"eval-replay-{domain}.json"))
-    if report:  # its models: the base, then <out>/replay-sweep/replay-<ratio> for each ratio
-        sweep = {os.path.basename(path).removeprefix("replay-"): m for path, m in report["metrics"].items()}
+    sweep = replay_sweep(out, domain)
+    if sweep:
         cells = [f"{r}: {domain} bpb {m[f'bpb/{domain}']:.4f}, held-out bpb retention "
                  f"{pct(m['retention_bpb/heldout'])}, MCQ {pct(m['mcq_acc_norm/heldout'])}"
-                 for r, m in list(sweep.items())[1:]]
+                 for r, m in sweep.items()]
         table.append(("replay", "the replay trade-off", "replay ratio " + "; ".join(cells),
                       ablation.format("replay")))
     else:
@@ -179,14 +193,137 @@ def eval_sizes(data_root, domain):
     return sizes
 
 
+# -----------------------------------------------------------------------------
+# Pictures: the replay trade-off and the loss curves, drawn when matplotlib is installed (never required)
+
+# <out>/<domain><suffix>/metrics.jsonl, and what its train loss is (distillation's depends on distill.py --loss)
+STAGES = (("", "DACP", "loss (nats per token)"), ("-sft", "SFT", "loss (nats per token)"),
+          ("-draft", "distillation", "distillation loss"))
+
+
+def checkpoint_name(out, domain):
+    """The name of the checkpoint a track adapted (its base, the first model of its eval reports), to label its
+    series; the folder's name before any report exists."""
+    for name in (f"eval-{domain}.json", f"eval-replay-{domain}.json"):
+        report = read_json(os.path.join(out, name))
+        if report and report.get("metrics"):
+            return os.path.basename(os.path.normpath(next(iter(report["metrics"]))))
+    return os.path.basename(os.path.normpath(out))
+
+
+def replay_points(out, domain):
+    """[(ratio, held-out bpb retention in %, domain bpb)] of a track's replay sweep, in the sweep's order; runs
+    scored without the held-out set are left out (they have no retention to place them by)."""
+    sweep = replay_sweep(out, domain)
+    return [(r, 100 * m["retention_bpb/heldout"], m[f"bpb/{domain}"]) for r, m in (sweep or {}).items()
+            if "retention_bpb/heldout" in m and f"bpb/{domain}" in m]
+
+
+def loss_curves(out, domain):
+    """{stage: {series: [(step, value)]}} from each stage's metrics.jsonl: the train loss of every step, and the
+    held-out measures of the evaluation rows (val/<name> in nats per token, as the train loss; distillation's
+    tvd/<domain> to the teacher, a different unit). A damaged file is skipped with a note: pictures are extras."""
+    curves = {}
+    for suffix, stage, _ in STAGES:
+        path = os.path.join(out, domain + suffix, "metrics.jsonl")
+        try:
+            metrics = read_metrics(path)
+        except ValueError as e:
+            print(f"plots: skipping {e}", file=sys.stderr)
+            continue
+        series = {}
+        for row in metrics:
+            for key, value in row.items():
+                if (key == "loss" or key.startswith(("val/", "tvd/"))) and isinstance(value, (int, float)):
+                    series.setdefault("train loss" if key == "loss" else key, []).append((row["step"], value))
+        if series:
+            curves[stage] = series
+    return curves
+
+
+def save_png(fig, path):
+    """Render with Agg (no display needed, nothing global: pyplot is never imported) and write atomically, so a
+    reader never sees half a picture and a failed write leaves the last one."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    write_atomic(path, buf.getvalue())
+    return path
+
+
+def plots(outs, domain):
+    """Draw <outs[0]>/replay-tradeoff.png and loss-curves.png, a series (or a row) per track in outs; returns the
+    paths written. Without matplotlib: one line on stderr and nothing written."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("plots: matplotlib is not installed (pip install matplotlib), so no PNGs", file=sys.stderr)
+        return []
+    written = []
+    names = [checkpoint_name(out, domain) for out in outs]
+
+    sweeps = [(name, replay_points(out, domain)) for name, out in zip(names, outs)]
+    if any(points for _, points in sweeps):
+        fig = Figure(figsize=(6.4, 4.8))
+        ax = fig.add_subplot()
+        for name, points in sweeps:
+            if points:
+                line, = ax.plot([p[1] for p in points], [p[2] for p in points], "o-", label=name)
+                for ratio, x, y in points:  # each point named by its replay ratio
+                    ax.annotate(ratio, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8,
+                                color=line.get_color())
+        ax.axvline(100, color="grey", linewidth=0.8, linestyle=":")  # the base: nothing forgotten, nothing repaired
+        ax.set(xlabel="held-out general bpb retention (%), right: less forgotten",
+               ylabel=f"{domain} bpb, down: more of the domain learnt",
+               title="the replay trade-off (labels: replay ratio)")
+        ax.legend()
+        written.append(save_png(fig, os.path.join(outs[0], "replay-tradeoff.png")))
+
+    tracks = [(name, loss_curves(out, domain)) for name, out in zip(names, outs)]
+    tracks = [(name, curves) for name, curves in tracks if curves]
+    if tracks:
+        fig = Figure(figsize=(4.2 * len(STAGES), 3.4 * len(tracks)))
+        axes = fig.subplots(len(tracks), len(STAGES), squeeze=False)
+        for row, (name, curves) in zip(axes, tracks):
+            for ax, (_, stage, ylabel) in zip(row, STAGES):
+                ax.set_title(f"{name}: {stage}", fontsize=10)
+                series = curves.get(stage)
+                if not series:
+                    ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
+                    continue
+                other = None  # a second y axis for a held-out measure in another unit than the loss (TVD)
+                for key, points in series.items():
+                    target = ax
+                    if key != "train loss" and not key.startswith("val/"):
+                        if other is None:
+                            other = ax.twinx()
+                            other.set_ylabel("held-out TVD to the teacher")
+                        target = other
+                    # evaluations are a few points (and a smoke run's loss one): show each one
+                    style = "-" if key == "train loss" and len(points) > 1 else "o--"
+                    target.plot(*zip(*points), style, label=key, markersize=3,
+                                **({} if target is ax else {"color": "tab:red"}))
+                ax.set(xlabel="step", ylabel=ylabel)
+                handles = [h for a in (ax, other) if a for h in a.get_legend_handles_labels()[0]]
+                ax.legend(handles=handles, fontsize=7)
+        fig.tight_layout()
+        written.append(save_png(fig, os.path.join(outs[0], "loss-curves.png")))
+    return written
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="the track's output directory (e.g. out/real)")
     p.add_argument("--domain", default="telco")
     p.add_argument("--data-root", default="data")
+    p.add_argument("--compare", action="append", default=[], metavar="OUT",
+                   help="another track's output directory (the other checkpoint's) to draw beside this one in the "
+                        "pictures; repeatable")
     args = p.parse_args(argv)
-    if not os.path.isdir(args.out):
-        raise SystemExit(f"{args.out}: no such directory (run the track first: TARGET=<checkpoint> bash workshop.sh)")
+    for out in [args.out] + args.compare:
+        if not os.path.isdir(out):
+            raise SystemExit(f"{out}: no such directory (run the track first: TARGET=<checkpoint> bash workshop.sh)")
     try:
         table = rows(args.out, args.domain, eval_sizes(args.data_root, args.domain),
                      qa_references(args.data_root, args.domain))
@@ -212,6 +349,13 @@ def main(argv=None):
     except OSError as e:  # a read-only or full place: one line, the earlier table intact
         raise SystemExit(f"error: writing {args.out}/paper-vs-ours: {e.strerror}") from None
     print(f"written: {os.path.join(args.out, 'paper-vs-ours.md')}", file=sys.stderr)
+    try:
+        for path in plots([args.out] + args.compare, args.domain):
+            print(f"written: {path}", file=sys.stderr)
+    except OSError as e:
+        raise SystemExit(f"error: writing a picture in {args.out}: {e.strerror}") from None
+    except (KeyError, ValueError) as e:  # a report whose table was fine but lacks what a picture needs
+        raise SystemExit(f"error: drawing the pictures: {e}") from None
 
 
 if __name__ == "__main__":

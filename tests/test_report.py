@@ -3,6 +3,7 @@ scores (rouge_score per question, statistics.stdev), and an accuracy's standard 
 import json
 import math
 import statistics
+import sys
 
 import pytest
 from conftest import REPO
@@ -80,3 +81,78 @@ def test_an_unwritable_report_is_a_one_line_error(tmp_path):
     (out / "paper-vs-ours.md").mkdir()  # (root ignores file modes: a folder in the way fails the same as they do)
     with pytest.raises(SystemExit, match=r"error: writing .*paper-vs-ours"):
         report.main([str(out), "--data-root", REPO + "/data"])
+
+
+# -----------------------------------------------------------------------------
+# The pictures: drawn from the same outputs when matplotlib is there, one line when it is not
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def with_sweep_and_curves(out, base="models/smollm2-135m-instruct"):
+    """Add to a track's <out> what the pictures read: the replay sweep's eval report (the base, then a run per
+    ratio) and each stage's metrics.jsonl (train loss every step, held-out rows at some steps)."""
+    keys = ("bpb/telco", "retention_bpb/heldout", "mcq_acc_norm/heldout")
+    metrics = {base: dict(zip(keys, (1.5, 1.0, 0.7)))}
+    for ratio, bpb, kept in (("0", 1.20, 0.95), ("0.5", 1.25, 1.01), ("0.75", 1.32, 1.03)):
+        metrics[f"{out}/replay-sweep/replay-{ratio}"] = dict(zip(keys, (bpb, kept, 0.7)))
+    (out / "eval-replay-telco.json").write_text(json.dumps({"metrics": metrics}))
+    for stage, held_out in (("telco", "val/telco"), ("telco-sft", "val/3_expert"), ("telco-draft", "tvd/telco")):
+        (out / stage).mkdir()
+        rows = [{"step": s, "loss": 3.0 / s, "lr": 1e-4, **({held_out: 2.0 / s} if s % 5 == 0 else {})}
+                for s in range(1, 21)]
+        (out / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def test_the_pictures_read_the_sweep_and_each_stage(tmp_path):
+    out = with_sweep_and_curves(track_outputs(tmp_path / "out"))
+    assert report.replay_points(str(out), "telco") == [("0", 95.0, 1.20), ("0.5", 101.0, 1.25),
+                                                       ("0.75", 103.0, 1.32)]
+    curves = report.loss_curves(str(out), "telco")
+    assert set(curves) == {"DACP", "SFT", "distillation"}
+    assert curves["SFT"]["train loss"][0] == (1, 3.0) and len(curves["SFT"]["train loss"]) == 20
+    assert curves["SFT"]["val/3_expert"] == [(5, 0.4), (10, 0.2), (15, 2.0 / 15), (20, 0.1)]
+    assert set(curves["distillation"]) == {"train loss", "tvd/telco"}
+    assert report.checkpoint_name(str(tmp_path / "none"), "telco") == "none"
+
+
+def test_pictures_are_png_files_beside_the_table(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+    out = with_sweep_and_curves(track_outputs(tmp_path / "out"))
+    (tmp_path / "gemma").mkdir()
+    other = with_sweep_and_curves(tmp_path / "gemma", base="models/gemma3-270m")  # the other checkpoint's track
+    assert report.checkpoint_name(str(other), "telco") == "gemma3-270m"
+    (other / "metrics.jsonl").write_text("")  # (not a stage: ignored)
+    (out / "telco-draft" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')  # damaged
+    report.main([str(out), "--data-root", REPO + "/data", "--compare", str(other)])
+    err = capsys.readouterr().err
+    for name in ("replay-tradeoff.png", "loss-curves.png"):
+        assert f"written: {out / name}" in err
+        assert (out / name).read_bytes().startswith(PNG_SIGNATURE)
+        height, width, _ = imread(out / name).shape  # decodes as an image
+        assert height > 100 and width > 100
+        assert not (other / name).exists()  # the pictures go beside this track's table only
+    assert "plots: skipping" in err and "telco-draft/metrics.jsonl:2" in err
+    # nothing half-written left behind: the table, its JSON, the two pictures and the inputs
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted(
+        ["eval-telco.json", "eval-replay-telco.json", "stage-times.txt", "paper-vs-ours.md", "paper-vs-ours.json",
+         "replay-tradeoff.png", "loss-curves.png"])
+
+
+def test_without_matplotlib_one_line_and_no_pictures(tmp_path, monkeypatch, capsys):
+    for module in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, module, None)  # (None in sys.modules: importing it raises ImportError)
+    out = with_sweep_and_curves(track_outputs(tmp_path / "out"))
+    report.main([str(out), "--data-root", REPO + "/data"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("plots:")]
+    assert lines == ["plots: matplotlib is not installed (pip install matplotlib), so no PNGs"]
+    assert (out / "paper-vs-ours.md").is_file()
+    assert not list(out.glob("*.png"))
+
+
+def test_a_missing_comparison_track_is_named(tmp_path):
+    out = track_outputs(tmp_path / "out")
+    with pytest.raises(SystemExit, match=r"nowhere: no such directory"):
+        report.main([str(out), "--compare", str(tmp_path / "nowhere")])
