@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: the repository root, a free port, randomized weights (randomize), a tiny data root
+"""Helpers shared by the tests: the repository root, a free port, randomized weights (randomize), the bytes autograd saves (saved_bytes), a tiny data root
 and checkpoint (tiny_run), and the command lines run as subprocesses."""
 import json
 import os
@@ -129,3 +129,18 @@ def losses(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}, rows
+
+
+def saved_bytes(model, idx):
+    """Bytes of the distinct tensors autograd saves in model's forward over idx (views counted once, weights not)."""
+    weights = {id(p) for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        base = t if t._base is None else t._base
+        if id(base) not in weights:
+            saved[id(base)] = base.numel() * base.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.hidden(idx)
+    return sum(saved.values())

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file
 
-from conftest import REPO, free_port, randomize
+from conftest import REPO, free_port, randomize, saved_bytes
 from memory import activation_bytes
 from model import IGNORE, ModelConfig, Transformer
 from tokenizer import Tokenizer
@@ -229,18 +229,10 @@ def test_planned_activations_are_what_autograd_saves(tmp_path, family):
     make_hf(tmp_path, family)
     model = Transformer.from_pretrained(tmp_path)
     B, T = 2, 20
-    weights, saved = {id(p) for p in model.parameters()}, {}
-
-    def pack(t):
-        base = t if t._base is None else t._base
-        if id(base) not in weights:
-            saved[id(base)] = base.numel() * base.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.hidden(tokens(T=T, B=B))
+    saved = saved_bytes(model, tokens(T=T, B=B))
     ropes = {block.self_attn.rope for block in model.model.layers} - {None}
     rope = len(ropes) * 2 * T * model.config.head_dim * 4  # cos and sin per RoPE base: per position, not token
-    assert sum(saved.values()) - rope == activation_bytes(model.config, B * T, 4, seq_len=T)
+    assert saved - rope == activation_bytes(model.config, B * T, 4, seq_len=T)
 
 
 def test_sharded_teacher_and_losses_of_gemma3(tmp_path):

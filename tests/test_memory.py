@@ -4,6 +4,7 @@ bytes of the tensors autograd saves for backward (counted with saved-tensor hook
 import pytest
 import torch
 
+from conftest import saved_bytes
 from memory import activation_bytes, plan, shapes
 from model import ModelConfig, Transformer
 
@@ -15,19 +16,6 @@ CONFIGS = {
 }
 
 
-def saved_bytes(model, idx):
-    """Bytes of the distinct tensors autograd saves in model's forward over idx (views counted once, weights not)."""
-    weights = {id(p) for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        base = t if t._base is None else t._base
-        if id(base) not in weights:
-            saved[id(base)] = base.numel() * base.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.hidden(idx)
-    return sum(saved.values())
 
 
 @pytest.mark.parametrize("name", CONFIGS)
