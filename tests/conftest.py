@@ -1,5 +1,5 @@
-"""Helpers shared by the tests: the repository root, a free port, randomized weights (randomize), the bytes autograd saves (saved_bytes), a tiny data root
-and checkpoint (tiny_run), and the command lines run as subprocesses."""
+"""Helpers shared by the tests: the repository root, a free port, randomized weights (randomize), the bytes autograd
+saves (saved_bytes), a tiny data root and checkpoint (tiny_run), and the command lines run as subprocesses."""
 import json
 import os
 import shutil
