@@ -11,7 +11,8 @@ sources: --data text (the domain corpus), sft (the domain's SFT conversations, a
 (continuations the teacher samples for domain prompts, generated once) or student (on-policy: the student's own
 samples, regenerated every step, scored by the teacher). Speculative acceptance is 1 - TVD(p, q) per token
 (Leviathan et al. 2023, Corollary 3.6), so --loss tvd optimises acceptance directly; fkl is Hinton's KD.
-Before and after training it measures the student's acceptance rate as the teacher's draft on held-out prompts.
+Before and after training it measures the student's acceptance rate alpha as the teacher's draft, along the
+teacher's own continuations of held-out prompts.
 The loop is train.py's, checkpoints, resume and the HF export checkpoint.py's, the sharded teacher
 parallel.py's; speculative decoding is speculative.py's.
 """
@@ -20,7 +21,6 @@ import copy
 import hashlib
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -33,12 +33,11 @@ from chat import add_chat_template_flag, render_chat, use_chat_template
 from checkpoint import checkpoint_dirs, export_hf, finish, prepare_out, record_run, resume
 from data import WindowSampler, pad_rows, read_conversations, read_jsonl, sft_files, sft_row
 from files import write_atomic
-from model import IGNORE, PRESETS, Transformer, check_tokenizer, preset_model, to_dtype
+from model import IGNORE, PRESETS, Transformer, check_tokenizer, loss_chunk_rows, preset_model, to_dtype
 from parallel import (check_batch_sizes, compute_dtype, gather, launch, load_teacher, log, rank_share,
                       setup_distributed, shard_model, tokenize_once)
-from speculative import (DRAFT_VOCAB, check_same_tokenizer, cost_ratio, cut_at_eos, frequent_vocab, generate_batch,
-                         is_chat_model, pooled_stats, predicted_speedup, prompt_ids, prune_head, speculative_generate,
-                         stop_id)
+from speculative import (DRAFT_VOCAB, check_same_tokenizer, cost_ratio, cut_at_eos, fit_vocab, frequent_vocab,
+                         generate_batch, is_chat_model, predicted_speedup, prompt_ids, prune_head, stop_id)
 from tokenizer import Tokenizer
 from train import (COUNT, POSITIVE, add_training_flags, cosine_schedule, make_optimizer, number, parse_training_args,
                    step_of, train_loop)
@@ -198,39 +197,32 @@ def domain_prompts(tokenizer, teacher, args, split):
     return [tokens[i * args.seq_len:i * args.seq_len + args.prompt_tokens].tolist() for i in range(n)]
 
 
-@contextmanager
-def seeded(seed):
-    """A context in which torch's global RNG (which generate samples from) starts from `seed`, and after which it
-    is back where it was: samples drawn inside depend on nothing that ran before them (a resumed run draws the same
-    ones, and so does another process), and the training RNG is left untouched."""
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        torch.manual_seed(seed)
-        yield
-
-
 def seed_of(*key):
     """One 63-bit seed from a tuple of ints, e.g. (seed, prompt index): distinct keys give unrelated streams."""
     return int(np.random.SeedSequence(list(key)).generate_state(2, np.uint64)[0] >> 1)
 
 
 @torch.no_grad()
-def sample_rows(model, prompts, seeds, args, eos_id, dtype):
-    """(prompt + sampled continuation, labels on the continuation) per prompt, --gen-batch-size prompts per forward
-    pass (generate_batch), each drawn from its own generator seeded by its seed: a prompt's sample does not depend
-    on the prompts batched with it. Fixed-length generation, cut at eos afterwards: every process runs the same
-    number of forward passes, as FSDP's collectives need (a process with fewer prompts than the others samples its
-    last one again, or a one-token prompt if it has none, and drops those rows)."""
+def sample_rows(model, prompts, seeds, args, eos_id, dtype, batch_size=None):
+    """(prompt + sampled continuation, labels on the continuation) per prompt, at --gen-temperature,
+    --gen-batch-size (or batch_size) prompts per forward pass (generate_batch), each drawn from its own generator
+    seeded by its seed (a seed None: greedy): a prompt's sample does not depend on the prompts batched with it.
+    Fixed-length generation, cut at eos afterwards: every process runs the same number of forward passes, as FSDP's
+    collectives need (a process with fewer prompts than the others samples its last one again, or a one-token
+    prompt if it has none, and drops those rows)."""
     device = model.lm_head.weight.device
     n = len(prompts)
     most = max(gather([n]))
-    rows_at_once = max(1, min(args.gen_batch_size, most))  # (a cache for the prompts there are, not for the flag)
+    # (a cache for the prompts there are, not for the flag)
+    rows_at_once = max(1, min(batch_size or args.gen_batch_size, most))
     model.setup_cache(rows_at_once, min(args.seq_len, model.config.max_seq_len), dtype=dtype)
     prompts = [p[-(args.seq_len - args.gen_tokens):] for p in prompts + [(prompts or [[0]])[-1]] * (most - n)]
     seeds = seeds + [0] * (most - n)
     rows = []
     for b in range(0, most, rows_at_once):
         batch = prompts[b:b + rows_at_once]
-        generators = [torch.Generator(device).manual_seed(s) for s in seeds[b:b + rows_at_once]]
+        generators = [None if s is None else torch.Generator(device).manual_seed(s)
+                      for s in seeds[b:b + rows_at_once]]
         news = generate_batch(model, batch, args.gen_tokens, temperature=args.gen_temperature, generators=generators)
         rows += [continuation_row(p, cut_at_eos(new, eos_id)) for p, new in zip(batch, news)]
     return rows[:n]
@@ -308,22 +300,57 @@ def student_source(student, prompts, args, eos, dtype, pad_id, rank, world):
 # Acceptance rate of the student as the teacher's draft
 
 
+def held_out_paths(teacher, prompts, args, eos, dtype):
+    """The teacher's own continuations of the held-out prompts, greedy and sampled at temperature 1 (prompt i
+    under seed (seed, i)): {temperature: rows (ids, labels on the continuation)}. Generated once, all in one batch
+    (a forward pass per token for both kinds; sample_rows), and shared by the acceptance before and after training
+    (the teacher does not change) and the validation TVD. Every process generates all of them, so all hold the
+    same rows."""
+    n = len(prompts)
+    rows = sample_rows(teacher, prompts * 2, [None] * n + [seed_of(args.seed, i) for i in range(n)],
+                       argparse.Namespace(**{**vars(args), "gen_temperature": 1.0}), eos, dtype, batch_size=2 * n)
+    return {0.0: rows[:n], 1.0: rows[n:]}
+
+
 @torch.no_grad()
-def acceptance(teacher, student, tokenizer, prompts, args):
-    """Mean acceptance rate and tokens per target call of speculative decoding, greedy and at temperature 1, with
-    the speedup Leviathan et al. predict from them and the measured cost ratio c. A teacher sharded over
-    processes decodes at the speed of its collectives, not its own: c and the speedup are then not measured (None;
-    speculative.py --bench times them)."""
-    eos = stop_id(teacher, tokenizer)
-    sharded = dist.get_world_size() > 1 and not args.replicate_teacher
+def expected_acceptance(teacher, draft, rows, pad_id, greedy):
+    """Leviathan et al.'s alpha (their Definition 3.1): the mean over the rows' continuation positions of beta,
+    the chance that the draft's token there is accepted, sum_x min(p(x), q(x)) = 1 - TVD(p, q) with p the
+    teacher's and q the draft's next-token distribution given the teacher's own prefix. Greedy (p and q one-hot):
+    1 where the draft's argmax is the teacher's token (the row's label), and the teacher need not run. A draft with
+    a reduced head (prune_head) has q = 0 outside its ids (speculative.fit_vocab)."""
+    device = teacher.lm_head.weight.device
+    batch = torch.from_numpy(pad_rows(rows, pad_id)).to(device)
+    x, y = batch[:, 0], batch[:, 1].flatten()
+    positions = (y != IGNORE).nonzero().squeeze(1)
+    h_draft = draft.hidden(x).flatten(0, 1)
+    h_teacher = None if greedy else teacher.hidden(x).flatten(0, 1)
+    V, ids = teacher.config.vocab_size, getattr(draft, "vocab_ids", None)
+    total = 0.0
+    # a chunk of positions at a time, as the loss (model.ChunkedLoss): never the logits of every position at once;
+    # the same chunks on every process, whose rows are the same, for the sharded teacher's collective head
+    for chunk in positions.tensor_split(-(-len(y) // loss_chunk_rows(V))):
+        q_logits = fit_vocab(draft.lm_head(h_draft[chunk]), V, ids).float()
+        if greedy:
+            total += (q_logits.argmax(-1) == y[chunk]).sum().item()
+        else:
+            p = F.softmax(teacher.lm_head(h_teacher[chunk]).float(), dim=-1)
+            total += torch.minimum(p, F.softmax(q_logits, dim=-1)).sum().item()
+    return total / max(1, len(positions))
+
+
+def acceptance(teacher, student, paths, args, pad_id):
+    """The student as the teacher's draft: alpha greedy and at temperature 1 (expected_acceptance along the
+    teacher's continuations `paths`), with the speedup Leviathan et al. predict from them and the measured cost
+    ratio c. Scoring teacher-forced continuations takes one pass of each model over all prompts, where decoding
+    speculatively takes a teacher pass per round per prompt: through a teacher sharded over processes, every pass
+    gathers every block, and decoding then times the collectives, not the draft (c and the speedup are not
+    measured there: None; speculative.py --bench decodes and times the pair)."""
+    sharded = not args.replicate_teacher and dist.is_initialized() and dist.get_world_size() > 1
     c = None if sharded else cost_ratio(teacher, student)
     result = {"cost_ratio": c}
-    for temperature in (0.0, 1.0):
-        with seeded(args.seed):
-            runs = [speculative_generate(teacher, student, prompt, args.gen_tokens, gamma=args.gamma,
-                                         temperature=temperature, eos_id=eos)[1] for prompt in prompts]
-        a = pooled_stats(runs, args.gamma)["acceptance_rate"]
-        name = "greedy" if temperature == 0 else "T=1"
+    for temperature, name in ((0.0, "greedy"), (1.0, "T=1")):
+        a = expected_acceptance(teacher, student, paths[temperature], pad_id, greedy=temperature == 0)
         result[f"acceptance_{name}"] = a
         result[f"predicted_speedup_{name}"] = None if c is None else predicted_speedup(a, args.gamma, c)
     return result
@@ -401,15 +428,20 @@ def run(args):
         kept, coverage = draft_vocabulary(tokenizer, teacher, args)
         log(f"draft vocabulary: {len(kept):,} of {teacher.config.vocab_size:,} tokens (--draft-vocab "
             f"{args.draft_vocab} + stop tokens), {coverage:.1%} of the {args.domain} corpus's tokens")
-    held_out = domain_prompts(tokenizer, teacher, args, "val")[:args.accept_prompts]
-    if not held_out:
-        log("--accept-prompts 0 (or no held-out prompts): the acceptance rate is not measured")
-    if fresh and held_out:  # (on every process: the sharded teacher's forward passes are collectives)
-        before = acceptance(teacher, pruned_copy(student, kept), tokenizer, held_out, args)
-        log(acceptance_line("before distillation", before, args.gamma))
-        record_acceptance(out, "before", before, rank)
     eos = stop_id(teacher, tokenizer)
     pad_id = tokenizer.eos_id or 0
+    held_out = domain_prompts(tokenizer, teacher, args, "val")[:args.accept_prompts]
+    paths = None
+    if held_out:  # (on every process: the sharded teacher's forward passes are collectives)
+        with memory.stage(out, "teacher's held-out paths", device):
+            paths = held_out_paths(teacher, held_out, args, eos, dtype)
+    else:
+        log("--accept-prompts 0 (or no held-out prompts): the acceptance rate is not measured")
+    if fresh and held_out:
+        with memory.stage(out, "acceptance before", device):
+            before = acceptance(teacher, pruned_copy(student, kept), paths, args, pad_id)
+        log(acceptance_line("before distillation", before, args.gamma))
+        record_acceptance(out, "before", before, rank)
     model = shard_model(student, device, dtype, compile=args.compile)
     optimizer = make_optimizer(model, args.weight_decay, device)
 
@@ -419,7 +451,9 @@ def run(args):
     elif args.data == "sft":
         source = pool_source(sft_pool(tokenizer, args), args, pad_id)
     elif args.data == "teacher":
-        source = pool_source(teacher_pool(teacher, tokenizer, args, eos, dtype, rank, world), args, pad_id)
+        with memory.stage(out, "teacher samples", device):
+            pool = teacher_pool(teacher, tokenizer, args, eos, dtype, rank, world)
+        source = pool_source(pool, args, pad_id)
     else:
         source = student_source(model, domain_prompts(tokenizer, teacher, args, "train"), args, eos, dtype, pad_id,
                                 rank, world)
@@ -431,16 +465,10 @@ def run(args):
         """Summed over the distilled tokens (train_loop divides by their global count)."""
         return distilled(model, teacher, batch, args.loss, args.temperature, args.alpha, kept)
 
-    val_rows = None
-
     def evaluate_fn():
         """Mean TVD to the teacher on held-out prompts' teacher greedy continuations (1 - TVD: the expected
         acceptance of a draft token)."""
-        nonlocal val_rows
-        if val_rows is None:
-            val_rows = [continuation_row(p, new) for p, new in
-                        zip(held_out, generate_batch(teacher, held_out, args.gen_tokens))]
-        batch = torch.from_numpy(pad_rows(val_rows, pad_id)).to(device)
+        batch = torch.from_numpy(pad_rows(paths[0.0], pad_id)).to(device)
         with torch.no_grad():
             tvd = distilled(model, teacher, batch, "tvd", kept=kept).item() / int((batch[:, 1] != IGNORE).sum())
         return {f"tvd/{args.domain}": tvd}
@@ -458,10 +486,12 @@ def run(args):
         write_atomic(os.path.join(out, DRAFT_VOCAB), json.dumps({"ids": kept, "draft_vocab": args.draft_vocab,
                                                                   "coverage": round(coverage, 6)}) + "\n")
     if held_out:
-        draft = pruned_copy(Transformer.from_pretrained(out, device=device).eval(), kept)
-        after = acceptance(teacher, draft, tokenizer, held_out, args)
+        with memory.stage(out, "acceptance after", device):
+            draft = pruned_copy(Transformer.from_pretrained(out, device=device).eval(), kept)
+            after = acceptance(teacher, draft, paths, args, pad_id)
         log(acceptance_line("after distillation", after, args.gamma))
         record_acceptance(out, "after", after, rank)
+    memory.record_run_peak(out, device)
     log(memory.table(out))
     finish(out)
     return out

@@ -2,8 +2,8 @@
 Memory per process: measured while the stages run, and planned before they do.
 
 Measured: the peak of each process in each stage (max RSS on CPU, max allocated on GPU), reset at the stage's start.
-train_loop puts each training step's peak in its metrics row; loading and export are recorded by `stage()` in
-<out>/memory.json, and every run ends with a table of them.
+train_loop puts each training step's peak in its metrics row; loading, export and the other stages are recorded by
+`stage()` in <out>/memory.json, with each process's peak over the whole run, and every run ends with a table of them.
 
 Planned: the model is built on the meta device (no memory) and the bytes each process holds at each stage's peak are
 added up from its shapes, for a world size, micro-batch, sequence length and dtype:
@@ -39,17 +39,26 @@ from parallel import gather
 from tokenizer import Tokenizer
 
 MB = 2**20
+WHOLE_RUN = "whole run"  # memory.json's entry for each process's peak over the whole command
 
 
 # -----------------------------------------------------------------------------
 # Measured
 
 
+# The peak of everything before the last reset_peak: resetting the counter for a stage must not lose the whole
+# run's peak, which is what the machine has to find (memory.json's "whole run").
+_before_reset_mb = 0.0
+
+
 def reset_peak(device, trim=False):
     """Start a new peak: the GPU allocator's counter, or on Linux the kernel's high-water mark of the resident set
     (writing 5 to /proc/self/clear_refs sets it to the current RSS). Elsewhere the peak is the process's since it
     started. trim (a stage's start, not every step: the pages handed back would be faulted in again): first give
-    the heap glibc keeps after frees back to the system, so the stage's peak starts from what is live."""
+    the heap glibc keeps after frees back to the system, so the stage's peak starts from what is live. The peak so
+    far is kept for run_peak_mb first."""
+    global _before_reset_mb
+    _before_reset_mb = max(_before_reset_mb, peak_mb(device))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     elif os.path.exists("/proc/self/clear_refs"):
@@ -75,6 +84,12 @@ def peak_mb(device):
         return _status("VmHWM") / MB
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KB elsewhere
     return maxrss / (MB if sys.platform == "darwin" else 1024)
+
+
+def run_peak_mb(device):
+    """This process's peak memory since it started, in MB, across every reset_peak (the high-water mark is
+    monotone between resets, so the whole run's peak is the largest of the pieces')."""
+    return max(_before_reset_mb, peak_mb(device))
 
 
 def current_mb(device):
@@ -105,22 +120,35 @@ def stage(out, name, device):
     reset_peak(device, trim=True)
     start = current_mb(device)
     yield
-    entry = {"peak_mb": [round(v) for v in per_process(peak_mb(device))],
-             "start_mb": [round(v) for v in per_process(start)]}
+    record(out, name, {"peak_mb": [round(v) for v in per_process(peak_mb(device))],
+                       "start_mb": [round(v) for v in per_process(start)]})
+
+
+def record(out, name, entry):
+    """memory.json's entry `name` := entry (rank 0 writes; the file is replaced atomically)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         path = os.path.join(out, "memory.json")
-        record = read_json(path) if os.path.exists(path) else {}
-        record[name] = entry
-        write_atomic(path, json.dumps(record, indent=1) + "\n")
+        stages = read_json(path) if os.path.exists(path) else {}
+        stages[name] = entry
+        write_atomic(path, json.dumps(stages, indent=1) + "\n")
+
+
+def record_run_peak(out, device):
+    """memory.json's "whole run": each process's peak from its start until now (a collective: every process calls
+    it). A resumed run's is the peak of the run that resumed."""
+    record(out, WHOLE_RUN, {"peak_mb": [round(v) for v in per_process(run_peak_mb(device))]})
 
 
 def table(out):
-    """The end-of-run line: peak MB per process at each recorded stage and in the training steps."""
+    """The end-of-run line: peak MB per process at each recorded stage, in the training steps and over the whole
+    run."""
     path = os.path.join(out, "memory.json")
     stages = read_json(path) if os.path.exists(path) else {}
     peaks = step_peaks(out)
     if peaks:
         stages["train step"] = {"peak_mb": peaks}
+    if WHOLE_RUN in stages:  # (last)
+        stages[WHOLE_RUN] = stages.pop(WHOLE_RUN)
     cells = [f"{name} {' / '.join(str(v) for v in e['peak_mb'])}" for name, e in stages.items()]
     return "peak memory per process (MB): " + "; ".join(cells) if cells else ""
 

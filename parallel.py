@@ -4,6 +4,7 @@ group and rank-0 coordination; splitting work into rank shares and gathering it 
 loading a checkpoint so that each process reads only its own shards; and the distillation teacher sharded by
 vocabulary rows (Megatron-LM's vocabulary parallelism).
 """
+import ctypes
 import os
 import socket
 
@@ -55,9 +56,25 @@ def setup_distributed():
         device, backend = torch.device("cpu"), "gloo"
         if int(os.environ["WORLD_SIZE"]) > 1:  # share the cores instead of oversubscribing them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
+            unmap_gathered_weights()
     if not dist.is_initialized():
         dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+# glibc serves an allocation from its heap below the "mmap threshold", which grows with every large block freed
+# (up to 32 MB). FSDP2 gathers each block's weights for every forward pass and frees them after: on a CPU those
+# tensors (a Qwen-style MLP matrix is ~27 MB) then land in the heap, which keeps the freed pages, and a process that
+# decodes through a sharded model grows by a model's worth of gathered weights. A fixed threshold maps each larger
+# tensor on its own and unmaps it when freed. (The GPU's caching allocator reuses its blocks; nothing to do there.)
+MMAP_THRESHOLD = 4 * 2**20
+
+
+def unmap_gathered_weights():
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD: fixed from here on
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def log(*args):

@@ -198,6 +198,7 @@ def run(args):
     config.eos_token_id = list(dict.fromkeys(config.eos_token_id))
     with memory.stage(out, "export", device):
         export_hf(model, config, tokenizer, out, export_dtype)
+    memory.record_run_peak(out, device)
     if rank == 0:
         print(stage_table(os.path.join(out, "metrics.jsonl"), curriculum))
         print(memory.table(out))

@@ -117,7 +117,8 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_k=None, 
     so every row's next token goes to the same cache column W + i, and `unpadded` hides each row's padding from
     attention (Transformer.forward). Returns one list of new tokens per prompt, each cut after eos_id; decoding
     stops when every row has produced it (or after max_new_tokens). generators: one torch.Generator per row, so a
-    row's sample does not depend on the rows beside it (distill.py draws each prompt under its own seed)."""
+    row's sample does not depend on the rows beside it (distill.py draws each prompt under its own seed); None for
+    a row decoded greedily beside sampled ones."""
     device = model.lm_head.weight.device
     B, W = len(prompts), max(map(len, prompts), default=0)
     if B == 0 or min(map(len, prompts)) == 0 or max_new_tokens < 1:
@@ -134,7 +135,8 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_k=None, 
         probs = logits_to_probs(logits, temperature, top_k, top_p)
         if generators is None:
             return sample(probs)
-        race = torch.stack([torch.empty_like(p).exponential_(1, generator=g) for p, g in zip(probs, generators)])
+        race = torch.stack([torch.empty_like(p).exponential_(1, generator=g) if g is not None else torch.ones_like(p)
+                            for p, g in zip(probs, generators)])  # (a row without a generator: its argmax)
         return torch.argmax(probs / race, dim=-1)  # sample()'s exponential race, one stream per row
 
     token = draw(model(idx, torch.arange(W, device=device), unpadded=unpadded)[:, -1])

@@ -424,6 +424,7 @@ def run(args):
     before = first_eval(out)
     with memory.stage(out, "export", device):
         export_hf(model, config, tokenizer, out, export_dtype)
+    memory.record_run_peak(out, device)
     if rank == 0:
         print(summary_table(before, final, args.domain, args.replay_domain))
         print(memory.table(out))

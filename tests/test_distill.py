@@ -115,6 +115,12 @@ def test_a_few_steps_lower_tvd_to_the_teacher(teacher, data, loss):
     assert "before distillation: acceptance rate" in result.stderr + result.stdout
     assert "after distillation: acceptance rate" in result.stderr + result.stdout
     assert Transformer.from_pretrained(out).config.vocab_size == Tokenizer.from_pretrained(out).n_vocab
+    if data == "teacher":  # every stage's peak is recorded, and the whole run's is the highest of them
+        stages = json.loads((out / "memory.json").read_text())
+        assert {"load teacher", "teacher's held-out paths", "acceptance before", "teacher samples", "export",
+                "acceptance after", "whole run"} <= set(stages)
+        steps = [r["peak_mb"][0] for r in rows if "peak_mb" in r]
+        assert stages["whole run"]["peak_mb"][0] >= max([e["peak_mb"][0] for e in stages.values()] + steps)
 
 
 def test_student_with_another_tokenizer_is_refused(teacher, tmp_path):
@@ -227,9 +233,12 @@ def test_a_sharded_teacher_predicts_no_speedup(monkeypatch):
     import distill
     tok = Tokenizer.train(["some words to learn a few merges from " * 10], 300)
     teacher, student = tiny_model(0, 300), tiny_model(1, 300)
-    args = argparse.Namespace(seed=0, gen_tokens=4, gamma=2, replicate_teacher=False)
+    args = argparse.Namespace(seed=0, gen_tokens=4, gamma=2, replicate_teacher=False, gen_batch_size=4, seq_len=16,
+                              gen_temperature=1.0)
+    paths = distill.held_out_paths(teacher, [[1, 2, 3]], args, None, torch.float32)
     monkeypatch.setattr(distill.dist, "get_world_size", lambda: 2)
-    result = distill.acceptance(teacher, student, tok, [[1, 2, 3]], args)
+    monkeypatch.setattr(distill.dist, "is_initialized", lambda: True)
+    result = distill.acceptance(teacher, student, paths, args, tok.eos_id or 0)
     assert result["cost_ratio"] is None and result["predicted_speedup_greedy"] is None
     assert 0 <= result["acceptance_greedy"] <= 1
     assert "speedup not predicted" in distill.acceptance_line("after", result, 2)

@@ -1,9 +1,12 @@
 """memory.py's plan counts what model.py really keeps: the activation bytes it plans for a forward pass equal the
-bytes of the tensors autograd saves for backward (counted with saved-tensor hooks), for every architecture switch."""
+bytes of the tensors autograd saves for backward (counted with saved-tensor hooks), for every architecture switch.
+What it measures keeps the whole run's peak when a stage starts a new one."""
+import os
 
 import pytest
 import torch
 
+import memory
 from conftest import saved_bytes
 from memory import activation_bytes, plan, shapes
 from model import ModelConfig, Transformer
@@ -37,3 +40,16 @@ def test_plan_divides_the_sharded_state_by_the_processes():
     assert one["load"][0] == pytest.approx(8 * eight["load"][0])
     # the step's sharded state (fp32 weights and AdamW's two moments at least: 12 bytes a parameter) is divided
     assert one["train step"][0] - eight["train step"][0] >= 12 * n * 7 / 8
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="resets the peak through Linux's clear_refs")
+def test_the_whole_runs_peak_outlives_a_stages_reset():
+    """A stage's reset_peak starts its own peak; the whole run's (what the machine must find) keeps the one before."""
+    cpu = torch.device("cpu")
+    memory.reset_peak(cpu, trim=True)
+    start = memory.current_mb(cpu)
+    big = torch.ones(100 * 2**20)  # 400 MB, every page written
+    del big
+    memory.reset_peak(cpu, trim=True)
+    assert memory.peak_mb(cpu) < start + 100
+    assert memory.run_peak_mb(cpu) > start + 390
