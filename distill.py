@@ -34,8 +34,8 @@ from checkpoint import checkpoint_dirs, export_hf, finish, prepare_out, record_r
 from data import WindowSampler, pad_rows, read_conversations, read_jsonl, sft_files, sft_row
 from files import write_atomic
 from model import IGNORE, PRESETS, Transformer, check_tokenizer, loss_chunk_rows, preset_model, to_dtype
-from parallel import (check_batch_sizes, compute_dtype, gather, launch, load_teacher, log, rank_share,
-                      setup_distributed, shard_model, tokenize_once)
+from parallel import (TensorParallelTeacher, check_batch_sizes, compute_dtype, gather, launch, load_teacher, log,
+                      rank_share, setup_distributed, shard_model, tokenize_once)
 from speculative import (DRAFT_VOCAB, check_same_tokenizer, cost_ratio, cut_at_eos, fit_vocab, frequent_vocab,
                          generate_batch, is_chat_model, predicted_speedup, prompt_ids, prune_head, stop_id)
 from tokenizer import Tokenizer
@@ -104,8 +104,8 @@ def get_args(argv=None):
                         "the stop tokens: a cheaper draft step; distilled on those K; the export lists them in "
                         f"{DRAFT_VOCAB} (default: the whole vocabulary)")
     p.add_argument("--replicate-teacher", action="store_true",
-                   help="keep the whole teacher on every process instead of sharding it: more memory, but sampling "
-                        "and the acceptance measurement need no collective per token (faster over gloo on CPUs)")
+                   help="keep the whole teacher on every process instead of splitting it: more memory, no "
+                        "collective in its forward passes")
     add_chat_template_flag(p, "a chat teacher's prompts (a teacher whose config.json stops at the template's "
                            "end-of-turn token)")
     add_training_flags(p, "out/<domain>-draft", domain="telco", data_root="data", out=None, batch_size=16,
@@ -120,7 +120,7 @@ def get_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# The student (the teacher is parallel.load_teacher: sharded by vocabulary rows under torchrun)
+# The student (the teacher is parallel.load_teacher: split over the processes under torchrun)
 
 
 def load_student(args, teacher, tokenizer, device):
@@ -272,9 +272,12 @@ def teacher_pool(teacher, tokenizer, args, eos, dtype, rank, world):
     prompt i under seed (seed, i), so a resumed run, or one with another number of processes, has the same pool."""
     prompts = domain_prompts(tokenizer, teacher, args, "train")
     log(f"sampling {args.gen_tokens}-token teacher continuations of {len(prompts)} domain prompts")
-    mine = rank_share(list(enumerate(prompts)), rank, world)
-    pool = gather(sample_rows(teacher, [p for _, p in mine], [seed_of(args.seed, i) for i, _ in mine], args, eos,
-                              dtype))
+    # A teacher split by heads decodes the same rows on every process, each its heads of them: all the prompts.
+    # Otherwise each process samples its share.
+    same_rows = isinstance(teacher, TensorParallelTeacher)
+    mine = list(enumerate(prompts)) if same_rows else rank_share(list(enumerate(prompts)), rank, world)
+    rows = sample_rows(teacher, [p for _, p in mine], [seed_of(args.seed, i) for i, _ in mine], args, eos, dtype)
+    pool = rows if same_rows else gather(rows)
     log(f"teacher pool: {len(pool)} rows, fingerprint {pool_fingerprint(pool)}")
     return pool
 
@@ -329,7 +332,7 @@ def expected_acceptance(teacher, draft, rows, pad_id, greedy):
     total = 0.0
     # a chunk of positions at a time, as the loss (model.ChunkedLoss): never the logits of every position at once;
     # the same chunks on every process, whose rows are the same, for the sharded teacher's collective head
-    for chunk in positions.tensor_split(-(-len(y) // loss_chunk_rows(V))):
+    for chunk in positions.tensor_split(-(-len(y) // loss_chunk_rows(V, distillation=True))):
         q_logits = fit_vocab(draft.lm_head(h_draft[chunk]), V, ids).float()
         if greedy:
             total += (q_logits.argmax(-1) == y[chunk]).sum().item()
@@ -443,6 +446,7 @@ def run(args):
         log(acceptance_line("before distillation", before, args.gamma))
         record_acceptance(out, "before", before, rank)
     model = shard_model(student, device, dtype, compile=args.compile)
+    model.loss_chunk_rows = loss_chunk_rows(student.config.vocab_size, distillation=True)  # (see model.py)
     optimizer = make_optimizer(model, args.weight_decay, device)
 
     # The data (DistillSpec's four sources)

@@ -11,6 +11,7 @@ added up from its shapes, for a world size, micro-batch, sequence length and dty
     python memory.py plan Qwen2.5-0.5B Qwen2.5-7B --world 8 --micro-batch-size 4 --seq-len 2048
     python memory.py plan out/telco-draft --world 2 --micro-batch-size 1 --seq-len 256 --teacher out/telco-sft
     python memory.py measure            # 1 and 2 processes on a random 315M, 152k-vocabulary checkpoint (CPU)
+    python memory.py measure-teacher    # the whole run of a distillation whose 0.72B teacher decodes (CPU)
 
 The plan counts tensors only; a CPU process also holds its own code and libraries (the "baseline" of the measured
 table, a few hundred MB), which is why the measured column subtracts it.
@@ -21,6 +22,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,7 +37,7 @@ from checkpoint import read_metrics
 from data import corpus_files, read_documents
 from files import read_json, write_atomic
 from model import PRESETS, ModelConfig, Transformer, loss_chunk_rows, read_checkpoint, to_dtype
-from parallel import gather
+from parallel import gather, tensor_parallel
 from tokenizer import Tokenizer
 
 MB = 2**20
@@ -221,8 +223,8 @@ def plan(config, world, micro_batch_size, seq_len, dtype, teacher=None, checkpoi
     the sharded gradients, and the root's whole gradient beside the embedding's dense one or beside the
     reduce-scatter's input copy, and its output; on CPU also the activations' freed heap), or in the optimizer
     step (weights, gradients and both moments; on CPU AdamW's one-tensor-at-a-time loop adds two temporaries of a
-    tensor's shard). Distillation adds the teacher's shards and
-    its two gathered blocks, and its loss chunk holds about ten [positions, vocabulary] tensors. The export adds
+    tensor's shard). Distillation adds the teacher's shards (and, FSDP2's, two gathered blocks) and its hidden
+    states, and its loss chunk holds about ten [positions, vocabulary] tensors. The export adds
     one gathered tensor (and its copy in the export dtype) to what training holds."""
     size = dtype.itemsize
     params = shapes(config)
@@ -259,17 +261,23 @@ def plan(config, world, micro_batch_size, seq_len, dtype, teacher=None, checkpoi
     }
     if teacher is not None:
         t = shapes(teacher)
+        # Split by heads (parallel.tensor_parallel): no block is ever gathered, but every process runs every
+        # process's rows; on a CPU an untied embedding in the compute dtype is mapped from its file (rows looked up
+        # only). Else FSDP2's blocks: two gathered at a time.
+        heads = tensor_parallel(teacher, world)
+        if heads and not teacher.tie_embeddings and device == "cpu" and config_bytes(teacher) == size:
+            t.pop("model.embed_tokens.weight")
         tn = sum(math.prod(s) for s in t.values())
-        tblock = sum(math.prod(s) for k, s in t.items() if k.startswith("model.layers."))
-        tblock /= teacher.n_layers
-        held = tn * size / world + 2 * tblock * size + tokens * teacher.dim * size
+        tblock = sum(math.prod(s) for k, s in t.items() if k.startswith("model.layers.")) / teacher.n_layers
+        hidden_states = (world if heads else 1) * tokens * teacher.dim * size
+        held = tn * size / world + (0 if heads else 2 * tblock * size) + hidden_states
         stages["load teacher"] = (load_bytes(t, world, size, config_bytes(teacher)),
                                   "the teacher's shards in the compute dtype")
         stages["distill step (teacher + student)"] = (
-            step(rows * V * (3 * size + 10 * 4 + capped + (2 * size if teacher.logit_softcap is not None else 0)),
+            step(min(tokens, loss_chunk_rows(V, distillation=True)) * V * (3 * size + 10 * 4 + capped + (2 * size if teacher.logit_softcap is not None else 0)),
                  extra=held),
-            "the teacher's shards in the compute dtype, two gathered blocks and its hidden states; the student's "
-            "step, with the distillation loss's chunk")
+            "the teacher's shards in the compute dtype (FSDP2's: and two gathered blocks) and its hidden states; the "
+            "student's step, with the distillation loss's chunk")
     return stages
 
 
@@ -306,13 +314,13 @@ MEASURED = dict(model_type="qwen2", dim=896, n_layers=12, n_heads=14, n_kv_heads
                 vocab_size=151936, tie_embeddings=True, qkv_bias=True, max_seq_len=2048)
 
 
-def make_checkpoint(path, data_root):
-    """A random checkpoint of MEASURED's shape (315M parameters, Qwen2.5's vocabulary size) with a small BPE
-    tokenizer of the telco corpus (the model's vocabulary is padded past it, as Qwen's is)."""
+def make_checkpoint(path, data_root, shape=MEASURED):
+    """A random checkpoint of MEASURED's shape (315M parameters, Qwen2.5's vocabulary size), or another, with a
+    small BPE tokenizer of the telco corpus (the model's vocabulary is padded past it, as Qwen's is)."""
     if os.path.exists(os.path.join(path, "config.json")):
         return
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**MEASURED))
+    model = Transformer(ModelConfig(**shape))
     model.init_weights()
     tokenizer = Tokenizer.train(list(read_documents(corpus_files(data_root, "telco", "train"))), 1024)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)))
@@ -321,21 +329,23 @@ def make_checkpoint(path, data_root):
     os.replace(tmp, path)
 
 
-def run(cmd, nproc):
+def run(cmd, nproc, env=None):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 \
         else [sys.executable]
     t0 = time.time()
-    subprocess.run(launcher + cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(launcher + cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     return time.time() - t0
 
 
 def measured(out):
-    """{stage: peak MB per process} of a finished run, above the process's RSS before loading (the export: above
-    its own start, what it adds to training)."""
+    """{stage: peak MB per process} of a finished run, above the process's RSS before loading (the export and the
+    acceptance stages: above their own start, what they add), and the whole run's peak itself."""
     record = read_json(os.path.join(out, "memory.json"))
     base = record["load"]["start_mb"]
+    whole = record.pop(WHOLE_RUN)["peak_mb"]
     result = {name: [p - b for p, b in zip(e["peak_mb"], base if name == "load" else e["start_mb"])]
               for name, e in record.items()}
+    result[WHOLE_RUN] = whole  # (what the machine must find: not above the baseline)
     result["export (above training)"] = result.pop("export")
     result["step"] = [p - b for p, b in zip(step_peaks(out), base)]
     return result, max(base)
@@ -399,15 +409,17 @@ def measure(args):
                  (nproc, "distill step (teacher + student)", distill["step"],
                   planned_d["distill step (teacher + student)"][0]),
                  (nproc, "export (above training)", train["export (above training)"],
-                  planned["export (above training)"][0])]
+                  planned["export (above training)"][0]),
+                 (nproc, "train.py, whole run (not above the baseline)", train[WHOLE_RUN], None),
+                 (nproc, "distill.py, whole run (not above the baseline)", distill[WHOLE_RUN], None)]
     one = {stage: max(got) for nproc, stage, got, _ in rows if nproc == 1}
     lines = ["| stage | processes | measured peak per process (MB) | planned (MB) | planned / measured | "
              "2 processes / 1 |", "| --- | --- | --- | --- | --- | --- |"]
     for nproc, stage, got, want in rows:
         ratio = f"{max(got) / one[stage]:.2f}" if nproc == 2 and one[stage] > 0 else ""
-        planned_over = f"{want / MB / max(got):.2f}" if max(got) > 0 else ""
-        lines.append(f"| {stage} | {nproc} | {' / '.join(str(g) for g in got)} | {want / MB:.0f} | {planned_over} | "
-                     f"{ratio} |")
+        planned_over = f"{want / MB / max(got):.2f}" if want is not None and max(got) > 0 else ""
+        lines.append(f"| {stage} | {nproc} | {' / '.join(str(g) for g in got)} | "
+                     f"{'' if want is None else f'{want / MB:.0f}'} | {planned_over} | {ratio} |")
     print(f"random checkpoint {ckpt}: {config.num_params() / 1e6:.0f}M parameters ({4 * config.num_params() / MB:.0f}"
           f" MB in fp32), vocabulary {config.vocab_size}; micro-batch 1 x {args.seq_len} tokens, fp32 on CPU; "
           f"measured above each process's RSS before loading (at most {max(baselines)} MB; the export and "
@@ -423,6 +435,38 @@ def measure(args):
     print(f"the chunked loss saves {peaks['whole logits'] - peaks['chunked']:.0f} MB; the whole logits' planned "
           f"share: {share:.0f} MB (logits, log-softmax, gradient: 3 x {args.loss_seq_len} x "
           f"{read_checkpoint(ckpt)[0].vocab_size} x 4 bytes)")
+
+
+# A teacher that decodes (issue 23's case): a random 0.72B teacher, untied, with Qwen2.5's vocabulary, distilled into
+# `tiny` for one step, with the acceptance measurement's decoding before and after
+DECODING_TEACHER = dict(model_type="qwen2", dim=1536, n_layers=10, n_heads=12, n_kv_heads=2, hidden_dim=4352,
+                        vocab_size=151936, tie_embeddings=False, qkv_bias=True, max_seq_len=2048)
+
+
+def measure_teacher(args):
+    """Each process's whole-run peak and the wall time of distill.py from DECODING_TEACHER with 1 and 2 processes,
+    one thread each."""
+    ckpt = os.path.join(args.work, "random-722m-untied")
+    os.makedirs(args.work, exist_ok=True)
+    make_checkpoint(ckpt, args.data_root, DECODING_TEACHER)
+    cmd = ["distill.py", "--teacher", ckpt, "--student", "tiny", "--domain", "telco", "--data-root", args.data_root,
+           "--data", "text", "--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "1", "--seq-len", "64",
+           "--eval-every", "0", "--save-every", "0", "--accept-prompts", "1", "--gen-tokens", "8"]
+    lines = ["| processes | whole-run peak per process (MB) | wall time (s) |", "| --- | --- | --- |"]
+    first = None
+    for nproc in (1, 2):
+        out = os.path.join(args.work, f"decoding-teacher-{nproc}")
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        seconds = run(cmd + ["--out", out], nproc, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        peaks = read_json(os.path.join(out, "memory.json"))[WHOLE_RUN]["peak_mb"]
+        first = first or (max(peaks), seconds)
+        ratio = f" ({max(peaks) / first[0]:.2f}x)" if nproc > 1 else ""
+        lines.append(f"| {nproc} | {' / '.join(map(str, peaks))}{ratio} | {seconds:.0f}"
+                     f"{f' ({seconds / first[1]:.2f}x)' if nproc > 1 else ''} |")
+    print(f"distill.py from a random {DECODING_TEACHER['n_layers']}-layer untied teacher ({ckpt}) into `tiny`, one "
+          "step, acceptance measured before and after, OMP_NUM_THREADS=1:")
+    print("\n".join(lines))
 
 
 def main(argv=None):
@@ -442,7 +486,13 @@ def main(argv=None):
     pm.add_argument("--data-root", default="data")
     pm.add_argument("--seq-len", type=int, default=512)
     pm.add_argument("--loss-seq-len", type=int, default=2048, help="tokens of the chunked-loss comparison")
+    pt = sub.add_parser("measure-teacher", help="whole-run peak and time of a distillation from a random 0.72B "
+                        "teacher that decodes, with 1 and 2 processes")
+    pt.add_argument("--work", default=os.path.join("out", "memory"))
+    pt.add_argument("--data-root", default="data")
     args = p.parse_args(argv)
+    if args.command == "measure-teacher":
+        return measure_teacher(args)
     for flag in ("world", "micro_batch_size", "seq_len", "loss_seq_len"):  # (a plan of 0 processes is no plan)
         if getattr(args, flag, 1) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")

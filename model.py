@@ -31,8 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 # (to_dtype and check_tokenizer are hf.py's; train.py, sft.py and the others import them from here)
 from hf import (MAX_SHARD_SIZE, check_settings, check_shapes, check_tokenizer, config_from_hf, config_to_hf,  # noqa
-                open_safetensors, read_index, read_rows, safetensors_header, stored_name, to_dtype, write_order,
-                write_weights)
+                open_safetensors, read_index, stored_name, to_dtype, write_order, write_weights)
 
 
 # -----------------------------------------------------------------------------
@@ -313,15 +312,17 @@ class Head(nn.Linear):
 # The training loss without the whole batch's logits
 
 # Logits of one chunk of the loss: 2^23 fp32 values are 32 MB (55 positions of Qwen2.5's 151,936 tokens, 170 of
-# SmolLM2's 49,152), against 5 GB for a 4 x 2048 micro-batch at once. A distillation loss makes about ten tensors of
-# that size per chunk, so larger chunks would not be much faster, only larger.
+# SmolLM2's 49,152), against 5 GB for a 4 x 2048 micro-batch at once. Cross-entropy makes about three tensors of that
+# size per chunk, a distillation loss about ten: its chunks have a third of the positions, and hold about as much.
+# Larger chunks would not be much faster, only larger (and a chunk is per process, however many share the rest).
 LOGITS_PER_CHUNK = 2**23
 IGNORE = -100  # the target of an untrained position (F.cross_entropy's ignore_index)
 
 
-def loss_chunk_rows(vocab_size):
-    """Positions per chunk of the training loss: at most LOGITS_PER_CHUNK logits exist at once."""
-    return max(1, LOGITS_PER_CHUNK // vocab_size)
+def loss_chunk_rows(vocab_size, distillation=False):
+    """Positions per chunk of the training (or distillation) loss: at most LOGITS_PER_CHUNK logits (a third as
+    many) exist at once."""
+    return max(1, LOGITS_PER_CHUNK // vocab_size // (3 if distillation else 1))
 
 
 class ChunkedLoss(torch.autograd.Function):
@@ -533,21 +534,6 @@ class Transformer(nn.Module):
             model.lm_head.weight = model.model.embed_tokens.weight
         model.reset_rope()
         return model
-
-    def load_rows(self, path, owned):
-        """Fill this model's parameters from the HF directory at path, each with only the rows it holds: owned(p)
-        -> (the tensor p keeps, its first row in the full tensor). A process of a sharded model reads its own rows
-        of each tensor from the files (hf.read_rows: those bytes alone), so loading needs its share of the model,
-        not the whole. Parameters keep their dtype (the stored one is converted a slice at a time)."""
-        config, files = read_checkpoint(path)
-        where = {key: file for file, keys in files.items() for key in keys}
-        headers = {file: safetensors_header(file) for file in files}
-        for name, p in self.named_parameters():  # a tied lm_head is the embedding: read once
-            local, start = owned(p)
-            with torch.no_grad():
-                read_rows(where[name], headers[where[name]], stored_name(config.model_type, name), start,
-                          start + len(local), into=local)
-        self.reset_rope()
 
     def save_pretrained(self, path, max_shard_size: int = MAX_SHARD_SIZE):
         """Write config.json and model.safetensors (or model-0000i-of-0000n.safetensors shards with

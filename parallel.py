@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from data import HELD_OUT, TEXT_KEY, corpus_files, holds_out, tokenize_corpus
+from hf import open_safetensors, read_rows, safetensors_header, stored_name
 from model import Transformer, read_checkpoint, softcap, to_dtype
 
 # Peak dense bf16 tensor FLOP/s, for MFU (Chowdhery et al. 2022): achieved model FLOP/s over this.
@@ -216,7 +217,7 @@ def register_forward_methods(model):
 def load_sharded(path, device, dtype, compile=False):
     """An HF checkpoint as a sharded FSDP2 model of fp32 weights, each process reading only its own shards: the
     model is built on the meta device (no memory), sharded, given storage for this process's shards alone, and
-    filled from the safetensors files slice by slice (Transformer.load_rows). Memory per process while loading:
+    filled from the safetensors files slice by slice (load_rows). Memory per process while loading:
     its 1 / world of the model plus one slice, never the whole model (torchtitan loads the same way). The config's
     dtype stays the one the checkpoint is stored in, which the export writes back."""
     config, _ = read_checkpoint(path)
@@ -224,16 +225,39 @@ def load_sharded(path, device, dtype, compile=False):
         model = Transformer(config)
     model = shard_model(model, device, dtype, compile=compile)
     model.to_empty(device=device)
-    model.load_rows(path, owned_rows)
+    load_rows(model, path, owned_rows)
     return model
+
+
+def load_rows(model, path, owned):
+    """Fill the model's parameters from the HF directory at path, each with only the part it holds: owned(p) ->
+    (the tensor p keeps, its first row in the full tensor). A process of a sharded model reads its own rows of each
+    tensor from the files (hf.read_rows: those bytes alone), so loading needs its share of the model, not the
+    whole. A weight split by columns (p.columns, a tensor-parallel teacher's) reads its rows whole, one tensor at a
+    time, and keeps its columns. Parameters keep their dtype (the stored one is converted a slice at a time)."""
+    config, files = read_checkpoint(path)
+    where = {key: file for file, keys in files.items() for key in keys}
+    headers = {file: safetensors_header(file) for file in files}
+    for name, p in model.named_parameters():  # a tied lm_head is the embedding: read once
+        local, start = owned(p)
+        file, key, columns = where[name], stored_name(config.model_type, name), getattr(p, "columns", None)
+        into = local if columns is None else torch.empty(len(local), headers[file][0][key]["shape"][1],
+                                                         dtype=local.dtype, device=local.device)
+        with torch.no_grad():
+            read_rows(file, headers[file], key, start, start + len(local), into=into)
+            if columns is not None:
+                local.copy_(into[:, columns[0]:columns[1]])
+    model.reset_rope()
 
 
 def owned_rows(p):
     """The part of parameter p this process holds, and its first row in the full tensor: FSDP2 shards dim 0 into
-    chunks of ceil(rows / world), in rank order (torch.chunk's split); a tensor split by rows outside FSDP (a
-    sharded teacher's vocabulary) says where its rows start; anything else is whole."""
+    chunks of ceil(rows / world), in rank order (torch.chunk's split); a tensor split outside FSDP (a sharded
+    teacher's vocabulary, heads and hidden units) says where its rows start; anything else is whole."""
     if isinstance(p, DTensor):
         return p.to_local(), dist.get_rank() * -(-p.shape[0] // dist.get_world_size())
+    if getattr(p, "mapped", False):  # (a tensor mapped from its file already holds it: nothing to read)
+        return p.data[:0], 0
     return p.data, getattr(p, "first_row", 0)
 
 
@@ -243,14 +267,20 @@ def full_tensor(t):
 
 
 # -----------------------------------------------------------------------------
-# The vocabulary-sharded teacher (distill.py)
+# The sharded teacher (distill.py)
 #
-# The teacher only runs forward, and under torchrun it is sharded over the processes like the student, so that its
-# memory per process is divided by their number: FSDP2 on each block, gathered just before the block runs and freed
-# after it; the embedding and the output layer (the largest tensors: vocabulary x dim) are split by vocabulary rows
-# and never gathered (Megatron-LM's vocabulary parallelism). Since each process has its own tokens (data
-# parallelism), each of those layers first gathers every process's rows, works on its slice of the vocabulary for
-# all of them, and sends each process the results for its own rows back.
+# The teacher only runs forward, and under torchrun it is split over the processes like the student, so that its
+# memory per process is divided by their number. The embedding and the output layer (the largest tensors: vocabulary
+# x dim) are split by vocabulary rows and never gathered (Megatron-LM's vocabulary parallelism). The blocks are split
+# by heads and hidden units (Megatron-LM's tensor parallelism, Shoeybi et al. 2019): attention by k/v heads, each
+# with its query heads (q, k, v keep their rows, o_proj its columns), the MLP by hidden units (gate and up keep their
+# rows, down_proj its columns); each process's o_proj and down_proj give a partial sum of the block's output, which
+# an all-reduce completes; the norms are whole everywhere. Nothing is ever gathered but activations, so decoding
+# (a pass per token: the teacher's samples, the held-out paths) moves a few KB per block where FSDP would move every
+# block's weights for every token (3.2 s a pass for a 0.72B teacher on 2 CPU processes over gloo). Every process runs
+# every row: decoding is given the same rows on every process (distill.py generates them so), and the training
+# batches' teacher pass first gathers every process's rows (TensorParallelTeacher.hidden). A teacher with fewer k/v
+# heads than processes keeps FSDP2 on its blocks: each gathered just before it runs and freed after.
 
 
 # (torch 2.13 renamed these two; the old names still work there, with a warning)
@@ -272,19 +302,28 @@ def gather_rows(x):
 class VocabShardedEmbedding(nn.Module):
     """Rows [first_row, first_row + n) of an embedding table: this process looks up the tokens in its rows, for
     every process's tokens (zeros for the others), and each process receives the sum over the slices of its own
-    tokens' lookups: every token's row."""
+    tokens' lookups: every token's row. same_rows (a tensor-parallel teacher's: every process looks up the same
+    tokens): the sum over the slices, all-reduced, without gathering."""
 
-    def __init__(self, weight):
+    def __init__(self, weight, first_row, same_rows=False):
         super().__init__()
-        self.weight = weight
+        self.weight, self.first_row, self.same_rows = weight, first_row, same_rows
+
+    def lookup(self, ids):
+        """The rows of the tokens in this slice, zeros for the others."""
+        local = ids - self.first_row
+        mine = (local >= 0) & (local < len(self.weight))
+        return F.embedding(local.clamp(0, max(len(self.weight) - 1, 0)), self.weight) * mine[..., None]
 
     def forward(self, idx):
         if dist.get_world_size() == 1:
             return F.embedding(idx, self.weight)
+        if self.same_rows:
+            x = self.lookup(idx)
+            dist.all_reduce(x)
+            return x
         ids, n = gather_rows(idx.flatten())
-        local = ids - self.weight.first_row
-        mine = (local >= 0) & (local < len(self.weight))
-        x = F.embedding(local.clamp(0, max(len(self.weight) - 1, 0)), self.weight) * mine[..., None]
+        x = self.lookup(ids)
         out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
         reduce_scatter_single(out, x.flatten(0, 1))
         return out[:n].view(*idx.shape, -1)
@@ -295,9 +334,9 @@ class VocabShardedHead(nn.Module):
     process's hidden states, exchanged (all-to-all) so that each process gets its own rows' logits over the whole
     vocabulary; soft-capped as model.Head caps them (Gemma's final_logit_softcapping)."""
 
-    def __init__(self, weight, vocab_size, cap=None):
+    def __init__(self, weight, first_row, vocab_size, cap=None):
         super().__init__()
-        self.weight, self.vocab_size, self.cap = weight, vocab_size, cap
+        self.weight, self.first_row, self.vocab_size, self.cap = weight, first_row, vocab_size, cap
 
     def forward(self, h):
         world = dist.get_world_size()
@@ -312,30 +351,102 @@ class VocabShardedHead(nn.Module):
         return softcap(logits.view(*h.shape[:-1], self.vocab_size), self.cap)
 
 
+def split(n, rank, world):
+    """This process's contiguous part [start, stop) of n things shared out as evenly as possible."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def cut(linear, rows=None, columns=None):
+    """nn.Linear `linear` (on the meta device) keeping rows [a, b) of its outputs, or columns [a, b) of its inputs;
+    the new layer says which (first_row, columns) for load_rows."""
+    a, b = rows or columns
+    assert rows or linear.bias is None  # (a bias after a partial sum would be added once per process)
+    new = nn.Linear(linear.in_features if rows else b - a, b - a if rows else linear.out_features,
+                    bias=linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device)
+    new.first_row, new.columns = (a if rows else 0), columns
+    return new
+
+
+def all_reduce_output(module, args, output):
+    """A forward hook completing a partial sum: every process's o_proj (or down_proj) over its heads (units)."""
+    dist.all_reduce(output)
+    return output
+
+
+def tensor_parallel_block(block, rank, world):
+    """Cut one block (on the meta device) to this process's k/v heads, with their query heads, and hidden units."""
+    attn, mlp = block.self_attn, block.mlp
+    hd, group = attn.head_dim, attn.n_heads // attn.n_kv_heads
+    kv0, kv1 = split(attn.n_kv_heads, rank, world)
+    attn.q_proj = cut(attn.q_proj, rows=(kv0 * group * hd, kv1 * group * hd))
+    attn.k_proj = cut(attn.k_proj, rows=(kv0 * hd, kv1 * hd))
+    attn.v_proj = cut(attn.v_proj, rows=(kv0 * hd, kv1 * hd))
+    attn.o_proj = cut(attn.o_proj, columns=(kv0 * group * hd, kv1 * group * hd))
+    attn.n_heads, attn.n_kv_heads = (kv1 - kv0) * group, kv1 - kv0
+    h0, h1 = split(mlp.gate_proj.out_features, rank, world)
+    mlp.gate_proj, mlp.up_proj = cut(mlp.gate_proj, rows=(h0, h1)), cut(mlp.up_proj, rows=(h0, h1))
+    mlp.down_proj = cut(mlp.down_proj, columns=(h0, h1))
+    for partial in (attn.o_proj, mlp.down_proj):
+        partial.register_forward_hook(all_reduce_output)
+
+
+class TensorParallelTeacher(Transformer):
+    """A teacher whose blocks are tensor_parallel_block's: every process runs every row. Decoding (forward with the
+    KV cache) must be given the same rows on every process; hidden, the training batches' teacher pass, gathers
+    every process's rows first and gives each process its own back."""
+
+    def hidden(self, idx):
+        ids, n = gather_rows(idx)
+        h = self._trunk(ids.flatten(0, 1))
+        return h.view(*ids.shape[:2], *h.shape[1:])[dist.get_rank(), :n]
+
+
+def tensor_parallel(config, world):
+    """Whether a teacher of this config is split by heads over `world` processes: each needs a k/v head."""
+    return world > 1 and config.n_kv_heads >= world
+
+
 def load_teacher(path, device, dtype, replicate=False):
-    """The teacher in dtype, for inference, sharded as described above; each process reads only its own part of
-    the checkpoint (load_sharded's way: built on the meta device, sharded, then filled slice by slice). In one
-    process, or with --replicate-teacher, the plain model: no collectives, no FSDP hooks in every decoding step."""
+    """The teacher in dtype, for inference, split as described above; each process reads only its own part of
+    the checkpoint (load_sharded's way: built on the meta device, split, then filled slice by slice). In one
+    process, or with --replicate-teacher, the plain model: no collectives."""
     rank, world = dist.get_rank(), dist.get_world_size()
     if world == 1 or replicate:
         return Transformer.from_pretrained(path, device, dtype).eval().requires_grad_(False)
-    config, _ = read_checkpoint(path)
+    config, files = read_checkpoint(path)
+    heads = tensor_parallel(config, world)
+    # An untied embedding is only looked up: with the blocks split by heads every process looks up the same tokens,
+    # so on a CPU each can map the stored table from its file (safetensors' get_tensor) instead of holding a slice of
+    # it. Only the pages of the rows looked up become resident, as in one process, and no lookup needs a collective.
+    mapped = heads and not config.tie_embeddings and device.type == "cpu" and to_dtype(config.dtype) == dtype
     with torch.device("meta"):
-        teacher = Transformer(config).to(dtype)
+        teacher = (TensorParallelTeacher if heads else Transformer)(config).to(dtype)
         rows = -(-config.vocab_size // world)  # torch.chunk's split, as FSDP2's
         first = min(rank * rows, config.vocab_size)
         shard = [nn.Parameter(torch.empty(min(rows, config.vocab_size - first), config.dim, dtype=dtype),
                               requires_grad=False) for _ in range(1 if config.tie_embeddings else 2)]
-    teacher.model.embed_tokens = VocabShardedEmbedding(shard[0])
-    teacher.lm_head = VocabShardedHead(shard[-1], config.vocab_size, config.logit_softcap)
+    teacher.model.embed_tokens = VocabShardedEmbedding(shard[0], first, same_rows=heads)
+    teacher.lm_head = VocabShardedHead(shard[-1], first, config.vocab_size, config.logit_softcap)
     for block in teacher.model.layers:
-        fully_shard(block, reshard_after_forward=True)
-    fully_shard(teacher, reshard_after_forward=True, ignored_params=set(shard))  # (the final norm)
-    register_forward_methods(teacher)
-    teacher.to_empty(device=device)  # (new tensors: tie them again, and say where their rows start)
+        if heads:
+            tensor_parallel_block(block, rank, world)
+        else:
+            fully_shard(block, reshard_after_forward=True)
+    if not heads:
+        fully_shard(teacher, reshard_after_forward=True, ignored_params=set(shard))  # (the final norm)
+        register_forward_methods(teacher)
+    teacher.to_empty(device=device)  # (new tensors: tie them again, and say which rows or columns each holds)
     if config.tie_embeddings:
         teacher.lm_head.weight = teacher.model.embed_tokens.weight
-    for p in (teacher.model.embed_tokens.weight, teacher.lm_head.weight):
-        p.first_row = first
-    teacher.load_rows(path, owned_rows)
+    if mapped:  # (the slice made by to_empty was never written: no memory of its own yet)
+        name = "model.embed_tokens.weight"
+        with open_safetensors(next(f for f, keys in files.items() if name in keys), device) as f:
+            teacher.model.embed_tokens = nn.Embedding.from_pretrained(f.get_tensor(stored_name(config.model_type,
+                                                                                               name)))
+    for m in teacher.modules():
+        for p in m.parameters(recurse=False):
+            if not isinstance(p, DTensor):
+                p.first_row, p.columns = getattr(m, "first_row", 0), getattr(m, "columns", None)
+    teacher.model.embed_tokens.weight.mapped = mapped
+    load_rows(teacher, path, owned_rows)
     return teacher.eval().requires_grad_(False)

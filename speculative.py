@@ -373,6 +373,7 @@ def timed(fn, device):
     return result, time.perf_counter() - t0
 
 
+@torch.no_grad()  # (recording autograd would be timed too, and would make the KV cache require gradients)
 def step_time(model, n_tokens=1, steps=16, repeats=5):
     """Seconds per cached forward pass over n_tokens: 1 is the decode step that decoding repeats, gamma + 1 the
     target's verification pass (called as speculative_generate calls them). The median of `repeats` timings of

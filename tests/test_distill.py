@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, kill_after_step
+from conftest import REPO, free_port, kill_after_step
 from distill import LOSSES, distillation_loss
 from model import IGNORE, ModelConfig, Transformer
 from tokenizer import Tokenizer
@@ -121,6 +121,31 @@ def test_a_few_steps_lower_tvd_to_the_teacher(teacher, data, loss):
                 "acceptance after", "whole run"} <= set(stages)
         steps = [r["peak_mb"][0] for r in rows if "peak_mb" in r]
         assert stages["whole run"]["peak_mb"][0] >= max([e["peak_mb"][0] for e in stages.values()] + steps)
+
+
+def test_two_processes_sample_measure_and_train_as_one(teacher, tmp_path):
+    """Under torchrun the teacher is split by heads and vocabulary (parallel.TensorParallelTeacher): the same pool
+    of teacher samples (its fingerprint), the same acceptance and the same losses as one process, in float32, and
+    each process's whole-run peak recorded."""
+    root, _ = teacher
+    flags = ["--student", "tiny", "--data", "teacher", "--max-steps", "2", "--micro-batch-size", "2"]
+    one = run_distill(root, tmp_path / "one", *flags)
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = distill_cmd(root, tmp_path / "two", *flags)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), *cmd[1:]], capture_output=True, text=True, cwd=root, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    fingerprints = [re.search(r"fingerprint (\w+)", r.stdout + r.stderr).group(1) for r in (one, two)]
+    assert fingerprints[0] == fingerprints[1]
+    accept = [json.loads((tmp_path / d / "acceptance.json").read_text()) for d in ("one", "two")]
+    for when in ("before", "after"):
+        for key in ("acceptance_greedy", "acceptance_T=1"):
+            assert accept[1][when][key] == pytest.approx(accept[0][when][key], abs=1e-4), (when, key)
+    losses = [[r["loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl")) if "loss" in r]
+              for d in ("one", "two")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert len(json.loads((tmp_path / "two" / "memory.json").read_text())["whole run"]["peak_mb"]) == 2
 
 
 def test_student_with_another_tokenizer_is_refused(teacher, tmp_path):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from conftest import REPO, free_port, randomize, saved_bytes
 from memory import activation_bytes
 from model import IGNORE, ModelConfig, Transformer
+from parallel import load_rows
 from tokenizer import Tokenizer
 
 V = 300
@@ -208,7 +209,7 @@ def test_param_count(tmp_path, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_load_rows_reads_each_familys_stored_tensors(tmp_path, family):
-    """Sharded loading (Transformer.load_rows, each process its own rows) finds every tensor under the family's
+    """Sharded loading (parallel.load_rows, each process its own rows) finds every tensor under the family's
     stored name: the rows read are from_pretrained's."""
     make_hf(tmp_path, family)
     whole = Transformer.from_pretrained(tmp_path)
@@ -217,7 +218,7 @@ def test_load_rows_reads_each_familys_stored_tensors(tmp_path, family):
     model.to_empty(device="cpu")
     if whole.config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.load_rows(tmp_path, lambda p: (p.data[1:], 1))  # rows 1.. of every tensor (a 1-D one: its elements)
+    load_rows(model, tmp_path, lambda p: (p.data[1:], 1))  # rows 1.. of every tensor (a 1-D one: its elements)
     for (name, p), q in zip(model.named_parameters(), whole.parameters()):
         assert torch.equal(p[1:], q[1:]), name
 

@@ -1,5 +1,5 @@
-"""Memory that scales with the number of processes, with nothing else changed: sharded loading, the sharded teacher,
-the chunked losses and the streaming export give the weights, losses, gradients and files of the plain paths
+"""Memory that scales with the number of processes, with nothing else changed: sharded loading, the sharded teacher
+(split by heads, or FSDP2's with a single k/v head), the chunked losses and the streaming export give the weights, losses, gradients and files of the plain paths
 (tests/sharded_worker.py, under torchrun with 1 and 2 processes)."""
 
 import os
@@ -19,12 +19,15 @@ TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=80, num_hidden_lay
 CASES = {
     "smollm2-tied-bf16": ("LlamaConfig", dict(tie_word_embeddings=True), torch.bfloat16),
     "qwen2-untied": ("Qwen2Config", dict(tie_word_embeddings=False), torch.float32),
+    # fewer k/v heads than processes: the teacher's blocks stay FSDP2's, not split by heads
+    "qwen2-one-kv-head": ("Qwen2Config", dict(tie_word_embeddings=False, num_key_value_heads=1), torch.float32),
 }
+TEACHER = {"qwen2-one-kv-head": "FSDPTransformer"}  # (under 2 processes; the others: TensorParallelTeacher)
 
 
 def checkpoint(path, case, seed=0):
     config_cls, overrides, dtype = CASES[case]
-    hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_cls)(**TINY, **overrides),
+    hf = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_cls)(**{**TINY, **overrides}),
                                                        dtype=torch.float32)
     randomize(hf, seed)
     hf.to(dtype).save_pretrained(path)
@@ -42,3 +45,5 @@ def test_sharded_paths_equal_the_plain_ones(tmp_path, case, nproc):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("all equal") == nproc
+    if nproc == 2:
+        assert f"(teacher: {TEACHER.get(case, 'TensorParallelTeacher')})" in result.stdout

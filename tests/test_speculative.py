@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+import speculative
 from model import ModelConfig, Transformer
 from speculative import (check_same_tokenizer, generate, generate_batch, logits_to_probs, predicted_speedup,
                          speculative_generate)
@@ -200,3 +201,12 @@ def test_a_budget_that_fills_the_context_exactly_is_decoded():
         while len(ids) < model.config.max_seq_len:
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert generate(model, PROMPT, room) == ids[len(PROMPT):]
+
+
+def test_timing_a_step_records_no_autograd():
+    """cost_ratio and verify_cost time decoding as it runs: without autograd (which, recorded, was timed too and made
+    the KV cache require gradients, so a compiled step compiled again)."""
+    model = tiny(0)
+    assert any(p.requires_grad for p in model.parameters())
+    speculative.step_time(model, n_tokens=2, steps=1, repeats=1)
+    assert not any(b.requires_grad for b in model.buffers())

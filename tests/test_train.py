@@ -77,10 +77,15 @@ def test_each_step_records_the_peak_memory_of_every_process(one_and_two):
 
 def test_memory_json_has_the_load_and_export_stages_of_every_process(one_and_two):
     """Loading and exporting are stages outside the training steps, with peaks of their own: memory.json records
-    each one's peak for every process (the run's closing memory table is read from it)."""
+    each one's peak for every process, and the whole run's, the highest of all (the run's closing memory table is
+    read from it)."""
     with open(one_and_two["two"][0] / "memory.json") as f:
         stages = json.load(f)
-    assert set(stages) == {"load", "export"} and all(len(s["peak_mb"]) == 2 for s in stages.values())
+    assert set(stages) == {"load", "export", "whole run"} and all(len(s["peak_mb"]) == 2 for s in stages.values())
+    steps = [r["peak_mb"] for r in one_and_two["two"][2] if "peak_mb" in r]
+    for rank in (0, 1):
+        assert stages["whole run"]["peak_mb"][rank] >= max([s["peak_mb"][rank] for s in stages.values()] +
+                                                           [s[rank] for s in steps])
 
 
 def test_the_export_loads_in_transformers_with_the_same_logits(one_and_two):
