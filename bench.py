@@ -205,7 +205,7 @@ def hf_generate_batch(model, prompts, max_new_tokens):
 
 def time_decoding(ours_fn, theirs_fn, prompts, device):
     """Each prompt through ours then theirs (speculative.compare_decoders); tokens/s of each."""
-    (n_ours, t_ours), (n_theirs, t_theirs), same = compare_decoders(ours_fn, theirs_fn, prompts, device)
+    (n_ours, t_ours, _), (n_theirs, t_theirs, same) = compare_decoders([ours_fn, theirs_fn], prompts, device)
     return dict(tokens_per_s_ours=n_ours / t_ours, tokens_per_s_theirs=n_theirs / t_theirs, tokens_ours=n_ours,
                 tokens_theirs=n_theirs, identical=same, prompts=len(prompts))
 

@@ -43,6 +43,21 @@ from train import (COUNT, POSITIVE, add_training_flags, cosine_schedule, make_op
                    step_of, train_loop)
 
 LOSSES = ("fkl", "rkl", "jsd", "tvd")
+SOURCES = ("text", "sft", "teacher", "student")
+
+
+def data_mix(text):
+    """--data: one of SOURCES, or several joined by '+' (each at most once)."""
+    names = text.split("+")
+    if any(n not in SOURCES for n in names) or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(SOURCES)} or a mix such as teacher+student, "
+                                         f"got {text!r}")
+    return text
+
+
+def listed(parse):
+    """An argparse type: a comma-separated list of values, each read by parse."""
+    return lambda text: [parse(t) for t in text.split(",")]
 
 
 def distillation_loss(student_logits, teacher_logits, mask=None, kind="fkl", temperature=1.0):
@@ -81,9 +96,10 @@ def get_args(argv=None):
                    ", ".join(PRESETS) + ") for a new one on the teacher's tokenizer")
     p.add_argument("--student-layers", type=POSITIVE, help="with an HF --student: keep only its first N layers "
                    "(a truncated copy of the target is a draft that shares its embeddings and tokenizer)")
-    p.add_argument("--data", default="teacher", choices=["text", "sft", "teacher", "student"],
-                   help="what to distil on (DistillSpec): domain text, SFT conversations, teacher samples, or the "
-                   "student's own samples (on-policy)")
+    p.add_argument("--data", default="teacher", type=data_mix,
+                   help="what to distil on (DistillSpec): text (domain text), sft (SFT conversations), teacher "
+                   "(teacher samples) or student (the student's own samples, on-policy); or a mix joined by '+', "
+                   "e.g. teacher+student: step s draws its batch from the (s mod n)-th")
     p.add_argument("--loss", default="fkl", choices=LOSSES)
     p.add_argument("--temperature", type=number(float, 0, low_open=True), default=1.0,
                    help="softening of both distributions in the loss")
@@ -91,8 +107,10 @@ def get_args(argv=None):
                    "tokens")
     p.add_argument("--gen-tokens", type=POSITIVE, default=64, help="teacher/student data: tokens generated per "
                    "prompt")
-    p.add_argument("--gen-temperature", type=number(float, 0), default=1.0,
-                   help="sampling temperature for generated data (0: greedy)")
+    p.add_argument("--gen-temperature", type=listed(number(float, 0)), default=[1.0], metavar="T[,T...]",
+                   help="sampling temperature for generated data (0: greedy); a list, e.g. 0,1 (the temperatures "
+                   "the draft will decode at): teacher data holds a continuation per prompt at each, student data "
+                   "samples at each in turn")
     p.add_argument("--gen-batch-size", type=POSITIVE, default=16, help="teacher/student data: prompts sampled "
                    "together, in one forward pass per token")
     p.add_argument("--prompt-tokens", type=POSITIVE, default=32, help="base teachers: corpus prefix length as prompt")
@@ -203,8 +221,8 @@ def seed_of(*key):
 
 
 @torch.no_grad()
-def sample_rows(model, prompts, seeds, args, eos_id, dtype, batch_size=None):
-    """(prompt + sampled continuation, labels on the continuation) per prompt, at --gen-temperature,
+def sample_rows(model, prompts, seeds, args, eos_id, dtype, temperature, batch_size=None):
+    """(prompt + sampled continuation, labels on the continuation) per prompt, at temperature,
     --gen-batch-size (or batch_size) prompts per forward pass (generate_batch), each drawn from its own generator
     seeded by its seed (a seed None: greedy): a prompt's sample does not depend on the prompts batched with it.
     Fixed-length generation, cut at eos afterwards: every process runs the same number of forward passes, as FSDP's
@@ -223,7 +241,7 @@ def sample_rows(model, prompts, seeds, args, eos_id, dtype, batch_size=None):
         batch = prompts[b:b + rows_at_once]
         generators = [None if s is None else torch.Generator(device).manual_seed(s)
                       for s in seeds[b:b + rows_at_once]]
-        news = generate_batch(model, batch, args.gen_tokens, temperature=args.gen_temperature, generators=generators)
+        news = generate_batch(model, batch, args.gen_tokens, temperature=temperature, generators=generators)
         rows += [continuation_row(p, cut_at_eos(new, eos_id)) for p, new in zip(batch, news)]
     return rows[:n]
 
@@ -268,16 +286,22 @@ def sft_pool(tokenizer, args):
 
 
 def teacher_pool(teacher, tokenizer, args, eos, dtype, rank, world):
-    """DistillSpec's teacher-generated data: a continuation of each domain prompt, sampled once before training,
-    prompt i under seed (seed, i), so a resumed run, or one with another number of processes, has the same pool."""
+    """DistillSpec's teacher-generated data: a continuation of each domain prompt at each --gen-temperature,
+    sampled once before training, prompt i at the k-th temperature under seed (seed, i[, k]), so a resumed run, or
+    one with another number of processes, has the same pool."""
     prompts = domain_prompts(tokenizer, teacher, args, "train")
-    log(f"sampling {args.gen_tokens}-token teacher continuations of {len(prompts)} domain prompts")
+    temperatures = args.gen_temperature
+    log(f"sampling {args.gen_tokens}-token teacher continuations of {len(prompts)} domain prompts at temperature "
+        f"{', '.join(map(str, temperatures))}")
     # A teacher split by heads decodes the same rows on every process, each its heads of them: all the prompts.
     # Otherwise each process samples its share.
     same_rows = isinstance(teacher, TensorParallelTeacher)
     mine = list(enumerate(prompts)) if same_rows else rank_share(list(enumerate(prompts)), rank, world)
-    rows = sample_rows(teacher, [p for _, p in mine], [seed_of(args.seed, i) for i, _ in mine], args, eos, dtype)
-    pool = rows if same_rows else gather(rows)
+    pool = []
+    for k, t in enumerate(temperatures):
+        seeds = [seed_of(args.seed, i, *([k] if k else [])) for i, _ in mine]
+        rows = sample_rows(teacher, [p for _, p in mine], seeds, args, eos, dtype, t)
+        pool += rows if same_rows else gather(rows)
     log(f"teacher pool: {len(pool)} rows, fingerprint {pool_fingerprint(pool)}")
     return pool
 
@@ -289,14 +313,22 @@ def pool_fingerprint(pool):
 
 def student_source(student, prompts, args, eos, dtype, pad_id, rank, world):
     """On-policy data (DistillSpec): the student's own samples for batch_size domain prompts, drawn again at every
-    step; each process samples its share, prompt j of step s under seed (seed, s, j)."""
+    step it serves, at the --gen-temperature values in turn; each process samples its share, prompt j of step s
+    under seed (seed, s, j)."""
+    temperatures, turn = args.gen_temperature, len(args.data.split("+"))  # (in a mix it serves every turn-th step)
+
     def batch(step):
         pick = np.random.default_rng([args.seed, step]).choice(len(prompts), args.batch_size)
         mine = rank_share(list(enumerate(pick)), rank, world)
         rows = sample_rows(student, [prompts[i] for _, i in mine], [seed_of(args.seed, step, j) for j, _ in mine], args,
-                           eos, dtype)
+                           eos, dtype, temperatures[step // turn % len(temperatures)])
         return pad_rows(gather(rows), pad_id)
     return batch
+
+
+def mixed(sources):
+    """Several sources taken in turn (--data teacher+student): step s draws from the (s mod n)-th."""
+    return lambda step: sources[step % len(sources)](step)
 
 
 # -----------------------------------------------------------------------------
@@ -310,8 +342,8 @@ def held_out_paths(teacher, prompts, args, eos, dtype):
     (the teacher does not change) and the validation TVD. Every process generates all of them, so all hold the
     same rows."""
     n = len(prompts)
-    rows = sample_rows(teacher, prompts * 2, [None] * n + [seed_of(args.seed, i) for i in range(n)],
-                       argparse.Namespace(**{**vars(args), "gen_temperature": 1.0}), eos, dtype, batch_size=2 * n)
+    rows = sample_rows(teacher, prompts * 2, [None] * n + [seed_of(args.seed, i) for i in range(n)], args, eos, dtype,
+                       temperature=1.0, batch_size=2 * n)
     return {0.0: rows[:n], 1.0: rows[n:]}
 
 
@@ -449,18 +481,21 @@ def run(args):
     model.loss_chunk_rows = loss_chunk_rows(student.config.vocab_size, distillation=True)  # (see model.py)
     optimizer = make_optimizer(model, args.weight_decay, device)
 
-    # The data (DistillSpec's four sources)
-    if args.data == "text":
-        source = text_source(tokenizer, args)
-    elif args.data == "sft":
-        source = pool_source(sft_pool(tokenizer, args), args, pad_id)
-    elif args.data == "teacher":
-        with memory.stage(out, "teacher samples", device):
-            pool = teacher_pool(teacher, tokenizer, args, eos, dtype, rank, world)
-        source = pool_source(pool, args, pad_id)
-    else:
-        source = student_source(model, domain_prompts(tokenizer, teacher, args, "train"), args, eos, dtype, pad_id,
-                                rank, world)
+    # The data (DistillSpec's four sources, or a mix of them taken in turn)
+    sources = []
+    for name in args.data.split("+"):
+        if name == "text":
+            sources.append(text_source(tokenizer, args))
+        elif name == "sft":
+            sources.append(pool_source(sft_pool(tokenizer, args), args, pad_id))
+        elif name == "teacher":
+            with memory.stage(out, "teacher samples", device):
+                pool = teacher_pool(teacher, tokenizer, args, eos, dtype, rank, world)
+            sources.append(pool_source(pool, args, pad_id))
+        else:
+            sources.append(student_source(model, domain_prompts(tokenizer, teacher, args, "train"), args, eos, dtype,
+                                          pad_id, rank, world))
+    source = mixed(sources)
 
     def get_step(step):
         return step_of(torch.from_numpy(source(step)).to(device), args.micro_batch_size, student.config)

@@ -225,7 +225,7 @@ def check_speculative(args, target, shape, random_prompts, device):
         out, stats = speculative_generate(target, draft, ids, shape["new_tokens"], gamma=GAMMA)
         runs.append(stats)
         return out
-    (n_plain, t_plain), (n_spec, t_spec), same = compare_decoders(plain, spec, prompts, device)
+    (n_plain, t_plain, _), (n_spec, t_spec, same) = compare_decoders([plain, spec], prompts, device)
     a = pooled_stats(runs[1:], GAMMA)["acceptance_rate"]  # (runs[0]: compare_decoders' warm-up)
     with torch.no_grad():  # (with autograd on, the timed steps would record graphs, and compile another variant)
         c, v = cost_ratio(target, draft), verify_cost(target, GAMMA)

@@ -401,22 +401,22 @@ def verify_cost(target, gamma):
     return step_time(target, gamma + 1) / step_time(target)
 
 
-def compare_decoders(decode_a, decode_b, prompts, device):
-    """Decode every prompt with decode_a and decode_b (each: prompt ids -> new token ids), interleaved so that a
-    busy moment on the machine hits both, after one untimed warm-up of each on the longest prompt (caches at full
-    size, kernels, compilation). Returns (tokens, seconds) of each and the number of identical outputs."""
+def compare_decoders(decoders, prompts, device):
+    """Decode every prompt with each of decoders (each: prompt ids -> new token ids) in turn, so that a busy moment
+    on the machine hits all of them, after one untimed warm-up of each on the longest prompt (caches at full size,
+    kernels, compilation). Returns, per decoder, (tokens, seconds, outputs identical to the first decoder's)."""
     from tqdm import tqdm
     longest = max(prompts, key=len)
-    decode_a(longest)
-    decode_b(longest)
-    n_a = n_b = t_a = t_b = same = 0
+    for decode in decoders:
+        decode(longest)
+    totals = [[0, 0.0, 0] for _ in decoders]
     for ids in tqdm(prompts, desc="decoding", unit="prompt"):
-        a, t = timed(lambda: decode_a(ids), device)
-        n_a, t_a = n_a + len(a), t_a + t
-        b, t = timed(lambda: decode_b(ids), device)
-        n_b, t_b = n_b + len(b), t_b + t
-        same += a == b
-    return (n_a, t_a), (n_b, t_b), same
+        first = None
+        for decode, total in zip(decoders, totals):
+            new, t = timed(lambda: decode(ids), device)
+            first = new if first is None else first
+            total[0], total[1], total[2] = total[0] + len(new), total[1] + t, total[2] + (new == first)
+    return [tuple(total) for total in totals]
 
 
 # -----------------------------------------------------------------------------
@@ -433,7 +433,8 @@ def get_args(argv=None):
                    help="--bench without --prompt: a .jsonl with a 'prompt' per row")
     p.add_argument("--n-prompts", type=int, default=8, help="--bench: prompts taken from --prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round")
+    p.add_argument("--gamma", type=gammas, default=[4], metavar="G[,G...]", help="draft tokens per round; --bench "
+                   "takes a list (e.g. 1,2,3,4) and measures each against the same plain decoding")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
@@ -450,6 +451,8 @@ def get_args(argv=None):
     p.add_argument("--json", help="--bench: also write the results to this JSON file")
     args = p.parse_args(argv)
     check_sampling_flags(p, args)
+    if len(args.gamma) > 1 and not args.bench:
+        p.error(f"--gamma {','.join(map(str, args.gamma))}: a list of values needs --bench (decoding uses one)")
     return args
 
 
@@ -460,12 +463,23 @@ def check_sampling_flags(p, args):
              ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1, ">= 1"),
              ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "in (0, 1]")]
     rules += [(f"--{name.replace('_', '-')}", getattr(args, name), getattr(args, name) >= 1, ">= 1")
-              for name in ("gamma", "max_new_tokens", "n_prompts") if hasattr(args, name)]
+              for name in ("max_new_tokens", "n_prompts") if hasattr(args, name)]
     for flag, value, ok, rule in rules:
         if not ok:
             p.error(f"{flag} must be {rule}, got {value}")
     if any(not text.strip() for text in getattr(args, "prompt", None) or []):
         p.error("--prompt is empty: give the text to continue")
+
+
+def gammas(text):
+    """--gamma: a whole number >= 1, or a comma list of them."""
+    try:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 1 (e.g. 4 or 1,2,3,4), got {text!r}")
+    return values
 
 
 def bench_prompts(args):
@@ -481,42 +495,53 @@ def bench_prompts(args):
 
 
 def bench(args, target, draft, tokenizer, device):
-    """Autoregressive then speculative decoding of the same prompts: tokens/s for both, measured speedup, and the
-    speedup Leviathan et al. predict from the measured acceptance rate and cost ratio."""
+    """Autoregressive and speculative decoding (at each --gamma) of the same prompts, each prompt through all of
+    them in turn: tokens/s, measured speedup, and the speedup Leviathan et al. predict from the measured acceptance
+    rate and cost ratio. Returns (and writes to --json) the row of the fastest gamma, with every gamma's row in
+    by_gamma when there are several."""
     prompts = [prompt_ids(target, tokenizer, p, not args.no_chat) for p in bench_prompts(args)]
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=stop_id(target, tokenizer))
-    runs = []
+    runs = {gamma: [] for gamma in args.gamma}
 
     def autoregressive(ids):
         torch.manual_seed(args.seed)
         return generate(target, ids, args.max_new_tokens, **kw)
 
-    def speculative(ids):
-        torch.manual_seed(args.seed)
-        new, stats = speculative_generate(target, draft, ids, args.max_new_tokens, gamma=args.gamma, **kw)
-        runs.append(stats)
-        return new
-    (ar_tokens, ar_time), (sp_tokens, sp_time), same = compare_decoders(autoregressive, speculative, prompts, device)
-    stats = pooled_stats(runs[1:], args.gamma)  # runs[0] is the warm-up
-    a, c, v = stats["acceptance_rate"], cost_ratio(target, draft), verify_cost(target, args.gamma)
-    result = dict(prompts=len(prompts), gamma=args.gamma, temperature=args.temperature,
-                  autoregressive_tokens_per_s=ar_tokens / ar_time, speculative_tokens_per_s=sp_tokens / sp_time,
-                  measured_speedup=(sp_tokens / sp_time) / (ar_tokens / ar_time),
-                  acceptance_rate=a, mean_accepted_tokens=stats["mean_accepted_tokens"], cost_ratio=c,
-                  predicted_speedup=predicted_speedup(a, args.gamma, c), verify_cost=v,
-                  predicted_speedup_measured_verify=predicted_speedup(a, args.gamma, c, v),
-                  identical_outputs=f"{same}/{len(prompts)}", device=str(device))
-    print(f"| decoding | tokens/s |\n| --- | --- |\n"
-          f"| autoregressive (target) | {result['autoregressive_tokens_per_s']:.1f} |\n"
-          f"| speculative (gamma={args.gamma}) | {result['speculative_tokens_per_s']:.1f} |\n")
-    print(f"acceptance rate {result['acceptance_rate']:.3f}, {result['mean_accepted_tokens']:.2f} tokens per "
-          f"target call, draft/target cost c = {c:.3f}")
-    print(f"speedup: measured {result['measured_speedup']:.2f}x, predicted {result['predicted_speedup']:.2f}x "
-          f"(measured/predicted = {result['measured_speedup'] / result['predicted_speedup']:.0%})")
-    print(f"the target's pass over gamma + 1 = {args.gamma + 1} tokens costs {v:.2f} one-token steps (the theorem "
-          f"takes 1); with it the prediction is {result['predicted_speedup_measured_verify']:.2f}x")
-    if args.temperature == 0:
-        print(f"greedy outputs identical to autoregressive decoding: {result['identical_outputs']}")
+    def speculative(gamma):
+        def decode(ids):
+            torch.manual_seed(args.seed)
+            new, stats = speculative_generate(target, draft, ids, args.max_new_tokens, gamma=gamma, **kw)
+            runs[gamma].append(stats)
+            return new
+        return decode
+    (ar_tokens, ar_time, _), *timings = compare_decoders([autoregressive] + [speculative(g) for g in args.gamma],
+                                                         prompts, device)
+    c, rows = cost_ratio(target, draft), []
+    for gamma, (sp_tokens, sp_time, same) in zip(args.gamma, timings):
+        stats = pooled_stats(runs[gamma][1:], gamma)  # runs[gamma][0] is the warm-up
+        a, v = stats["acceptance_rate"], verify_cost(target, gamma)
+        rows.append(dict(prompts=len(prompts), gamma=gamma, temperature=args.temperature,
+                         autoregressive_tokens_per_s=ar_tokens / ar_time, speculative_tokens_per_s=sp_tokens / sp_time,
+                         measured_speedup=(sp_tokens / sp_time) / (ar_tokens / ar_time),
+                         acceptance_rate=a, mean_accepted_tokens=stats["mean_accepted_tokens"], cost_ratio=c,
+                         predicted_speedup=predicted_speedup(a, gamma, c), verify_cost=v,
+                         predicted_speedup_measured_verify=predicted_speedup(a, gamma, c, v),
+                         identical_outputs=f"{same}/{len(prompts)}", device=str(device)))
+    greedy = args.temperature == 0
+    print(f"autoregressive decoding of the target: {ar_tokens / ar_time:.1f} tokens/s; draft/target cost c = "
+          f"{c:.3f}\n\n| gamma | speculative tokens/s | measured speedup | acceptance | tokens per target call | "
+          f"verify pass, in steps | predicted (verify 1) | predicted (verify measured) |"
+          + (" identical outputs |" if greedy else "") + "\n" + "| --- " * (8 + greedy) + "|")
+    for r in rows:
+        print(f"| {r['gamma']} | {r['speculative_tokens_per_s']:.1f} | {r['measured_speedup']:.2f}x | "
+              f"{r['acceptance_rate']:.3f} | {r['mean_accepted_tokens']:.2f} | {r['verify_cost']:.2f} | "
+              f"{r['predicted_speedup']:.2f}x | {r['predicted_speedup_measured_verify']:.2f}x |"
+              + (f" {r['identical_outputs']} |" if greedy else ""))
+    print("\n(Leviathan et al.'s Theorem 3.8 takes the target's pass over gamma + 1 tokens to cost one step; the "
+          "last prediction uses the measured cost)")
+    result = max(rows, key=lambda r: r["measured_speedup"])
+    if len(rows) > 1:
+        result = {**result, "by_gamma": rows}
     if args.json:
         write_atomic(args.json, json.dumps(result, indent=2) + "\n")
     return result
@@ -556,7 +581,7 @@ def answer(args, target, draft, tokenizer):
         if draft is None:
             new, stats = generate(target, ids, args.max_new_tokens, **kw), None
         else:
-            new, stats = speculative_generate(target, draft, ids, args.max_new_tokens, gamma=args.gamma, **kw)
+            new, stats = speculative_generate(target, draft, ids, args.max_new_tokens, gamma=args.gamma[0], **kw)
         if new and new[-1] == kw["eos_id"]:
             new = new[:-1]
         print(tokenizer.decode(new))

@@ -102,12 +102,13 @@ def run_distill(root, out, *extra):
     return subprocess.run(distill_cmd(root, out, *extra), capture_output=True, text=True, cwd=root, timeout=300)
 
 
-@pytest.mark.parametrize("data,loss", [("text", "fkl"), ("teacher", "tvd"), ("student", "jsd")])
+@pytest.mark.parametrize("data,loss", [("text", "fkl"), ("teacher", "tvd"), ("student", "jsd"),
+                                       ("teacher+student", "fkl")])
 def test_a_few_steps_lower_tvd_to_the_teacher(teacher, data, loss):
     root, _ = teacher
     out = root / f"draft-{data}"
     result = run_distill(root, out, "--student", "tiny", "--data", data, "--loss", loss, "--max-steps", "10",
-                         "--lr", "3e-3", "--warmup-steps", "2")
+                         "--lr", "3e-3", "--warmup-steps", "2", "--gen-temperature", "0,1")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     tvd = [r["tvd/telco"] for r in rows if "tvd/telco" in r]
@@ -125,10 +126,11 @@ def test_a_few_steps_lower_tvd_to_the_teacher(teacher, data, loss):
 
 def test_two_processes_sample_measure_and_train_as_one(teacher, tmp_path):
     """Under torchrun the teacher is split by heads and vocabulary (parallel.TensorParallelTeacher): the same pool
-    of teacher samples (its fingerprint), the same acceptance and the same losses as one process, in float32, and
-    each process's whole-run peak recorded."""
+    of teacher samples (its fingerprint; greedy and sampled, in one order), the same acceptance and the same losses
+    as one process, in float32, and each process's whole-run peak recorded."""
     root, _ = teacher
-    flags = ["--student", "tiny", "--data", "teacher", "--max-steps", "2", "--micro-batch-size", "2"]
+    flags = ["--student", "tiny", "--data", "teacher", "--max-steps", "2", "--micro-batch-size", "2",
+             "--gen-temperature", "0,1"]
     one = run_distill(root, tmp_path / "one", *flags)
     assert one.returncode == 0, one.stderr[-3000:]
     cmd = distill_cmd(root, tmp_path / "two", *flags)
@@ -224,6 +226,44 @@ def test_no_acceptance_prompts_measures_no_acceptance_and_finishes(teacher, tmp_
     assert "the acceptance rate is not measured" in r.stdout + r.stderr
 
 
+def test_a_mix_takes_its_sources_in_turn_and_the_teacher_pool_each_temperature(teacher, tmp_path):
+    """--data text+teacher --gen-temperature 0,1: even steps distil corpus windows (every position a label), odd
+    steps teacher rows (labels on the continuation only); the pool holds one greedy and one sampled continuation
+    per prompt, the greedy one the teacher's argmax at every position."""
+    import distill
+    root, tok = teacher
+    args = distill.get_args(["--teacher", str(root / "teacher"), "--data-root", str(root / "data"), "--seq-len",
+                             "64", "--gen-tokens", "8", "--prompt-tokens", "8", "--data", "text+teacher",
+                             "--gen-temperature", "0,1", "--batch-size", "2"])
+    model = Transformer.from_pretrained(root / "teacher").eval()
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://localhost:{free_port()}", rank=0, world_size=1)
+    try:  # (the corpus is tokenized once per process group)
+        pool = distill.teacher_pool(model, tok, args, None, torch.float32, 0, 1)
+        n = len(distill.domain_prompts(tok, model, args, "train"))
+        text = distill.text_source(tok, args)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert len(pool) == 2 * n
+    for ids, labels in pool[:n]:  # greedy: each continuation token is the argmax after the tokens before it
+        start = next(i for i, x in enumerate(labels) if x != IGNORE)
+        with torch.no_grad():
+            argmax = model(torch.tensor([ids]))[0].argmax(-1).tolist()
+        assert labels[start:] == argmax[start:len(ids) - 1]
+    assert [row[0] for row in pool[:n]] != [row[0] for row in pool[n:]]
+    source = distill.mixed([text, distill.pool_source(pool, args, 0)])
+    for step in range(4):
+        labels = source(step)[:, 1]
+        assert ((labels == IGNORE).sum() == 0) == (step % 2 == 0), step
+
+
+def test_data_mixes_are_named_once_each(capsys):
+    import distill
+    for bad in ("teacher+teacher", "teacher+students", ""):
+        with pytest.raises(SystemExit):
+            distill.get_args(["--teacher", "t", "--data", bad])
+        assert "expected one of text, sft, teacher, student or a mix" in capsys.readouterr().err
+
+
 def test_gen_tokens_must_leave_room_for_the_prompt(capsys):
     """--seq-len 64 --gen-tokens 64 trained 96-token rows (a prompt cut to its last 0 tokens is all of it)."""
     import distill
@@ -247,7 +287,8 @@ def test_the_sampling_cache_is_sized_to_the_prompts_not_the_flag():
     import distill
     model = tiny_model()
     args = argparse.Namespace(gen_batch_size=100_000, seq_len=32, gen_tokens=8, gen_temperature=1.0)
-    rows = distill.sample_rows(model, [[1, 2, 3], [4, 5], [6]], [1, 2, 3], args, eos_id=None, dtype=torch.float32)
+    rows = distill.sample_rows(model, [[1, 2, 3], [4, 5], [6]], [1, 2, 3], args, eos_id=None, dtype=torch.float32,
+                               temperature=1.0)
     assert len(rows) == 3 and model.max_batch_size == 3
 
 

@@ -193,9 +193,14 @@ def test_chunked_loss_equals_cross_entropy_on_the_logits(tmp_path, family):
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad()
         return loss.detach(), grads
-    ours = loss_and_grads(model.loss(idx, targets))
-    theirs = loss_and_grads(F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), reduction="sum"))
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    (loss, grads), (ref, ref_grads) = (loss_and_grads(model.loss(idx, targets)),
+                                       loss_and_grads(F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(),
+                                                                      reduction="sum")))
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    for name, g in ref_grads.items():  # (float32 rounding, summed in another order, scales with the gradient:
+        # the embedding's reach 80 under transformers 5.25's initialisation)
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-6 * float(g.abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -210,3 +210,33 @@ def test_timing_a_step_records_no_autograd():
     assert any(p.requires_grad for p in model.parameters())
     speculative.step_time(model, n_tokens=2, steps=1, repeats=1)
     assert not any(b.requires_grad for b in model.buffers())
+
+
+def test_bench_measures_every_gamma_against_the_same_plain_decoding(tmp_path):
+    """--bench --gamma 1,3: one row per gamma, each greedy output identical to plain greedy decoding of the target
+    (the reference), the pooled acceptance of each a rate; the JSON's top row is the fastest one."""
+    import json
+    tok = Tokenizer.train(["the cell hands the call over to the next cell " * 20], 300)
+    target = tiny(0, vocab_size=tok.n_vocab)
+    for model, name in ((target, "target"), (noisy_copy(target, 0.3, 1), "draft")):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    out = tmp_path / "bench.json"
+    speculative.main(["--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"), "--bench", "--gamma",
+                      "1,3", "--prompt", "the cell", "--prompt", "hands over", "--max-new-tokens", "12",
+                      "--json", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["by_gamma"]
+    assert [r["gamma"] for r in rows] == [1, 3]
+    assert all(r["identical_outputs"] == "2/2" and 0 <= r["acceptance_rate"] <= 1 for r in rows)
+    assert result["measured_speedup"] == max(r["measured_speedup"] for r in rows)
+
+
+def test_a_list_of_gammas_without_bench_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        speculative.get_args(["--target", "t", "--prompt", "hi", "--gamma", "1,2"])
+    assert "a list of values needs --bench" in capsys.readouterr().err
+    for bad in ("0", "1,x", ""):
+        with pytest.raises(SystemExit):
+            speculative.get_args(["--target", "t", "--bench", "--gamma", bad])
+        assert "expected whole numbers >= 1" in capsys.readouterr().err
