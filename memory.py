@@ -218,9 +218,9 @@ def plan(config, world, micro_batch_size, seq_len, dtype, teacher=None, checkpoi
     """Planned peak bytes per process of each stage: {stage: (bytes, what they are)}, from the shapes alone.
 
     The weights are fp32 shards (FSDP2: 1 / world of every tensor). A training step peaks at one of three moments:
-    as backward starts (weights and AdamW's moments, the gathered root (embedding, head) and two blocks in the
-    compute dtype, every block's activations, and ChunkedLoss's gradients of h and W, in fp32), as it ends (all
-    the sharded gradients, and the root's whole gradient beside the embedding's dense one or beside the
+    as backward starts (weights and AdamW's moments, the gathered root (embedding, head: in one process only) and
+    two blocks in the compute dtype, every block's activations, and ChunkedLoss's gradients of h and W, in fp32), as
+    it ends (all the sharded gradients, and the root's whole gradient beside the embedding's dense one or beside the
     reduce-scatter's input copy, and its output; on CPU also the activations' freed heap), or in the optimizer
     step (weights, gradients and both moments; on CPU AdamW's one-tensor-at-a-time loop adds two temporaries of a
     tensor's shard). Distillation adds the teacher's shards (and, FSDP2's, two gathered blocks) and its hidden
@@ -243,10 +243,19 @@ def plan(config, world, micro_batch_size, seq_len, dtype, teacher=None, checkpoi
     # Gemma's final_logit_softcapping: the chunk's logits divided, their tanh (kept for backward) and the product
     capped = 2 * size if config.logit_softcap is not None else 0
 
+    # With several processes the embedding and the head are split by vocabulary (parallel.vocab_parallel): never
+    # gathered, each process's gradient of its rows (the head's and the lookups') is 1 / world of the table's, and
+    # a loss chunk's logits and gradient are also exchanged (all-to-all): about four more of its tensors.
+    table = sum(math.prod(s) for k, s in params.items() if k in ("model.embed_tokens.weight", "lm_head.weight"))
+    split = world > 1
+    gathered = root - table if split else root
+    own = (table * size / world if size != 4 else 0) if split else 0  # (the compute dtype's copy of its rows)
+
     def step(chunk, extra=0):
-        backward_start = (12 * n / world + (root + 2 * block) * size + activations + tokens * d * size + V * d * 4
-                          + chunk)
-        backward_end = 16 * n / world + root * size + 2 * root * 4 + root * 4 / world + retained
+        backward_start = (12 * n / world + (gathered + 2 * block) * size + own + activations + tokens * d * size
+                          + V * d * 4 / (world if split else 1) + chunk * (2 if split else 1))
+        backward_end = (16 * n / world + gathered * size + 2 * gathered * 4 + gathered * 4 / world + retained
+                        + (2 * table * 4 / world if split else 0))
         optimizer = 16 * n / world + adam_temporaries
         return max(backward_start, backward_end, optimizer) + extra
 
@@ -274,8 +283,8 @@ def plan(config, world, micro_batch_size, seq_len, dtype, teacher=None, checkpoi
         stages["load teacher"] = (load_bytes(t, world, size, config_bytes(teacher)),
                                   "the teacher's shards in the compute dtype")
         stages["distill step (teacher + student)"] = (
-            step(min(tokens, loss_chunk_rows(V, distillation=True)) * V * (3 * size + 10 * 4 + capped + (2 * size if teacher.logit_softcap is not None else 0)),
-                 extra=held),
+            step(min(tokens, loss_chunk_rows(V, distillation=True)) * V * (
+                3 * size + 10 * 4 + capped + (2 * size if teacher.logit_softcap is not None else 0)), extra=held),
             "the teacher's shards in the compute dtype (FSDP2's: and two gathered blocks) and its hidden states; the "
             "student's step, with the distillation loss's chunk")
     return stages

@@ -307,6 +307,19 @@ class Head(nn.Linear):
     def forward(self, h):
         return softcap(super().forward(h), self.cap)
 
+    # The training loss's two halves of a chunk (ChunkedLoss), methods of the head so that a head split by
+    # vocabulary over processes (parallel.VocabShardedHead) can exchange its logits and their gradients.
+    def loss(self, h, loss_fn, chunks):
+        return ChunkedLoss.apply(h, self.weight, loss_fn, chunks, self)
+
+    def chunk_logits(self, h, weight):
+        return F.linear(h, weight)
+
+    def chunk_backward(self, g, h, weight, grad_w):
+        """The chain rule through logits = h W^T: adds dW = g^T h to grad_w (fp32), returns dh = g W."""
+        grad_w.addmm_(g.T.float(), h.float())
+        return g @ weight
+
 
 # -----------------------------------------------------------------------------
 # The training loss without the whole batch's logits
@@ -335,18 +348,17 @@ class ChunkedLoss(torch.autograd.Function):
     incoming gradient: only one chunk of logits ever exists, and none is recomputed."""
 
     @staticmethod
-    def forward(ctx, h, weight, loss_fn, chunks):
+    def forward(ctx, h, weight, loss_fn, chunks, head):
         grad_h = torch.zeros_like(h)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # summed over chunks in fp32
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for rows in chunks:
             hc = h[rows]
+            logits = head.chunk_logits(hc, weight).detach().requires_grad_()
             with torch.enable_grad():
-                logits = F.linear(hc, weight).requires_grad_()
                 loss = loss_fn(logits, rows)
             g, = torch.autograd.grad(loss, logits)
-            grad_h[rows] = g @ weight
-            grad_w.addmm_(g.T.float(), hc.float())
+            grad_h[rows] = head.chunk_backward(g, hc, weight, grad_w)
             total += loss.detach()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total
@@ -354,7 +366,7 @@ class ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):  # (scaled in place: W's gradient is as large as W, and backward runs once)
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h.mul_(grad_total), grad_w.mul_(grad_total), None, None
+        return grad_h.mul_(grad_total), grad_w.mul_(grad_total), None, None, None
 
 
 # -----------------------------------------------------------------------------
@@ -454,7 +466,7 @@ class Transformer(nn.Module):
         # in loss_fn is a collective, so every process must call it equally often).
         rows = (y != IGNORE).nonzero().squeeze(1)
         chunks = rows.tensor_split(-(-B * T // self.loss_chunk_rows))
-        return ChunkedLoss.apply(h.flatten(0, 1), self.lm_head.weight, capped, chunks)
+        return self.lm_head.loss(h.flatten(0, 1), capped, chunks)
 
     def _trunk(self, idx, input_pos=None, unpadded=None):
         """Embedding, blocks and final norm: the hidden states that forward, hidden and loss go on from."""

@@ -1,8 +1,8 @@
 """
 Processes: one code path for `python x.py` (a group of one) and `torchrun --nproc_per_node=N x.py`. The process
 group and rank-0 coordination; splitting work into rank shares and gathering it back; FSDP2 sharding of a model, and
-loading a checkpoint so that each process reads only its own shards; and the distillation teacher sharded by
-vocabulary rows (Megatron-LM's vocabulary parallelism).
+loading a checkpoint so that each process reads only its own shards; embeddings and heads split by vocabulary
+(Megatron-LM's vocabulary parallelism); and the distillation teacher split by heads (its tensor parallelism).
 """
 import ctypes
 import os
@@ -14,12 +14,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 from tqdm import tqdm
 
 from data import HELD_OUT, TEXT_KEY, corpus_files, holds_out, tokenize_corpus
 from hf import open_safetensors, read_rows, safetensors_header, stored_name
-from model import Transformer, read_checkpoint, softcap, to_dtype
+from model import ChunkedLoss, Transformer, read_checkpoint, softcap, to_dtype
 
 # Peak dense bf16 tensor FLOP/s, for MFU (Chowdhery et al. 2022): achieved model FLOP/s over this.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -189,16 +190,22 @@ def shard_model(model, device, dtype, compile=False):
     just before it runs and freed after. Weights stay fp32; with bf16 the forward/backward runs in bf16 and
     gradients are reduced in fp32. Gradients are SUMMED over processes (divide factor 1): the loss is already
     normalised by the global number of trained tokens, so averaging would divide twice (and over gloo FSDP2 has been
-    reported to sum anyway, pytorch issue 162338: summing on purpose makes both backends agree)."""
+    reported to sum anyway, pytorch issue 162338: summing on purpose makes both backends agree).
+
+    With several processes the embedding and the head are split by vocabulary instead (vocab_parallel) and never
+    gathered: gathered, they and their gradient would be held whole by every process (1.1 GB per process for a
+    152k x 896 table in fp32), the part of a step that did not shrink with more processes."""
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else \
         MixedPrecisionPolicy()
     if not model.lm_head.weight.is_meta:  # (a model on the meta device is materialised after sharding)
         model.to(device)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in model.model.layers:
         if compile:
             block.compile()
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    split = vocab_parallel(model, mesh, dtype) if dist.get_world_size() > 1 else set()
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=split)
     register_forward_methods(model)
     for m in model.modules():
         if isinstance(m, FSDPModule):
@@ -261,31 +268,82 @@ def owned_rows(p):
     return p.data, getattr(p, "first_row", 0)
 
 
+@torch.no_grad()
 def full_tensor(t):
-    """A parameter's whole value from its FSDP2 shards (a collective: every process must call it)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    """A parameter's whole value from its shards (a collective: every process must call it). Rows split as
+    torch.chunk splits them (FSDP2's and vocab_parallel's shards) arrive by one broadcast per process straight into
+    their rows of the result: DTensor.full_tensor's all-gather holds a second copy of the whole tensor over gloo."""
+    if not isinstance(t, DTensor):
+        return t
+    if tuple(t.placements) != (Shard(0),):
+        return t.full_tensor()
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    for rank, rows in enumerate(out.chunk(dist.get_world_size())):
+        if rank == dist.get_rank():
+            rows.copy_(t.to_local())
+        dist.broadcast(rows, src=rank)
+    return out
 
 
 # -----------------------------------------------------------------------------
-# The sharded teacher (distill.py)
+# Embedding and head split by vocabulary (Megatron-LM's vocabulary parallelism)
 #
-# The teacher only runs forward, and under torchrun it is split over the processes like the student, so that its
-# memory per process is divided by their number. The embedding and the output layer (the largest tensors: vocabulary
-# x dim) are split by vocabulary rows and never gathered (Megatron-LM's vocabulary parallelism). The blocks are split
-# by heads and hidden units (Megatron-LM's tensor parallelism, Shoeybi et al. 2019): attention by k/v heads, each
-# with its query heads (q, k, v keep their rows, o_proj its columns), the MLP by hidden units (gate and up keep their
-# rows, down_proj its columns); each process's o_proj and down_proj give a partial sum of the block's output, which
-# an all-reduce completes; the norms are whole everywhere. Nothing is ever gathered but activations, so decoding
-# (a pass per token: the teacher's samples, the held-out paths) moves a few KB per block where FSDP would move every
-# block's weights for every token (3.2 s a pass for a 0.72B teacher on 2 CPU processes over gloo). Every process runs
-# every row: decoding is given the same rows on every process (distill.py generates them so), and the training
-# batches' teacher pass first gathers every process's rows (TensorParallelTeacher.hidden). A teacher with fewer k/v
-# heads than processes keeps FSDP2 on its blocks: each gathered just before it runs and freed after.
+# The largest tensors (vocabulary x dim) are split by rows over the processes and never gathered: the teacher's
+# (load_teacher) and, in training, the student's or the adapted model's (vocab_parallel). Activations cross
+# between processes instead: a token's embedding, and a chunk's logits and their gradient.
 
 
 # (torch 2.13 renamed these two; the old names still work there, with a warning)
 all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
+# Three collectives with their gradients (the trained model's vocabulary split goes through them in backward):
+# Gather and ReduceScatter are each other's transpose and AllToAll its own, so each one's backward is its partner.
+
+
+class Gather(torch.autograd.Function):
+    """x [n, ...] -> every process's x, [world, n, ...]; backward: each process's part of the summed gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = x.new_empty(dist.get_world_size(), *x.shape)
+        all_gather_single(out, x.contiguous()[None])
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return ReduceScatter.apply(g)
+
+
+class ReduceScatter(torch.autograd.Function):
+    """[world, n, ...] partial values -> the sum over processes of their r-th part, on process r; backward: Gather."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = x.new_empty(x.shape[1:])
+        reduce_scatter_single(out, x.contiguous().flatten(0, 1))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return Gather.apply(g)
+
+
+class AllToAll(torch.autograd.Function):
+    """[world, ...] -> [world, ...], part r of the result being process r's part for this process (its own
+    inverse, and so its own backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous()  # (first: empty_like keeps a permuted tensor's strides, all_to_all writes densely)
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        return AllToAll.apply(g)
 
 
 def gather_rows(x):
@@ -294,26 +352,31 @@ def gather_rows(x):
     sizes = torch.empty(dist.get_world_size(), dtype=n.dtype, device=x.device)
     all_gather_single(sizes, n)
     longest = int(sizes.max())
-    out = torch.empty(dist.get_world_size(), longest, *x.shape[1:], dtype=x.dtype, device=x.device)
-    all_gather_single(out, F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - len(x)))[None])
-    return out, len(x)
+    return Gather.apply(F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - len(x)))), len(x)
+
+
+def local(weight, dtype):
+    """This process's rows of a table split by vocabulary (a DTensor's local shard, differentiable), in dtype."""
+    return (weight.to_local() if isinstance(weight, DTensor) else weight).to(dtype)
 
 
 class VocabShardedEmbedding(nn.Module):
     """Rows [first_row, first_row + n) of an embedding table: this process looks up the tokens in its rows, for
     every process's tokens (zeros for the others), and each process receives the sum over the slices of its own
     tokens' lookups: every token's row. same_rows (a tensor-parallel teacher's: every process looks up the same
-    tokens): the sum over the slices, all-reduced, without gathering."""
+    tokens): the sum over the slices, all-reduced, without gathering. The weight is a plain tensor (the teacher's)
+    or a DTensor of the whole table (the trained model's, vocab_parallel); dtype: the compute dtype."""
 
-    def __init__(self, weight, first_row, same_rows=False):
+    def __init__(self, weight, first_row, same_rows=False, dtype=None):
         super().__init__()
-        self.weight, self.first_row, self.same_rows = weight, first_row, same_rows
+        self.weight, self.first_row, self.same_rows, self.dtype = weight, first_row, same_rows, dtype
 
     def lookup(self, ids):
         """The rows of the tokens in this slice, zeros for the others."""
-        local = ids - self.first_row
-        mine = (local >= 0) & (local < len(self.weight))
-        return F.embedding(local.clamp(0, max(len(self.weight) - 1, 0)), self.weight) * mine[..., None]
+        rows = local(self.weight, self.dtype or self.weight.dtype)
+        i = ids - self.first_row
+        mine = (i >= 0) & (i < len(rows))
+        return F.embedding(i.clamp(0, max(len(rows) - 1, 0)), rows) * mine[..., None]
 
     def forward(self, idx):
         if dist.get_world_size() == 1:
@@ -323,32 +386,88 @@ class VocabShardedEmbedding(nn.Module):
             dist.all_reduce(x)
             return x
         ids, n = gather_rows(idx.flatten())
-        x = self.lookup(ids)
-        out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-        reduce_scatter_single(out, x.flatten(0, 1))
-        return out[:n].view(*idx.shape, -1)
+        return ReduceScatter.apply(self.lookup(ids))[:n].view(*idx.shape, -1)
 
 
 class VocabShardedHead(nn.Module):
     """The output layer's rows for this process's slice of the vocabulary: the logits of the slice for every
     process's hidden states, exchanged (all-to-all) so that each process gets its own rows' logits over the whole
-    vocabulary; soft-capped as model.Head caps them (Gemma's final_logit_softcapping)."""
+    vocabulary; soft-capped as model.Head caps them (Gemma's final_logit_softcapping). The weight as
+    VocabShardedEmbedding's. For the training loss (model.ChunkedLoss) the chunk's gradient goes back the same way:
+    each process's slice of it is that of its rows of the vocabulary, whose gradient it keeps, for every process's
+    positions; the gradient of the positions' hidden states is summed over the slices."""
 
-    def __init__(self, weight, first_row, vocab_size, cap=None):
+    def __init__(self, weight, first_row, vocab_size, cap=None, dtype=None):
         super().__init__()
-        self.weight, self.first_row, self.vocab_size, self.cap = weight, first_row, vocab_size, cap
+        self.weight, self.first_row, self.vocab_size, self.cap, self.dtype = weight, first_row, vocab_size, cap, dtype
 
     def forward(self, h):
-        world = dist.get_world_size()
-        if world == 1:
-            return softcap(F.linear(h, self.weight), self.cap)
-        hidden, n = gather_rows(h.reshape(-1, h.shape[-1]))
-        width = -(-self.vocab_size // world)  # every slice padded to the same width, as all_to_all needs
-        local = F.pad(F.linear(hidden, self.weight), (0, width - len(self.weight)))  # [world, n_max, width]
-        parts = torch.empty_like(local)
-        dist.all_to_all_single(parts, local)  # parts[r]: slice r's logits of this process's rows
-        logits = parts.permute(1, 0, 2).flatten(1)[:n, :self.vocab_size]
+        weight = local(self.weight, self.dtype or self.weight.dtype)
+        if dist.get_world_size() == 1:
+            return softcap(F.linear(h, weight), self.cap)
+        logits = self.chunk_logits(h.reshape(-1, h.shape[-1]), weight)
         return softcap(logits.view(*h.shape[:-1], self.vocab_size), self.cap)
+
+    def width(self):
+        return -(-self.vocab_size // dist.get_world_size())  # every slice padded to the same width (all_to_all)
+
+    def chunk_logits(self, h, weight):
+        """Logits [n, vocabulary] of this process's hidden states h [n, dim], from every process's slice."""
+        hidden, n = gather_rows(h)
+        mine = F.pad(F.linear(hidden, weight), (0, self.width() - len(weight)))  # [world, n_max, width]
+        parts = AllToAll.apply(mine)  # parts[r]: slice r's logits of this process's rows
+        return parts.permute(1, 0, 2).flatten(1)[:n, :self.vocab_size]
+
+    def loss(self, h, loss_fn, chunks):
+        return ChunkedLoss.apply(h, local(self.weight, self.dtype or h.dtype), loss_fn, chunks, self)
+
+    def chunk_backward(self, g, h, weight, grad_w):
+        """model.Head.chunk_backward over the split: g [n, vocabulary] of this process's rows goes to the slices'
+        processes; this one adds its slice's dW for every process's rows, and returns its rows' dh, summed."""
+        world, width = dist.get_world_size(), self.width()
+        hidden, n = gather_rows(h)
+        g = F.pad(g, (0, world * width - self.vocab_size, 0, hidden.shape[1] - n)).view(-1, world, width)
+        mine = AllToAll.apply(g.permute(1, 0, 2))[..., :len(weight)]  # [world, n_max, this slice's width]
+        grad_w.addmm_(mine.flatten(0, 1).T.float(), hidden.flatten(0, 1).float())
+        return ReduceScatter.apply(mine @ weight)[:n]
+
+
+def vocab_parallel(model, mesh, dtype):
+    """The trained model's embedding and head split by vocabulary over the processes (Megatron-LM's vocabulary
+    parallelism), each process holding its rows as a DTensor sharded as FSDP2 shards (torch.chunk's split, so
+    checkpoints, the export and the optimizer treat them as the other weights): returns them, for fully_shard to
+    leave alone."""
+    rank, world, V = dist.get_rank(), dist.get_world_size(), model.config.vocab_size
+    split, rows = {}, -(-V // world)
+
+    def split_rows(weight):  # (a tied head is the embedding: split once)
+        if weight not in split:
+            parts = weight.detach().chunk(world)
+            mine = parts[rank] if rank < len(parts) else weight.detach()[:0]
+            split[weight] = nn.Parameter(DTensor.from_local(mine.clone(), mesh, [Shard(0)], run_check=False,
+                                                            shape=weight.shape, stride=weight.stride()))
+        return split[weight]
+    embedding, head = model.model.embed_tokens.weight, model.lm_head.weight
+    start = min(rank * rows, V)
+    model.model.embed_tokens = VocabShardedEmbedding(split_rows(embedding), start, dtype=dtype)
+    model.lm_head = VocabShardedHead(split_rows(head), start, V, model.config.logit_softcap, dtype=dtype)
+    return set(split.values())
+
+
+# -----------------------------------------------------------------------------
+# The sharded teacher (distill.py)
+#
+# The teacher only runs forward, and under torchrun it is split over the processes like the student, so that its
+# memory per process is divided by their number. The embedding and the output layer are split by vocabulary (above),
+# the blocks by heads and hidden units (Megatron-LM's tensor parallelism, Shoeybi et al. 2019): attention by k/v
+# heads, each with its query heads (q, k, v keep their rows, o_proj its columns), the MLP by hidden units (gate and up
+# keep their rows, down_proj its columns); each process's o_proj and down_proj give a partial sum of the block's
+# output, which an all-reduce completes; the norms are whole everywhere. Nothing is ever gathered but activations, so
+# decoding (a pass per token: the teacher's samples, the held-out paths) moves a few KB per block where FSDP would
+# move every block's weights for every token (3.2 s a pass for a 0.72B teacher on 2 CPU processes over gloo). Every
+# process runs every row: decoding is given the same rows on every process (distill.py generates them so), and the
+# training batches' teacher pass first gathers every process's rows (TensorParallelTeacher.hidden). A teacher with
+# fewer k/v heads than processes keeps FSDP2 on its blocks: each gathered just before it runs and freed after.
 
 
 def split(n, rank, world):

@@ -3,11 +3,12 @@ HF checkpoint. Every process checks; a mismatch raises (non-zero exit).
 
     torchrun --nproc_per_node=2 tests/sharded_worker.py <checkpoint> <teacher> <tokenizer dir> <out dir>
 
-  - sharded loading (parallel.load_sharded, parallel.load_teacher) gives the weights Transformer.from_pretrained gives,
-    and the teacher split over the processes (by heads, or FSDP2 with fewer k/v heads than processes) its logits and
-    greedy decoding;
+  - sharded loading (parallel.load_sharded, parallel.load_teacher) gives the weights Transformer.from_pretrained gives
+    (the embedding and the head split by vocabulary), and the teacher split over the processes (by heads, or FSDP2
+    with fewer k/v heads than processes) its logits and greedy decoding;
   - the chunked losses (DACP, SFT's masked one, distillation with the sharded teacher) give the losses and the
-    gradients of the whole-logits formulas on the replicated models;
+    gradients of the whole-logits formulas on the replicated models, and the DACP loss's gradients summed over the
+    processes are the plain model's on the whole batch;
   - the streaming export writes the files safetensors' own save_file writes from the gathered state dict.
 """
 import os
@@ -69,6 +70,10 @@ for name, p in plain.named_parameters():
     if not torch.equal(full_tensor(dict(sharded.named_parameters())[name]).detach(), p.detach()):
         raise AssertionError(f"load_sharded: {name} differs from from_pretrained")
 assert sharded.config.dtype == plain.config.dtype, (sharded.config.dtype, plain.config.dtype)
+# with several processes the embedding and the head hold this process's rows of the vocabulary, FSDP2's split
+for table in (sharded.model.embed_tokens.weight, sharded.lm_head.weight):
+    rows = len(table.to_local()) if world > 1 else len(table)
+    assert rows == len(plain.lm_head.weight.chunk(world)[rank]), (rows, world)
 
 # The chunked DACP loss against cross-entropy on the whole logits; the same global batch split over the processes
 reference = shard_model(Transformer.from_pretrained(path, dtype=fp32), device, fp32)
@@ -76,6 +81,15 @@ sharded.loss_chunk_rows = 5  # several chunks, the last one shorter
 tokens = batch(1)
 mine = tokens[rank * 2:(rank + 1) * 2]
 x, y = mine[:, :-1], mine[:, 1:]
+
+# ... whose gradients, summed over the processes (FSDP2's reduce-scatter; the embedding's and the head's rows, each
+# process's own, split by vocabulary), are those of the plain model on the whole global batch
+next_token_loss(sharded, torch.stack([x, y], 1)).backward()
+F.cross_entropy(plain(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").backward()
+for name, p in plain.named_parameters():
+    close(full_tensor(dict(sharded.named_parameters())[name].grad), p.grad, f"summed gradient of {name}")
+sharded.zero_grad()
+plain.zero_grad()
 same_loss_and_gradients(next_token_loss(sharded, torch.stack([x, y], 1)),
                         F.cross_entropy(reference(x).float().flatten(0, 1), y.flatten(), reduction="sum"),
                         "chunked DACP loss")
