@@ -3,7 +3,7 @@ down, on a small copy of the sample data: DACP, curriculum SFT, the truncated dr
 speculative decoding, the evaluation of base / DACP / DACP + SFT with held-out retention, and both ablations. Each
 trained output loads in transformers with our logits; the report and the paper-vs-ours table are written, each
 ablation's row filled once it has run. Needs the real checkpoint (python prepare_real_model.py). About 4 minutes
-on 2 CPU cores, so it is marked `track` and run apart: `python -m pytest -q -m "track or pipeline"`."""
+on 2 CPU cores, so it is marked `track` and run apart: `python -m pytest -q -m "track or pipeline or slow"`."""
 import json
 import os
 import shutil

@@ -21,6 +21,8 @@ from conftest import REPO, kill_after_step, losses, run_train, train_cmd
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow  # (many subprocess runs: the second pytest call, see pytest.ini)
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 
 
