@@ -249,7 +249,7 @@ def plan(config, world, micro_batch_size, seq_len, dtype, teacher=None, checkpoi
     table = sum(math.prod(s) for k, s in params.items() if k in ("model.embed_tokens.weight", "lm_head.weight"))
     split = world > 1
     gathered = root - table if split else root
-    own = (table * size / world if size != 4 else 0) if split else 0  # (the compute dtype's copy of its rows)
+    own = table * size / world if split and size != 4 else 0  # (the compute dtype's copy of its rows)
 
     def step(chunk, extra=0):
         backward_start = (12 * n / world + (gathered + 2 * block) * size + own + activations + tokens * d * size

@@ -204,8 +204,8 @@ def shard_model(model, device, dtype, compile=False):
         if compile:
             block.compile()
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    split = vocab_parallel(model, mesh, dtype) if dist.get_world_size() > 1 else set()
-    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=split)
+    tables = vocab_parallel(model, mesh, dtype) if dist.get_world_size() > 1 else set()
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=tables)
     register_forward_methods(model)
     for m in model.modules():
         if isinstance(m, FSDPModule):
@@ -257,12 +257,20 @@ def load_rows(model, path, owned):
     model.reset_rope()
 
 
+def chunk_rows(n):
+    """This process's rows [start, stop) of n, as FSDP2 shards dim 0 (torch.chunk's split): chunks of ceil(n / world)
+    in rank order, the last ones shorter or empty. Every table split by vocabulary is split so too."""
+    per_rank = -(-n // dist.get_world_size())
+    start = min(dist.get_rank() * per_rank, n)
+    return start, min(start + per_rank, n)
+
+
 def owned_rows(p):
-    """The part of parameter p this process holds, and its first row in the full tensor: FSDP2 shards dim 0 into
-    chunks of ceil(rows / world), in rank order (torch.chunk's split); a tensor split outside FSDP (a sharded
-    teacher's vocabulary, heads and hidden units) says where its rows start; anything else is whole."""
+    """The part of parameter p this process holds, and its first row in the full tensor: FSDP2's (and
+    vocab_parallel's) DTensors hold their chunk_rows; a tensor split outside FSDP (a sharded teacher's vocabulary,
+    heads and hidden units) says where its rows start; anything else is whole."""
     if isinstance(p, DTensor):
-        return p.to_local(), dist.get_rank() * -(-p.shape[0] // dist.get_world_size())
+        return p.to_local(), chunk_rows(p.shape[0])[0]
     if getattr(p, "mapped", False):  # (a tensor mapped from its file already holds it: nothing to read)
         return p.data[:0], 0
     return p.data, getattr(p, "first_row", 0)
@@ -355,9 +363,10 @@ def gather_rows(x):
     return Gather.apply(F.pad(x, (0, 0) * (x.dim() - 1) + (0, longest - len(x)))), len(x)
 
 
-def local(weight, dtype):
-    """This process's rows of a table split by vocabulary (a DTensor's local shard, differentiable), in dtype."""
-    return (weight.to_local() if isinstance(weight, DTensor) else weight).to(dtype)
+def local(weight, dtype=None):
+    """This process's rows of a table split by vocabulary (a DTensor's local shard, differentiable), in dtype (by
+    default the weight's)."""
+    return (weight.to_local() if isinstance(weight, DTensor) else weight).to(dtype or weight.dtype)
 
 
 class VocabShardedEmbedding(nn.Module):
@@ -373,7 +382,7 @@ class VocabShardedEmbedding(nn.Module):
 
     def lookup(self, ids):
         """The rows of the tokens in this slice, zeros for the others."""
-        rows = local(self.weight, self.dtype or self.weight.dtype)
+        rows = local(self.weight, self.dtype)
         i = ids - self.first_row
         mine = (i >= 0) & (i < len(rows))
         return F.embedding(i.clamp(0, max(len(rows) - 1, 0)), rows) * mine[..., None]
@@ -402,7 +411,7 @@ class VocabShardedHead(nn.Module):
         self.weight, self.first_row, self.vocab_size, self.cap, self.dtype = weight, first_row, vocab_size, cap, dtype
 
     def forward(self, h):
-        weight = local(self.weight, self.dtype or self.weight.dtype)
+        weight = local(self.weight, self.dtype)
         if dist.get_world_size() == 1:
             return softcap(F.linear(h, weight), self.cap)
         logits = self.chunk_logits(h.reshape(-1, h.shape[-1]), weight)
@@ -419,7 +428,7 @@ class VocabShardedHead(nn.Module):
         return parts.permute(1, 0, 2).flatten(1)[:n, :self.vocab_size]
 
     def loss(self, h, loss_fn, chunks):
-        return ChunkedLoss.apply(h, local(self.weight, self.dtype or h.dtype), loss_fn, chunks, self)
+        return ChunkedLoss.apply(h, local(self.weight, self.dtype), loss_fn, chunks, self)
 
     def chunk_backward(self, g, h, weight, grad_w):
         """model.Head.chunk_backward over the split: g [n, vocabulary] of this process's rows goes to the slices'
@@ -437,21 +446,20 @@ def vocab_parallel(model, mesh, dtype):
     parallelism), each process holding its rows as a DTensor sharded as FSDP2 shards (torch.chunk's split, so
     checkpoints, the export and the optimizer treat them as the other weights): returns them, for fully_shard to
     leave alone."""
-    rank, world, V = dist.get_rank(), dist.get_world_size(), model.config.vocab_size
-    split, rows = {}, -(-V // world)
+    V = model.config.vocab_size
+    start, stop = chunk_rows(V)
+    tables = {}
 
     def split_rows(weight):  # (a tied head is the embedding: split once)
-        if weight not in split:
-            parts = weight.detach().chunk(world)
-            mine = parts[rank] if rank < len(parts) else weight.detach()[:0]
-            split[weight] = nn.Parameter(DTensor.from_local(mine.clone(), mesh, [Shard(0)], run_check=False,
-                                                            shape=weight.shape, stride=weight.stride()))
-        return split[weight]
+        if weight not in tables:
+            mine = weight.detach()[start:stop].clone()
+            tables[weight] = nn.Parameter(DTensor.from_local(mine, mesh, [Shard(0)], run_check=False,
+                                                             shape=weight.shape, stride=weight.stride()))
+        return tables[weight]
     embedding, head = model.model.embed_tokens.weight, model.lm_head.weight
-    start = min(rank * rows, V)
     model.model.embed_tokens = VocabShardedEmbedding(split_rows(embedding), start, dtype=dtype)
     model.lm_head = VocabShardedHead(split_rows(head), start, V, model.config.logit_softcap, dtype=dtype)
-    return set(split.values())
+    return set(tables.values())
 
 
 # -----------------------------------------------------------------------------
@@ -540,10 +548,9 @@ def load_teacher(path, device, dtype, replicate=False):
     mapped = heads and not config.tie_embeddings and device.type == "cpu" and to_dtype(config.dtype) == dtype
     with torch.device("meta"):
         teacher = (TensorParallelTeacher if heads else Transformer)(config).to(dtype)
-        rows = -(-config.vocab_size // world)  # torch.chunk's split, as FSDP2's
-        first = min(rank * rows, config.vocab_size)
-        shard = [nn.Parameter(torch.empty(min(rows, config.vocab_size - first), config.dim, dtype=dtype),
-                              requires_grad=False) for _ in range(1 if config.tie_embeddings else 2)]
+        first, stop = chunk_rows(config.vocab_size)
+        shard = [nn.Parameter(torch.empty(stop - first, config.dim, dtype=dtype), requires_grad=False)
+                 for _ in range(1 if config.tie_embeddings else 2)]
     teacher.model.embed_tokens = VocabShardedEmbedding(shard[0], first, same_rows=heads)
     teacher.lm_head = VocabShardedHead(shard[-1], first, config.vocab_size, config.logit_softcap)
     for block in teacher.model.layers:
