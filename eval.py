@@ -299,7 +299,7 @@ def eval_model(path, args, tasks, draft=None):
                 metrics[f"mcq_{k}/{d}"] = v
         if "qa" in files and "qa" in args.tasks:
             result, hyps = qa(model, tokenizer, files["qa"], args.max_new_tokens, draft and draft[0], args.gamma,
-                              desc=f"{Path(path).name} qa/{d}", batch_size=args.batch_size,
+                              desc=f"{Path(path).name} qa/{d}", batch_size=args.qa_batch_size,
                               source=os.path.join(args.data_root, d, "eval", "qa.jsonl"))
             metrics.update({f"{k}/{d}": v for k, v in result.items()})
             answers[d] = hyps
@@ -372,7 +372,10 @@ def get_args(argv=None):
     p.add_argument("--max-new-tokens", type=POSITIVE, default=96)
     p.add_argument("--limit", type=POSITIVE, help="score only the first N rows of each eval file (quick runs)")
     p.add_argument("--seq-len", type=POSITIVE, default=512, help="window for bpb")
-    p.add_argument("--batch-size", type=POSITIVE, default=16)
+    p.add_argument("--batch-size", type=POSITIVE, default=16, help="windows (bpb) or choices (MCQ) per forward pass")
+    p.add_argument("--qa-batch-size", type=POSITIVE, default=64,
+                   help="QA questions answered together (64: 1.8x the answers per second of 16 in float32 on a "
+                        "2-core CPU, the same answers)")
     p.add_argument("--tasks", default="bpb,mcq,qa", help="comma-separated: any of " + ", ".join(TASKS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],

@@ -29,6 +29,7 @@ if [ -f "$TARGET/config.json" ]; then
     GEN_TEMPERATURE=${GEN_TEMPERATURE:-0,1}  # teacher data: greedy and temperature-1 continuations of each prompt
     GAMMA=${GAMMA:-1}              # draft tokens per round: on a CPU the verify pass grows with them (README)
     DTYPE=${DTYPE:-bfloat16}
+    EVAL_DTYPE=${EVAL_DTYPE:-float32}  # scores: float32 answers do not move with the batch or the CPU (bf16 ones do)
 else
     REAL=
     OUT=${OUT:-out/workshop}
@@ -43,6 +44,7 @@ else
     GEN_TEMPERATURE=${GEN_TEMPERATURE:-0}
     GAMMA=${GAMMA:-4}
     DTYPE=${DTYPE:-float32}
+    EVAL_DTYPE=${EVAL_DTYPE:-float32}
 fi
 DOMAIN=${DOMAIN:-telco}
 NPROC=${NPROC:-2}                  # processes for the pretraining stages (FSDP2 over gloo on a CPU)
@@ -54,7 +56,8 @@ EVAL_LIMIT=${EVAL_LIMIT:-}         # score only the first N rows of each eval se
 BENCH_PROMPTS=${BENCH_PROMPTS:-8}
 BENCH_TOKENS=${BENCH_TOKENS:-128}  # new tokens per prompt in the speculative benchmark
 DATA=${DATA:-data}                 # the corpora, conversations and eval sets
-RATIOS=${RATIOS:-0,0.1,0.25,0.5,0.75}  # ABLATION=replay: the replay ratios
+RATIOS=${RATIOS:-0,0.1,0.25,0.5,0.75,1}  # ABLATION=replay: the replay ratios; 1 (general text only) is the
+                                   # control: what the same training does without the domain (forgetting vs repair)
 
 # Every knob is checked before the first stage: a typo is refused now, not after 15 minutes of DACP and SFT.
 fail() { echo "workshop.sh: $*" >&2; exit 2; }
@@ -66,7 +69,9 @@ if [[ ! -f $TARGET/config.json ]] && ! python -c "import model, sys; sys.exit(sy
         "$TARGET" 2> /dev/null; then
     fail "TARGET=$TARGET: neither an HF directory (no config.json there) nor a preset"
 fi
-[[ $DTYPE == float32 || $DTYPE == bfloat16 ]] || fail "DTYPE=$DTYPE: expected float32 or bfloat16"
+for knob in DTYPE EVAL_DTYPE; do
+    [[ ${!knob} == float32 || ${!knob} == bfloat16 ]] || fail "$knob=${!knob}: expected float32 or bfloat16"
+done
 [[ -d $DATA/$DOMAIN/train ]] || fail "DOMAIN=$DOMAIN: no $DATA/$DOMAIN/train/"
 [[ -z ${ABLATION:-} || $ABLATION == replay || $ABLATION == sft ]] || fail "ABLATION=$ABLATION: expected replay or sft"
 ratio='(0(\.[0-9]*)?|1(\.0*)?|\.[0-9]+)'  # a number in [0, 1]
@@ -132,14 +137,14 @@ if [ -n "${ABLATION:-}" ]; then
         run $torchrun replay_sweep.py "${dacp[@]}" --ratios "$RATIOS" --out "$OUT/replay-sweep"
         # (%g names each run as replay_sweep.py does: RATIOS=0.0,0.50 -> replay-0, replay-0.5)
         run python eval.py "$BASE" $(printf " $OUT/replay-sweep/replay-%g" ${RATIOS//,/ }) --domain "$DOMAIN" \
-            --data-root "$DATA" --general general,heldout --tasks bpb,mcq --dtype "$DTYPE" \
+            --data-root "$DATA" --general general,heldout --tasks bpb,mcq --dtype "$EVAL_DTYPE" \
             --out "$OUT/eval-replay-$DOMAIN" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} ;;
     sft)  # SOAEsV2's baselines: the same SFT without DACP, and single-stage SFT after DACP
         stage "$OUT/$DOMAIN-sft-alone" python sft.py "${sft[@]}" --init-from "$BASE" --out "$OUT/$DOMAIN-sft-alone"
         stage "$OUT/$DOMAIN-sft-single" python sft.py "${sft[@]}" --single-stage --init-from "$OUT/$DOMAIN" \
             --out "$OUT/$DOMAIN-sft-single"
         run python eval.py "$OUT/$DOMAIN-sft-alone" "$OUT/$DOMAIN-sft-single" --domain "$DOMAIN" --tasks bpb,qa \
-            --data-root "$DATA" --dtype "$DTYPE" --out "$OUT/eval-sft-$DOMAIN" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} ;;
+            --data-root "$DATA" --dtype "$EVAL_DTYPE" --out "$OUT/eval-sft-$DOMAIN" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} ;;
     esac
     if [ -n "$REAL" ]; then  # (the paper table is the real-model track's; the toy workshop has no held-out set)
         run python report.py "$OUT" --domain "$DOMAIN" --data-root "$DATA"
@@ -165,7 +170,7 @@ run python speculative.py --target "$OUT/$DOMAIN-sft" --draft "$OUT/$DOMAIN-draf
 # 6. Every stage side by side: domain and general bpb, multiple choice, QA (ROUGE-1, BLEU-4), retention (on a real
 #    checkpoint also on data/heldout, general text and questions kept apart from the replay corpus).
 run python eval.py "$BASE" "$OUT/$DOMAIN" "$OUT/$DOMAIN-sft" --domain "$DOMAIN" --out "$OUT/eval-$DOMAIN" \
-    --data-root "$DATA" ${REAL:+--general general,heldout} --dtype "$DTYPE" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"}
+    --data-root "$DATA" ${REAL:+--general general,heldout} --dtype "$EVAL_DTYPE" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"}
 
 # 7. The papers' headline results beside ours (and the ablations', once ABLATION=... has run them).
 if [ -n "$REAL" ]; then
