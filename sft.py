@@ -42,6 +42,8 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=stage_values(int), default="2",
                    help="epochs per stage: one value, or one per stage (1,1,2)")
     p.add_argument("--single-stage", action="store_true", help="shuffle all stages together (SOAEsV2's baseline)")
+    p.add_argument("--export-stages", action="store_true", help="also export the model after each stage but the "
+                   "last, to <out>/stage-<k>-<name>/ (an HF directory each: eval.py scores what each stage did)")
     add_chat_template_flag(p)
     add_training_flags(p, "out/<domain>-sft", domain="telco", data_root="data", out=None,
                        batch_size=dict(default=16, help="global batch, in conversations"), micro_batch_size=8,
@@ -184,18 +186,25 @@ def run(args):
             f"{args.batch_size} conversations of {sum(lengths) / len(lengths):.0f} tokens on average "
             f"({min(lengths)}-{max(lengths)}); padding {curriculum.padding():.1%} of positions "
             f"({unbucketed.padding():.1%} without length bucketing)")
-    schedule = Schedule(len(curriculum), lr_fn, args.grad_clip, args.eval_every,
-                        eval_steps=frozenset(first + steps for _, first, steps in curriculum.stages),
-                        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints)
-    train_loop(model, optimizer, get_step, next_token_loss, schedule, out, start_step=start_step,
-               evaluate_fn=(lambda: val_losses(model, val, device=device, batch_size=args.batch_size))
-               if val else None, device=device)
-
     # A chat model stops at the end of its turn: list <|im_end|> / <|eot_id|> among the eos ids (as Qwen2.5-Instruct
     # and Llama-3-Instruct configs do), so transformers, vLLM and our speculative.py stop there.
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    config.eos_token_id = [e for e in eos if e is not None] + [end_of_turn]
-    config.eos_token_id = list(dict.fromkeys(config.eos_token_id))
+    config.eos_token_id = list(dict.fromkeys([e for e in eos if e is not None] + [end_of_turn]))
+
+    # The curriculum, stage by stage, each on train.py's loop and evaluated as it ends. With --export-stages each
+    # stage but the last (the output itself) is exported as it ends, so what each stage did can be evaluated.
+    evaluate_fn = (lambda: val_losses(model, val, device=device, batch_size=args.batch_size)) if val else None
+    schedule = Schedule(len(curriculum), lr_fn, args.grad_clip, args.eval_every,
+                        eval_steps=frozenset(first + steps for _, first, steps in curriculum.stages),
+                        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints)
+    for k, (name, first, steps) in enumerate(curriculum.stages):
+        if first + steps <= start_step:
+            continue  # finished before this --resume
+        train_loop(model, optimizer, get_step, next_token_loss, schedule, out, start_step=max(first, start_step),
+                   stop_step=first + steps, evaluate_fn=evaluate_fn, device=device)
+        if args.export_stages and k < len(curriculum.stages) - 1:
+            export_hf(model, config, tokenizer, os.path.join(out, stage_dir(k, name)), export_dtype)
+
     with memory.stage(out, "export", device):
         export_hf(model, config, tokenizer, out, export_dtype)
     memory.record_run_peak(out, device)
@@ -204,6 +213,11 @@ def run(args):
         print(memory.table(out))
     finish(out)
     return out
+
+
+def stage_dir(k, name):
+    """The folder, inside the output, of the k-th (from 0) stage's export: stage-1-1_general, ..."""
+    return f"stage-{k + 1}-{name}"
 
 
 def stage_table(metrics_path, curriculum):

@@ -62,9 +62,10 @@ def next_token_loss(model, batch):
     return model.loss(batch[:, 0], batch[:, 1])
 
 
-def train_loop(model, optimizer, get_step, loss_fn, schedule, out, *, start_step=0, evaluate_fn=None,
-               device=torch.device("cpu")):
-    """Run optimizer steps start_step .. schedule.max_steps - 1. get_step(step) -> Step; loss_fn(model,
+def train_loop(model, optimizer, get_step, loss_fn, schedule, out, *, start_step=0, stop_step=None,
+               evaluate_fn=None, device=torch.device("cpu")):
+    """Run optimizer steps start_step .. stop_step - 1 (default: to the schedule's end; SFT stops at each curriculum
+    stage's end, then continues from there). get_step(step) -> Step; loss_fn(model,
     micro_batch) -> summed loss over its trained tokens. The loss is normalised by the GLOBAL number of trained
     tokens (not per micro-batch, not per process), so the loss curve and the gradients are the same for any world
     size and any gradient accumulation (torchtitan). Appends a row per step to <out>/metrics.jsonl and returns the
@@ -77,8 +78,8 @@ def train_loop(model, optimizer, get_step, loss_fn, schedule, out, *, start_step
         write_metrics(metrics_path, {"step": 0, **last_eval})
     last_ckpt = (checkpoint_dirs(out) or [None])[-1]
     tokens = last_tokens(metrics_path)  # trained tokens so far (resumed runs: up to their checkpoint)
-    bar = tqdm(range(start_step, schedule.max_steps), initial=start_step, total=schedule.max_steps, desc="train",
-               disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(range(start_step, stop_step or schedule.max_steps), initial=start_step, total=schedule.max_steps,
+               desc="train", disable=rank != 0, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
         memory.reset_peak(device)

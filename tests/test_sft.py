@@ -184,3 +184,28 @@ def test_sft_resumes_mid_curriculum(sft_setup):
     for r in rows:
         if "loss" in r and r["step"] > 6:
             assert r["loss"] == pytest.approx(losses[r["step"]], abs=1e-5)
+
+
+def test_sft_exports_each_stage_as_it_ends(sft_setup):
+    """--export-stages: stage-1-1_general/ and stage-2-2_telco/ are the model as each stage ended. The reference:
+    transformers' loss of each export on every stage's val conversations equals the val loss the run logged at that
+    stage's last step (4 val conversations per stage: one batch, each counted once)."""
+    out = sft_setup / "out-stages"
+    result = run_sft(sft_setup, out, "--export-stages")
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = {r["step"]: r for r in map(json.loads, open(out / "metrics.jsonl")) if "val/1_general" in r}
+    tok = Tokenizer.from_pretrained(out)
+    for step, folder in ((3, "stage-1-1_general"), (6, "stage-2-2_telco"), (9, ".")):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out / folder)
+        for stage in ("1_general", "2_telco", "3_expert"):
+            nats = count = 0.0
+            for line in open(sft_setup / "data" / "telco" / "sft" / "val" / f"{stage}.jsonl"):
+                ids, mask = render_chat(tok, json.loads(line)["messages"])
+                ids, mask = ids[:129], mask[:129]  # sft.py's cut: --seq-len 128, plus the last target
+                with torch.no_grad():
+                    logits = hf(torch.tensor([ids[:-1]])).logits[0]
+                trained = torch.tensor(mask[1:])
+                nats += F.cross_entropy(logits[trained], torch.tensor(ids[1:])[trained], reduction="sum").item()
+                count += trained.sum().item()
+            assert nats / count == pytest.approx(logged[step][f"val/{stage}"], rel=1e-4), (folder, stage)
+    assert not (out / "stage-3-3_expert").exists()  # the last stage is the output itself
