@@ -60,14 +60,23 @@ def bleu4(hyps, refs):
     1 / (2^k * total). Equals sacrebleu.corpus_bleu(hyps, [refs]).score."""
     if len(hyps) != len(refs):
         raise ValueError(f"bleu4: {len(hyps)} hypotheses but {len(refs)} references")
-    correct, total, sys_len, ref_len = [0] * 4, [0] * 4, 0, 0
+    stats = [0] * 10
     for hyp, ref in zip(hyps, refs):
-        h, r = tokenize_13a(hyp.rstrip()), tokenize_13a(ref.rstrip())
-        sys_len, ref_len = sys_len + len(h), ref_len + len(r)
-        for n in range(1, 5):
-            hn, rn = ngrams(h, n), ngrams(r, n)
-            correct[n - 1] += sum(min(c, rn[g]) for g, c in hn.items())
-            total[n - 1] += max(len(h) - n + 1, 0)
+        stats = [a + b for a, b in zip(stats, bleu_stats(hyp, ref))]
+    return bleu_from_stats(stats)
+
+
+def bleu_stats(hyp, ref):
+    """One answer's share of corpus BLEU, which sums these over the corpus before combining them: [answer length,
+    reference length, clipped matches of 1..4-grams, 1..4-grams in the answer]."""
+    h, r = tokenize_13a(hyp.rstrip()), tokenize_13a(ref.rstrip())
+    correct = [sum(min(c, ngrams(r, n)[g]) for g, c in ngrams(h, n).items()) for n in range(1, 5)]
+    return [len(h), len(r), *correct, *(max(len(h) - n + 1, 0) for n in range(1, 5))]
+
+
+def bleu_from_stats(stats):
+    """Corpus BLEU-4 from bleu_stats summed over the answers."""
+    sys_len, ref_len, correct, total = stats[0], stats[1], stats[2:6], stats[6:10]
     if not any(correct):
         return 0.0
     brevity = 1.0 if sys_len >= ref_len else (math.exp(1 - ref_len / sys_len) if sys_len else 0.0)

@@ -3,17 +3,19 @@
     TARGET=models/smollm2-135m-instruct bash workshop.sh          # the track; its last stage runs this
     python report.py out/real --domain telco                       # again, after the ablations of workshop.sh
 
-Reads what the stages wrote under <out>: eval-<domain>.json (base, DACP, DACP + SFT), speculative-<domain>.json,
-<domain>-draft/acceptance.json (the draft before and after distillation), stage-times.txt, and each ablation's
-output once it has run (ABLATION=... in workshop.sh). A row whose ablation has not run names the command that
-fills it. Writes <out>/paper-vs-ours.md and .json, and, when matplotlib is installed (it is optional: without it, one
+Reads what the stages wrote under <out>: eval-<domain>.json (base, DACP, DACP + SFT), eval-control-<domain>.json (the
+general-only control: the DACP budget at replay 1), speculative-<domain>.json, <domain>-draft/acceptance.json (the
+draft before and after distillation), stage-times.txt, and each ablation's output once it has run (ABLATION=... in
+workshop.sh; eval-sft-<domain>.json's models are found by their folder names). A row whose ablation has not run
+names the command that fills it. Writes <out>/paper-vs-ours.md and .json, and, when matplotlib is installed (it is optional: without it, one
 line says so), two pictures beside them: <out>/replay-tradeoff.png (domain bpb against held-out retention, a point
 per replay ratio) and <out>/loss-curves.png (train and held-out loss against step of DACP, SFT and distillation).
 `--compare OUT2` draws another track (the other checkpoint's) into the same pictures.
 
 Every number carries its noise: an accuracy over n questions has a standard error of sqrt(p (1 - p) / n) (one
-question is worth 100 / n points), and a ROUGE-1 difference between two models on the same questions the standard
-error of its per-question differences.
+question is worth 100 / n points); a ROUGE-1 difference between two models on the same questions the standard
+error of its per-question differences, a BLEU-4 difference (corpus BLEU, no mean over questions) that of a paired
+bootstrap over the questions.
 """
 import argparse
 import io
@@ -22,9 +24,11 @@ import math
 import os
 import sys
 
+import numpy as np
+
 from checkpoint import read_metrics
 from data import read_jsonl
-from eval import rouge1
+from eval import bleu_from_stats, bleu_stats, rouge1
 from files import read_json, write_atomic
 
 # The papers' figures, as the issue that asked for this table quotes them.
@@ -34,6 +38,7 @@ PAPER = {
     "replay": "ixi-GEN Fig. 3: more replay forgets less and learns the domain less; 50 % chosen",
     "sft_alone": "SOAEsV2: ROUGE-1 x1.08, BLEU-4 x1.17",
     "curriculum": "SOAEsV2: ROUGE-1 x1.02, BLEU-4 x1.06",
+    "stages": "(our test of the row above: does the curriculum's last stage, long expert answers, set the length?)",
     "speculative": "SOAEsV2: 1.39-1.52x",
     "distillation": "DistillSpec: 10-45 % faster than the undistilled draft",
 }
@@ -58,12 +63,36 @@ def ratio(a, b):
 
 
 def paired_rouge1(hyps_a, hyps_b, refs):
-    """ROUGE-1 of a minus b with its standard error, paired over the same questions: the mean of the per-question
+    """ROUGE-1 of a minus b and its standard error, paired over the same questions: the mean of the per-question
     F1 differences and their standard deviation over sqrt(n)."""
     d = [rouge1([a], [r]) - rouge1([b], [r]) for a, b, r in zip(hyps_a, hyps_b, refs)]
     mean = sum(d) / len(d)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1))
-    return f"difference {mean:+.2f} ± {sd / math.sqrt(len(d)):.2f} (paired over {len(d)} questions)"
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)) / math.sqrt(len(d))
+
+
+def paired_bleu4(hyps_a, hyps_b, refs, samples=1000, seed=0):
+    """Corpus BLEU-4 of a minus b and its standard error by the paired bootstrap (Koehn 2004): corpus BLEU is no
+    mean over questions, so the questions are resampled with replacement, both systems scored on each resample,
+    and the error is the standard deviation of the resampled differences."""
+    a = np.array([bleu_stats(h, r) for h, r in zip(hyps_a, refs)], dtype=np.int64)
+    b = np.array([bleu_stats(h, r) for h, r in zip(hyps_b, refs)], dtype=np.int64)
+    picks = np.random.default_rng(seed).integers(len(refs), size=(samples, len(refs)))
+    diffs = [bleu_from_stats(a[i].sum(0).tolist()) - bleu_from_stats(b[i].sum(0).tolist()) for i in picks]
+    return bleu_from_stats(a.sum(0).tolist()) - bleu_from_stats(b.sum(0).tolist()), float(np.std(diffs, ddof=1))
+
+
+def differences(hyps_a, hyps_b, refs):
+    """The ROUGE-1 and BLEU-4 differences of a over b with their paired standard errors, as a table cell says it."""
+    if not refs:
+        return "no answers to pair"
+    r, r_se = paired_rouge1(hyps_a, hyps_b, refs)
+    b, b_se = paired_bleu4(hyps_a, hyps_b, refs)
+    return f"ROUGE-1 {r:+.2f} ± {r_se:.2f}, BLEU-4 {b:+.2f} ± {b_se:.2f} (paired over {len(refs)} questions)"
+
+
+def words(hyps):
+    """Mean length of answers in words."""
+    return sum(len(h.split()) for h in hyps) / max(len(hyps), 1)
 
 
 def replay_sweep(out, domain):
@@ -76,9 +105,12 @@ def replay_sweep(out, domain):
     return {os.path.basename(path).removeprefix("replay-"): m for path, m in runs}
 
 
-def answers_of(report, index, domain):
-    """The QA answers of the index-th model of an eval.py report."""
-    return list(report["answers"].values())[index][domain]
+def by_name(report, domain):
+    """{folder name: (metrics, QA answers)} of an eval.py report's models (answers [] where QA was not scored)."""
+    if not report:
+        return {}
+    return {os.path.basename(os.path.normpath(path)): (m, report.get("answers", {}).get(path, {}).get(domain, []))
+            for path, m in report["metrics"].items()}
 
 
 def rows(out, domain, n_items, refs):
@@ -91,6 +123,12 @@ def rows(out, domain, n_items, refs):
     n_items = {**n_items, **track_report.get("questions", {})}  # what eval.py scored (--limit: fewer)
     stages = metrics_by_stage(track_report, ("base", "dacp", "sft"))
     base, dacp, sft = (stages.get(k, {}) for k in ("base", "dacp", "sft"))
+    sft_answers = list(by_name(track_report, domain).values())[2][1] if sft else []
+    refs = refs[:len(sft_answers)]  # (eval.py --limit N scored the first N)
+    sweep = replay_sweep(out, domain)
+    # the control: the DACP budget on general text only, the track's own run or the sweep's replay 1
+    control = (by_name(read_json(os.path.join(out, f"eval-control-{domain}.json")), domain).get("general-control")
+               or [(sweep or {}).get("1")])[0]
     table = []
 
     def change(key, show):  # base -> DACP of one metric
@@ -99,44 +137,72 @@ def rows(out, domain, n_items, refs):
     def mcq(d):
         return change(f"mcq_acc_norm/{d}", lambda p: accuracy(p, n_items[d]))
 
-    # DACP keeps general ability: retention on the held-out set (the meaningful one) beside the replay corpus's own
+    def against_control(m):  # held-out retention of a DACP run relative to the control: lower bpb is better
+        return (f"bpb {pct(control['bpb/heldout'] / m['bpb/heldout'])}, MCQ acc_norm "
+                f"{pct(m['mcq_acc_norm/heldout'] / control['mcq_acc_norm/heldout'])}")
+
+    # DACP keeps general ability. Against the base, retention counts forgetting and whatever any training repairs in
+    # a (de-quantised) checkpoint; against the control, trained as long on general text alone, only forgetting.
     if dacp:
-        held = (f"held-out general: bpb retention {pct(dacp['retention_bpb/heldout'])}, MCQ acc_norm "
-                f"{mcq('heldout')} (retention {pct(dacp['retention_mcq/heldout'])}); in-distribution (the replay "
-                f"corpus's own writing, not a measure of general ability): bpb retention "
-                f"{pct(dacp['retention_bpb/general'])}")
+        held = (f"held-out general, against the base: bpb retention {pct(dacp['retention_bpb/heldout'])}, MCQ "
+                f"acc_norm {mcq('heldout')} (retention {pct(dacp['retention_mcq/heldout'])}); ")
+        if control:
+            repair = (f"bpb {pct(base['bpb/heldout'] / control['bpb/heldout'])}, MCQ acc_norm "
+                      f"{pct(control['mcq_acc_norm/heldout'] / base['mcq_acc_norm/heldout'])}")
+            held += (f"**against the general-only control (the forgetting): {against_control(dacp)}** (the control "
+                     f"against the base, what training alone does: {repair}); ")
+        else:
+            held += "against the general-only control: not run yet (the track runs it); "
+        held += (f"in-distribution (the replay corpus's own writing, not a measure of general ability): bpb "
+                 f"retention {pct(dacp['retention_bpb/general'])}")
         table.append(("retention", "DACP keeps general ability", held, track))
         gain = (f"{domain} bpb {change(f'bpb/{domain}', '{:.4f}'.format)}; MCQ acc_norm {mcq(domain)}; ROUGE-1 "
                 f"{change(f'rouge1/{domain}', '{:.2f}'.format)}; BLEU-4 {change(f'bleu4/{domain}', '{:.2f}'.format)}")
         table.append(("domain", "DACP gains the domain", gain, track))
 
     # the replay sweep: domain bpb against held-out retention, one DACP run per ratio
-    sweep = replay_sweep(out, domain)
     if sweep:
-        cells = [f"{r}: {domain} bpb {m[f'bpb/{domain}']:.4f}, held-out bpb retention "
-                 f"{pct(m['retention_bpb/heldout'])}, MCQ {pct(m['mcq_acc_norm/heldout'])}"
-                 for r, m in sweep.items()]
+        cells = []
+        for r, m in sweep.items():
+            vs_control = f" (against the control {pct(control['bpb/heldout'] / m['bpb/heldout'])})" if control else ""
+            cells.append(f"{r}: {domain} bpb {m[f'bpb/{domain}']:.4f}, held-out bpb retention "
+                         f"{pct(m['retention_bpb/heldout'])}{vs_control}, MCQ {pct(m['mcq_acc_norm/heldout'])}")
         table.append(("replay", "the replay trade-off", "replay ratio " + "; ".join(cells),
                       ablation.format("replay")))
     else:
         table.append(("replay", "the replay trade-off", "not run yet", ablation.format("replay")))
 
-    # SFT ablations: the same SFT from the base (no DACP), and single-stage SFT after DACP
-    sft_report = read_json(os.path.join(out, f"eval-sft-{domain}.json"))
-    sft_ab = metrics_by_stage(sft_report, ("alone", "single"))
-    for key, name, other, what in (("sft_alone", "DACP + SFT against SFT alone", "alone", "SFT alone"),
-                                   ("curriculum", "curriculum against single-stage SFT", "single", "single-stage")):
-        if sft and other in sft_ab:
-            o = sft_ab[other]
-            noise = paired_rouge1(answers_of(track_report, 2, domain),
-                                  answers_of(sft_report, ("alone", "single").index(other), domain), refs)
+    # SFT ablations: the same SFT from the base (no DACP), and single-stage SFT after DACP, each with the paired
+    # differences of the track's DACP + curriculum SFT over it
+    sft_runs = by_name(read_json(os.path.join(out, f"eval-sft-{domain}.json")), domain)
+    for key, name, suffix, what in (("sft_alone", "DACP + SFT against SFT alone", "-sft-alone", "SFT alone"),
+                                    ("curriculum", "curriculum against single-stage SFT", "-sft-single",
+                                     "single-stage")):
+        if sft and domain + suffix in sft_runs:
+            o, answers = sft_runs[domain + suffix]
             ours = (f"ROUGE-1 {sft[f'rouge1/{domain}']:.2f} vs {o[f'rouge1/{domain}']:.2f} ({what}): "
-                    f"{ratio(sft[f'rouge1/{domain}'], o[f'rouge1/{domain}'])}, {noise}; BLEU-4 "
+                    f"{ratio(sft[f'rouge1/{domain}'], o[f'rouge1/{domain}'])}; BLEU-4 "
                     f"{sft[f'bleu4/{domain}']:.2f} vs {o[f'bleu4/{domain}']:.2f}: "
-                    f"{ratio(sft[f'bleu4/{domain}'], o[f'bleu4/{domain}'])}")
+                    f"{ratio(sft[f'bleu4/{domain}'], o[f'bleu4/{domain}'])}; differences: "
+                    f"{differences(sft_answers, answers, refs)}")
         else:
             ours = "not run yet"
         table.append((key, name, ours, ablation.format("sft")))
+
+    # the curriculum's reading tested: each stage's model, and the curriculum with its last two stages swapped
+    exports = sorted(n for n in sft_runs if n.startswith("stage-"))
+    if sft and exports and domain + "-sft-swapped" in sft_runs:
+        steps = [(n.split("-", 2)[2], *sft_runs[n]) for n in exports] + [("the curriculum's end", sft, sft_answers)]
+        cells = [f"after {n}: ROUGE-1 {m[f'rouge1/{domain}']:.2f}, BLEU-4 {m[f'bleu4/{domain}']:.2f}, "
+                 f"{words(a):.0f} words" for n, m, a in steps]
+        swapped, swapped_answers = sft_runs[domain + "-sft-swapped"]
+        ours = (f"the references: {words(refs):.0f} words on average; " + "; ".join(cells) + "; the last two stages "
+                f"swapped: ROUGE-1 {swapped[f'rouge1/{domain}']:.2f}, BLEU-4 {swapped[f'bleu4/{domain}']:.2f}, "
+                f"{words(swapped_answers):.0f} words, against the curriculum "
+                f"{differences(swapped_answers, sft_answers, refs)}")
+    else:
+        ours = "not run yet"
+    table.append(("stages", "the curriculum's last stage", ours, ablation.format("sft")))
 
     # speculative decoding with the distilled draft, measured side by side with plain decoding
     spec = read_json(os.path.join(out, f"speculative-{domain}.json"))

@@ -1,6 +1,7 @@
 """The real-model track (`TARGET=models/smollm2-135m-instruct bash workshop.sh`) end to end with every knob turned
 down, on a small copy of the sample data: DACP, curriculum SFT, the truncated draft distilled from the SFT target,
-speculative decoding, the evaluation of base / DACP / DACP + SFT with held-out retention, and both ablations. Each
+speculative decoding, the evaluation of base / DACP / DACP + SFT with held-out retention against the base and against
+a general-only control, and both ablations (the SFT one with each curriculum stage's model). Each
 trained output loads in transformers with our logits; the report and the paper-vs-ours table are written, each
 ablation's row filled once it has run. Needs the real checkpoint (python prepare_real_model.py). About 4 minutes
 on 2 CPU cores, so it is marked `track` and run apart: `python -m pytest -q -m "track or pipeline or slow"`."""
@@ -86,9 +87,10 @@ def test_the_report_and_the_paper_table_are_written(track):
     for row in ("DACP keeps general ability", "DACP gains the domain", "speculative decoding with the distilled draft",
                 "what distillation adds"):
         assert f"| {row} |" in table
-    assert table.count("not run yet") == 3  # the replay sweep and the two SFT ablations
+    assert table.count("not run yet") == 4  # the replay sweep, the two SFT ablations and the curriculum's stages
+    assert "against the general-only control (the forgetting): bpb " in table
     assert "time per stage" in table
-    assert stdout.count("\n+ ") == 6  # DACP, SFT, distillation, speculative, eval, report: each printed
+    assert stdout.count("\n+ ") == 8  # DACP, its control, SFT, distillation, speculative, eval, the control's, report
 
 
 def test_the_ablations_fill_their_rows(track):
@@ -98,6 +100,11 @@ def test_the_ablations_fill_their_rows(track):
     rows = {r["key"]: r["ours"] for r in json.load(open(os.path.join(out, "paper-vs-ours.json")))["rows"]}
     assert "not run yet" not in json.dumps(rows)
     assert rows["sft_alone"].count("x") >= 2 and "0: telco bpb" in rows["replay"]
+    assert "BLEU-4" in rows["curriculum"] and "± " in rows["curriculum"]  # the paired differences
+    assert "after 1_general" in rows["stages"] and "the last two stages swapped" in rows["stages"]
+    sft_runs = json.load(open(os.path.join(out, "eval-sft-telco.json")))["metrics"]
+    assert [os.path.basename(m) for m in sft_runs] == ["telco-sft-alone", "telco-sft-single", "stage-1-1_general",
+                                                         "stage-2-2_telco", "telco-sft-swapped"]
     sweep = json.load(open(os.path.join(out, "eval-replay-telco.json")))["metrics"]
     assert len(sweep) == 3  # the base, then ratios 0 and 0.5 (the track's own DACP run, reused)
     assert os.path.realpath(os.path.join(out, "replay-sweep", "replay-0.5")) == os.path.realpath(
