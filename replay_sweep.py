@@ -2,13 +2,14 @@
 ixi-GEN's replay ablation in miniature: DACP from the same base at several replay ratios, then one table of
 domain bits per byte against general bits per byte (ixi-GEN Figure 3; Ibrahim et al. 2024, Table 2).
 
-    python replay_sweep.py                                         # ratios 0, 0.1, 0.25, 0.5, 0.75 from out/base
+    python replay_sweep.py                                         # ratios 0, 0.1, 0.25, 0.5, 0.75, 1 from out/base
     torchrun --nproc_per_node=2 replay_sweep.py --max-steps 60     # any train.py flag is passed on to each run
 
 Each ratio is an ordinary train.py run (same base, data, steps, LR schedule and seed; only --replay-ratio
-changes) written to <out>/replay-<ratio>/. A finished run is reused and an interrupted one resumed, so the sweep
-can be stopped and started again without losing work. Writes <out>/replay-sweep.md and .json, and
-<out>/replay-sweep.png when matplotlib is installed (optional).
+changes) written to <out>/replay-<ratio>/. Ratio 1 (general text only) is the control: what the same training does
+without the domain, so retention relative to it is forgetting alone. A finished run is reused and an interrupted
+one resumed, so the sweep can be stopped and started again without losing work. Writes <out>/replay-sweep.md and
+.json, and <out>/replay-sweep.png when matplotlib is installed (optional).
 """
 import argparse
 import json
@@ -22,7 +23,7 @@ from checkpoint import holds_run, is_complete, read_metrics
 from files import write_atomic
 from parallel import launch, log, setup_distributed
 
-RATIOS = "0,0.1,0.25,0.5,0.75"
+RATIOS = "0,0.1,0.25,0.5,0.75,1"
 
 
 def get_args(argv=None):
