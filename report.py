@@ -3,11 +3,11 @@
     TARGET=models/smollm2-135m-instruct bash workshop.sh          # the track; its last stage runs this
     python report.py out/real --domain telco                       # again, after the ablations of workshop.sh
 
-Reads what the stages wrote under <out>: eval-<domain>.json (base, DACP, DACP + SFT), eval-control-<domain>.json (the
-general-only control: the DACP budget at replay 1), speculative-<domain>.json, <domain>-draft/acceptance.json (the
-draft before and after distillation), stage-times.txt, and each ablation's output once it has run (ABLATION=... in
-workshop.sh; eval-sft-<domain>.json's models are found by their folder names). A row whose ablation has not run
-names the command that fills it. Writes <out>/paper-vs-ours.md and .json, and, when matplotlib is installed (it is optional: without it, one
+Reads what the stages wrote under <out>: eval-<domain>.json (base, DACP, DACP + SFT), speculative-<domain>.json,
+<domain>-draft/acceptance.json (the draft before and after distillation), stage-times.txt, and each ablation's
+output once it has run (ABLATION=... in workshop.sh; the replay sweep's ratio 1 is the general-only control that
+retention is also measured against; eval-sft-<domain>.json's models are found by their folder names). A row whose
+ablation has not run names the command that fills it. Writes <out>/paper-vs-ours.md and .json, and, when matplotlib is installed (it is optional: without it, one
 line says so), two pictures beside them: <out>/replay-tradeoff.png (domain bpb against held-out retention, a point
 per replay ratio) and <out>/loss-curves.png (train and held-out loss against step of DACP, SFT and distillation).
 `--compare OUT2` draws another track (the other checkpoint's) into the same pictures.
@@ -126,9 +126,7 @@ def rows(out, domain, n_items, refs):
     sft_answers = list(by_name(track_report, domain).values())[2][1] if sft else []
     refs = refs[:len(sft_answers)]  # (eval.py --limit N scored the first N)
     sweep = replay_sweep(out, domain)
-    # the control: the DACP budget on general text only, the track's own run or the sweep's replay 1
-    control = (by_name(read_json(os.path.join(out, f"eval-control-{domain}.json")), domain).get("general-control")
-               or [(sweep or {}).get("1")])[0]
+    control = (sweep or {}).get("1")  # the replay sweep's ratio 1: the DACP budget on general text only
     table = []
 
     def change(key, show):  # base -> DACP of one metric
@@ -152,7 +150,7 @@ def rows(out, domain, n_items, refs):
             held += (f"**against the general-only control (the forgetting): {against_control(dacp)}** (the control "
                      f"against the base, what training alone does: {repair}); ")
         else:
-            held += "against the general-only control: not run yet (the track runs it); "
+            held += f"against the general-only control: not run yet ({ablation.format('replay')}); "
         held += (f"in-distribution (the replay corpus's own writing, not a measure of general ability): bpb "
                  f"retention {pct(dacp['retention_bpb/general'])}")
         table.append(("retention", "DACP keeps general ability", held, track))

@@ -122,11 +122,6 @@ dacp=(--domain "$DOMAIN" --data-root "$DATA" --init-from "$BASE" --max-steps "$D
 dacp+=(--eval-every 0 --dtype "$DTYPE")
 dacp+=(${REAL:+--batch-size 8 --micro-batch-size 4 --warmup-steps 5})  # a real checkpoint: 8 x 256 tokens a step
 stage "$OUT/$DOMAIN" $torchrun train.py "${dacp[@]}" --replay-ratio 0.5 --out "$OUT/$DOMAIN"
-# ... and its control: the same budget on general text only (replay 1). Retention relative to it is forgetting;
-#     relative to the base it also counts what any training repairs in a real (de-quantised) checkpoint.
-if [ -n "$REAL" ]; then
-    stage "$OUT/general-control" $torchrun train.py "${dacp[@]}" --replay-ratio 1 --out "$OUT/general-control"
-fi
 
 # 3. Curriculum SFT: general conversations, then domain, then expert (SOAEsV2).
 sft=(--domain "$DOMAIN" --data-root "$DATA" --epochs "$SFT_EPOCHS" --lr "$SFT_LR" --dtype "$DTYPE")
@@ -137,11 +132,11 @@ stage "$OUT/$DOMAIN-sft" python sft.py "${sft[@]}" --init-from "$OUT/$DOMAIN" --
 # The ablations, each its own command from the track's outputs: ABLATION=replay or ABLATION=sft.
 if [ -n "${ABLATION:-}" ]; then
     case $ABLATION in
-    replay)  # ixi-GEN Fig. 3: the same DACP at each replay ratio (0.5 is the track's run), scored on held-out text
+    replay)  # ixi-GEN Fig. 3: the same DACP at each replay ratio (0.5 is the track's run), scored on held-out text;
+             # ratio 1, general text only, is the control: retention relative to it is forgetting, while relative
+             # to the base it also counts what any training repairs in a real (de-quantised) checkpoint
         mkdir -p "$OUT/replay-sweep"
         [ -e "$OUT/replay-sweep/replay-0.5" ] || ln -s "../$DOMAIN" "$OUT/replay-sweep/replay-0.5"
-        [ ! -d "$OUT/general-control" ] || [ -e "$OUT/replay-sweep/replay-1" ] ||
-            ln -s ../general-control "$OUT/replay-sweep/replay-1"  # (the track's control is replay 1)
         run $torchrun replay_sweep.py "${dacp[@]}" --ratios "$RATIOS" --out "$OUT/replay-sweep"
         # (%g names each run as replay_sweep.py does: RATIOS=0.0,0.50 -> replay-0, replay-0.5)
         run python eval.py "$BASE" $(printf " $OUT/replay-sweep/replay-%g" ${RATIOS//,/ }) --domain "$DOMAIN" \
@@ -189,10 +184,6 @@ run python speculative.py --target "$OUT/$DOMAIN-sft" --draft "$OUT/$DOMAIN-draf
 #    checkpoint also on data/heldout, general text and questions kept apart from the replay corpus).
 run python eval.py "$BASE" "$OUT/$DOMAIN" "$OUT/$DOMAIN-sft" --domain "$DOMAIN" --out "$OUT/eval-$DOMAIN" \
     --data-root "$DATA" ${REAL:+--general general,heldout} --dtype "$EVAL_DTYPE" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"}
-if [ -n "$REAL" ]; then  # the control's general ability (retention relative to it: report.py)
-    run python eval.py "$OUT/general-control" --domain "$DOMAIN" --general general,heldout --tasks bpb,mcq \
-        --data-root "$DATA" --dtype "$EVAL_DTYPE" --out "$OUT/eval-control-$DOMAIN" ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"}
-fi
 
 # 7. The papers' headline results beside ours (and the ablations', once ABLATION=... has run them).
 if [ -n "$REAL" ]; then

@@ -1,7 +1,7 @@
 """The real-model track (`TARGET=models/smollm2-135m-instruct bash workshop.sh`) end to end with every knob turned
 down, on a small copy of the sample data: DACP, curriculum SFT, the truncated draft distilled from the SFT target,
-speculative decoding, the evaluation of base / DACP / DACP + SFT with held-out retention against the base and against
-a general-only control, and both ablations (the SFT one with each curriculum stage's model). Each
+speculative decoding, the evaluation of base / DACP / DACP + SFT with held-out retention, and both ablations (the
+replay sweep with the general-only control, the SFT one with each curriculum stage's model). Each
 trained output loads in transformers with our logits; the report and the paper-vs-ours table are written, each
 ablation's row filled once it has run. Needs the real checkpoint (python prepare_real_model.py). About 4 minutes
 on 2 CPU cores, so it is marked `track` and run apart: `python -m pytest -q -m "track or pipeline or slow"`."""
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.track,
               pytest.mark.skipif(not os.path.isfile(os.path.join(REAL, "config.json")),
                                  reason=f"no real checkpoint at {REAL} (run python prepare_real_model.py)")]
 KNOBS = dict(TARGET=REAL, DOMAIN="telco", DACP_STEPS="2", SFT_EPOCHS="1", SFT_BATCH="4", DISTILL_STEPS="2",
-             DRAFT_LAYERS="2", GEN_TOKENS="8", EVAL_LIMIT="3", BENCH_PROMPTS="1", BENCH_TOKENS="8", RATIOS="0,0.5")
+             DRAFT_LAYERS="2", GEN_TOKENS="8", EVAL_LIMIT="3", BENCH_PROMPTS="1", BENCH_TOKENS="8", RATIOS="0,0.5,1")
 
 
 def small_data(root):
@@ -87,10 +87,9 @@ def test_the_report_and_the_paper_table_are_written(track):
     for row in ("DACP keeps general ability", "DACP gains the domain", "speculative decoding with the distilled draft",
                 "what distillation adds"):
         assert f"| {row} |" in table
-    assert table.count("not run yet") == 4  # the replay sweep, the two SFT ablations and the curriculum's stages
-    assert "against the general-only control (the forgetting): bpb " in table
+    assert table.count("not run yet") == 5  # the control, the replay sweep, the two SFT ablations, the stages
     assert "time per stage" in table
-    assert stdout.count("\n+ ") == 8  # DACP, its control, SFT, distillation, speculative, eval, the control's, report
+    assert stdout.count("\n+ ") == 6  # DACP, SFT, distillation, speculative, eval, report: each printed
 
 
 def test_the_ablations_fill_their_rows(track):
@@ -106,6 +105,7 @@ def test_the_ablations_fill_their_rows(track):
     assert [os.path.basename(m) for m in sft_runs] == ["telco-sft-alone", "telco-sft-single", "stage-1-1_general",
                                                          "stage-2-2_telco", "telco-sft-swapped"]
     sweep = json.load(open(os.path.join(out, "eval-replay-telco.json")))["metrics"]
-    assert len(sweep) == 3  # the base, then ratios 0 and 0.5 (the track's own DACP run, reused)
+    assert len(sweep) == 4  # the base, then ratios 0, 0.5 (the track's own DACP run, reused) and 1 (the control)
+    assert "against the general-only control (the forgetting): bpb " in rows["retention"]
     assert os.path.realpath(os.path.join(out, "replay-sweep", "replay-0.5")) == os.path.realpath(
         os.path.join(out, "telco"))

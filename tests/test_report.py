@@ -176,14 +176,16 @@ def test_a_missing_comparison_track_is_named(tmp_path):
 
 
 def test_retention_against_the_control_and_the_curriculum_stages(tmp_path):
-    """Retention against the general-only control is the control's held-out bpb over the DACP run's (and MCQ
-    acc_norm the other way up); the SFT ablation's models are found by their folder names, stage exports included."""
+    """Retention against the general-only control (the replay sweep's ratio 1) is the control's held-out bpb over the
+    DACP run's (and MCQ acc_norm the other way up); the SFT ablation's models are found by their folder names, stage
+    exports included."""
     out = track_outputs(tmp_path / "out")
     track = json.loads((out / "eval-telco.json").read_text())
     track["answers"] = {name: {"telco": HYPS_A} for name in track["metrics"]}
     (out / "eval-telco.json").write_text(json.dumps(track))
-    (out / "eval-control-telco.json").write_text(json.dumps(
-        {"metrics": {f"{out}/general-control": {"bpb/heldout": 0.6, "mcq_acc_norm/heldout": 0.4}}}))
+    sweep = {"base": {}, f"{out}/replay-sweep/replay-1": {"bpb/heldout": 0.6, "mcq_acc_norm/heldout": 0.4,
+                                                          "bpb/telco": 0.7, "retention_bpb/heldout": 0.8}}
+    (out / "eval-replay-telco.json").write_text(json.dumps({"metrics": sweep}))
     names = ["telco-sft-alone", "telco-sft-single", "telco-sft/stage-1-1_general", "telco-sft/stage-2-2_telco",
              "telco-sft-swapped"]
     (out / "eval-sft-telco.json").write_text(json.dumps(
