@@ -156,6 +156,8 @@ def rows(out, domain, n_items, refs):
         table.append(("retention", "DACP keeps general ability", held, track))
         gain = (f"{domain} bpb {change(f'bpb/{domain}', '{:.4f}'.format)}; MCQ acc_norm {mcq(domain)}; ROUGE-1 "
                 f"{change(f'rouge1/{domain}', '{:.2f}'.format)}; BLEU-4 {change(f'bleu4/{domain}', '{:.2f}'.format)}")
+        if control:  # what the domain data did, beyond what training on general text alone does to the domain
+            gain += f" (the general-only control: {domain} bpb {control[f'bpb/{domain}']:.4f})"
         table.append(("domain", "DACP gains the domain", gain, track))
 
     # the replay sweep: domain bpb against held-out retention, one DACP run per ratio

@@ -186,6 +186,7 @@ def run(args):
             f"{args.batch_size} conversations of {sum(lengths) / len(lengths):.0f} tokens on average "
             f"({min(lengths)}-{max(lengths)}); padding {curriculum.padding():.1%} of positions "
             f"({unbucketed.padding():.1%} without length bucketing)")
+
     # A chat model stops at the end of its turn: list <|im_end|> / <|eot_id|> among the eos ids (as Qwen2.5-Instruct
     # and Llama-3-Instruct configs do), so transformers, vLLM and our speculative.py stop there.
     eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
@@ -198,8 +199,8 @@ def run(args):
                         eval_steps=frozenset(first + steps for _, first, steps in curriculum.stages),
                         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints)
     for k, (name, first, steps) in enumerate(curriculum.stages):
-        if first + steps <= start_step:
-            continue  # finished before this --resume
+        if first + steps < start_step:
+            continue  # finished and exported before this --resume (one resumed at its very end still exports)
         train_loop(model, optimizer, get_step, next_token_loss, schedule, out, start_step=max(first, start_step),
                    stop_step=first + steps, evaluate_fn=evaluate_fn, device=device)
         if args.export_stages and k < len(curriculum.stages) - 1:

@@ -196,6 +196,7 @@ def test_retention_against_the_control_and_the_curriculum_stages(tmp_path):
         table["retention"]
     assert "the control against the base, what training alone does: bpb 83.3 %, MCQ acc_norm 80.0 %" in \
         table["retention"]
+    assert table["domain"].endswith("(the general-only control: telco bpb 0.7000)")
     assert "ROUGE-1 0.50 vs 10.00 (SFT alone)" in table["sft_alone"]
     assert "ROUGE-1 0.50 vs 11.00 (single-stage)" in table["curriculum"]
     mean, se = report.paired_rouge1(HYPS_B, HYPS_A, REFS)

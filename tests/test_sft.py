@@ -169,13 +169,16 @@ def test_sft_single_stage_and_bad_flags(sft_setup):
 
 
 def test_sft_resumes_mid_curriculum(sft_setup):
-    """Resuming from the step-6 checkpoint (stage 3 of 3) redoes steps 7-9 with the same losses."""
+    """Resuming from the step-6 checkpoint (stage 3 of 3) redoes steps 7-9 with the same losses. A run killed after
+    that checkpoint, at stage 2's very end, but before stage 2's export, exports it when resumed."""
     out = sft_setup / "out-resume"
-    first = run_sft(sft_setup, out, "--save-every", "3")
+    first = run_sft(sft_setup, out, "--save-every", "3", "--export-stages")
     assert first.returncode == 0, first.stderr[-3000:]
     losses = {r["step"]: r["loss"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r}
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
-    again = run_sft(sft_setup, out, "--save-every", "3", "--resume")
+    shutil.rmtree(out / "stage-2-2_telco")
+    again = run_sft(sft_setup, out, "--save-every", "3", "--resume", "--export-stages")
+    assert (out / "stage-2-2_telco" / "config.json").is_file()
     assert again.returncode == 0, again.stderr[-3000:]
     printed = again.stdout + again.stderr
     assert "resumed from" in printed and "stage 3/3 3_expert" in printed
