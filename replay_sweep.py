@@ -40,8 +40,8 @@ def get_args(argv=None):
         args.ratios = [float(r) for r in args.ratios.split(",")]
     except ValueError:
         p.error(f"--ratios {args.ratios!r}: expected comma-separated numbers such as {RATIOS}")
-    if any(not 0 <= r < 1 for r in args.ratios):
-        p.error(f"--ratios {args.ratios}: each must be in [0, 1) (1 would leave no domain data)")
+    if any(not 0 <= r <= 1 for r in args.ratios):  # (1: no domain data trained, the control; its val still scored)
+        p.error(f"--ratios {args.ratios}: each must be in [0, 1]")
     return args
 
 
