@@ -7,9 +7,10 @@ Reads what the stages wrote under <out>: eval-<domain>.json (base, DACP, DACP + 
 <domain>-draft/acceptance.json (the draft before and after distillation), stage-times.txt, and each ablation's
 output once it has run (ABLATION=... in workshop.sh; the replay sweep's ratio 1 is the general-only control that
 retention is also measured against; eval-sft-<domain>.json's models are found by their folder names). A row whose
-ablation has not run names the command that fills it. Writes <out>/paper-vs-ours.md and .json, and, when matplotlib is installed (it is optional: without it, one
-line says so), two pictures beside them: <out>/replay-tradeoff.png (domain bpb against held-out retention, a point
-per replay ratio) and <out>/loss-curves.png (train and held-out loss against step of DACP, SFT and distillation).
+ablation has not run names the command that fills it. Writes <out>/paper-vs-ours.md and .json, and, when
+matplotlib is installed (it is optional: without it, one line says so), two pictures beside them:
+<out>/replay-tradeoff.png (domain bpb against held-out retention, a point per replay ratio) and <out>/loss-curves.png
+(train and held-out loss against step of DACP, SFT and distillation).
 `--compare OUT2` draws another track (the other checkpoint's) into the same pictures.
 
 Every number carries its noise: an accuracy over n questions has a standard error of sqrt(p (1 - p) / n) (one
@@ -44,9 +45,10 @@ PAPER = {
 }
 
 
-def metrics_by_stage(report, names):
-    """{name: metrics} of an eval.py report whose models were given in the order of `names`."""
-    return dict(zip(names, report["metrics"].values())) if report else {}
+def metrics_by_stage(report, names, key="metrics"):
+    """{name: metrics} (or, with key="answers", {name: QA answers}) of an eval.py report whose models were given in
+    the order of `names`."""
+    return dict(zip(names, report.get(key, {}).values())) if report else {}
 
 
 def pct(x):
@@ -123,7 +125,7 @@ def rows(out, domain, n_items, refs):
     n_items = {**n_items, **track_report.get("questions", {})}  # what eval.py scored (--limit: fewer)
     stages = metrics_by_stage(track_report, ("base", "dacp", "sft"))
     base, dacp, sft = (stages.get(k, {}) for k in ("base", "dacp", "sft"))
-    sft_answers = list(by_name(track_report, domain).values())[2][1] if sft else []
+    sft_answers = metrics_by_stage(track_report, ("base", "dacp", "sft"), "answers").get("sft", {}).get(domain, [])
     refs = refs[:len(sft_answers)]  # (eval.py --limit N scored the first N)
     sweep = replay_sweep(out, domain)
     control = (sweep or {}).get("1")  # the replay sweep's ratio 1: the DACP budget on general text only
