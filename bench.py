@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+import model
 import speculative
 from data import corpus_files, find_domains, read_documents, tokenize_corpus
 from files import write_atomic
@@ -254,7 +255,9 @@ def bench_decode(args, device):
         spec.update(acceptance_rate=pooled_stats(runs[1:], args.gamma)["acceptance_rate"])
         for name, r in (("greedy decoding", plain), (f"batched greedy decoding, {args.decode_batch} rows", batched),
                         (f"speculative greedy, gamma {args.gamma}", spec)):
-            notes = f"identical outputs {r['identical']}/{r['prompts']}; {r['prompts']} prompts x {N} tokens"
+            same = r["identical"]  # (a count; for the batch, whose rows are compared at once, a yes or no)
+            notes = (f"identical outputs {same}/{r['prompts']}" if same != "not all" else "outputs not all identical")
+            notes += f"; {r['prompts']} prompts x {N} tokens"
             if name.startswith("speculative"):
                 notes += (f"; acceptance {r['acceptance_rate']:.3f}; theirs: assisted generation "
                           f"(num_assistant_tokens={args.gamma}, constant), whose greedy output is also the target's "
@@ -305,15 +308,23 @@ def bench_draft_vocab(args, device):
 
 def bench_verify(args, device):
     """The target's verification pass over gamma + 1 = 2..5 tokens, in its one-token decode steps
-    (speculative.verify_cost's ratio), in fp32 and bf16. Leviathan et al. take it as 1 (a memory-bound step reads
-    the weights once for any few tokens); every tenth above 1 comes off the speedup."""
-    result = {}
-    for dtype in ("float32", "bfloat16"):
-        target = load(args.target, device, to_dtype(dtype))[0]
-        one = step_time(target)
-        result[dtype] = dict(step_ms=one * 1e3, **{str(n): step_time(target, n) / one for n in range(2, 6)})
-        print(f"[verify] {dtype}: one-token step {one * 1e3:.1f} ms; pass over 2..5 tokens: " +
-              ", ".join(f"{result[dtype][str(n)]:.2f}" for n in range(2, 6)) + " steps", flush=True)
+    (speculative.verify_cost's ratio): in fp32 through F.linear (MKL) and through oneDNN (model.Linear's kernel on
+    an x86 CPU), and in bf16. Leviathan et al. take it as 1 (a memory-bound step reads the weights once for any few
+    tokens); every tenth above 1 comes off the speedup."""
+    result, onednn = {}, model.ONEDNN
+    kernels = [("float32, F.linear (MKL)", "float32", False), ("bfloat16", "bfloat16", onednn)]
+    if onednn and device.type == "cpu":
+        kernels.insert(1, ("float32, oneDNN (model.Linear)", "float32", True))
+    try:
+        for name, dtype, kernel in kernels:
+            model.ONEDNN = kernel
+            target = load(args.target, device, to_dtype(dtype))[0]
+            one = step_time(target)
+            result[name] = dict(step_ms=one * 1e3, **{str(n): step_time(target, n) / one for n in range(2, 6)})
+            print(f"[verify] {name}: one-token step {one * 1e3:.1f} ms; pass over 2..5 tokens: " +
+                  ", ".join(f"{result[name][str(n)]:.2f}" for n in range(2, 6)) + " steps", flush=True)
+    finally:
+        model.ONEDNN = onednn
     return result, []
 
 

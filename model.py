@@ -22,6 +22,7 @@ hf.py's; from_pretrained and save_pretrained are thin doors to it.
 
 import math
 import os
+import platform
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -79,19 +80,14 @@ class ModelConfig:
 
     def window(self, layer: int) -> int | None:
         """The sliding-window size of this layer, or None for full causal attention."""
-        if self.sliding_window is None:
-            return None
-        if self.layer_types is None:
-            return self.sliding_window
-        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+        full = self.layer_types is not None and self.layer_types[layer] != "sliding_attention"
+        return None if full else self.sliding_window
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
-        """From an HF config.json, as written by transformers 4.x or 5.x (hf.config_from_hf)."""
+    def from_hf(cls, hf: dict) -> "ModelConfig":  # from an HF config.json, by transformers 4.x or 5.x (hf.py)
         return cls(**config_from_hf(hf))
 
-    def to_hf(self) -> dict:
-        """An HF config.json (hf.config_to_hf)."""
+    def to_hf(self) -> dict:  # an HF config.json (hf.config_to_hf)
         return config_to_hf(asdict(self))
 
     # Parameter and FLOP counts, analytic, so MFU can be computed without building the model.
@@ -123,10 +119,9 @@ class ModelConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
-# Shapes for models trained from scratch. vocab_size comes from the tokenizer (from_preset(name, vocab_size=...)).
-# "tiny" and "small" train on a 2-core laptop CPU in minutes: the workshop's draft and target (the draft is shallow:
-# a decoding step costs about the same per layer, so fewer layers make a cheaper draft). The others are the shapes
-# of SmolLM2-135M / SmolLM2-360M and Llama-3.2-1B, for GPUs.
+# Shapes for models trained from scratch, vocab_size from the tokenizer (from_preset(name, vocab_size=...)). "tiny"
+# and "small" train on a 2-core laptop CPU in minutes: the workshop's draft and target (a shallow draft: a decoding
+# step costs about the same per layer). The others: SmolLM2-135M's, SmolLM2-360M's and Llama-3.2-1B's, for GPUs.
 PRESETS = {
     "tiny": dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=384, max_seq_len=1024, tie_embeddings=True),
     "small": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=4, hidden_dim=768, max_seq_len=1024, tie_embeddings=True),
@@ -184,14 +179,10 @@ def rope_inv_freq(config: ModelConfig, local: bool = False) -> torch.Tensor:
     return inv_freq
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x, cos, sin):
     """Rotate pairs (i, i + d/2) of each head, HF's layout: no interleaving, so HF q/k weights load unpermuted."""
-    return x * cos + rotate_half(x) * sin
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # (x * cos + rotate_half(x) * sin)
 
 
 class KVCache(nn.Module):
@@ -206,9 +197,24 @@ class KVCache(nn.Module):
 
     def update(self, input_pos, k, v):
         B = k.shape[0]
-        self.k[:B, :, input_pos] = k
-        self.v[:B, :, input_pos] = v
+        self.k[:B, :, input_pos], self.v[:B, :, input_pos] = k, v
         return self.k[:B], self.v[:B]
+
+
+# oneDNN's fp32 linear kernel for inference on x86 CPUs (see Linear); bench.py sets it False to measure MKL's.
+ONEDNN = torch.backends.mkldnn.is_available() and platform.machine() in ("x86_64", "AMD64")
+
+
+class Linear(nn.Linear):
+    """nn.Linear, computed without autograd in fp32 on an x86 CPU by oneDNN, not by F.linear's MKL sgemm, whose cost
+    grows with the rows: on the AMD EPYC of docs/benchmarks.md a pass over 2 tokens (speculative verification) cost
+    1.7 decode steps, through oneDNN 1.1-1.2, and a step is 1.3x faster. Outputs differ in the last bits only."""
+
+    def forward(self, x):
+        if ONEDNN and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling():
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return super().forward(x)
 
 
 class Attention(nn.Module):
@@ -222,10 +228,10 @@ class Attention(nn.Module):
             "local" if config.rope_local_theta is not None and self.window is not None else "global"
         # Gemma-3: scores scaled by query_pre_attn_scalar^-0.5 (None: SDPA's head_dim^-0.5)
         self.scale = config.query_pre_attn_scalar ** -0.5 if config.query_pre_attn_scalar else None
-        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.q_proj = Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
+        self.k_proj = Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         if config.qk_norm:  # Qwen3, Gemma-3, EXAONE-4: RMSNorm over each head's q and k, before RoPE
             self.q_norm = RMSNorm(config.head_dim, config.norm_eps, config.norm_offset)
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps, config.norm_offset)
@@ -257,9 +263,9 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(config.dim, config.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.gate_proj = Linear(config.dim, config.hidden_dim, bias=False)
+        self.up_proj = Linear(config.dim, config.hidden_dim, bias=False)
+        self.down_proj = Linear(config.hidden_dim, config.dim, bias=False)
         self.gelu = config.activation == "gelu_pytorch_tanh"
 
     def forward(self, x):
@@ -301,7 +307,7 @@ def softcap(logits, cap):
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-class Head(nn.Linear):
+class Head(Linear):
     """The output layer: logits = h W^T, soft-capped by its `cap` where the config has one."""
 
     def forward(self, h):
@@ -391,8 +397,7 @@ class Transformer(nn.Module):
         self.reset_rope()
         self.activation_checkpointing = False  # recompute each block in backward: less memory, ~1/3 more compute
         self.max_batch_size, self.max_seq_len = 0, 0
-        # Masks for cached decoding, [max_seq_len, max_seq_len], made by setup_cache; one per distinct window.
-        self.cache_masks = {}
+        self.cache_masks = {}  # for cached decoding, [max_seq_len, max_seq_len], by setup_cache: one per window
         self.loss_chunk_rows = loss_chunk_rows(config.vocab_size)
 
     def init_weights(self, std: float = 0.02):
@@ -426,8 +431,7 @@ class Transformer(nn.Module):
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         causal = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=w.device).tril()
         self.cache_masks = {}
-        for i, block in enumerate(self.model.layers):
-            attn = block.self_attn
+        for attn in (block.self_attn for block in self.model.layers):
             attn.kv_cache = KVCache(max_batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim, dtype or w.dtype,
                                     w.device)
             if attn.window not in self.cache_masks:

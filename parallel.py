@@ -488,8 +488,8 @@ def cut(linear, rows=None, columns=None):
     the new layer says which (first_row, columns) for load_rows."""
     a, b = rows or columns
     assert rows or linear.bias is None  # (a bias after a partial sum would be added once per process)
-    new = nn.Linear(linear.in_features if rows else b - a, b - a if rows else linear.out_features,
-                    bias=linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device)
+    new = type(linear)(linear.in_features if rows else b - a, b - a if rows else linear.out_features,
+                       bias=linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device)
     new.first_row, new.columns = (a if rows else 0), columns
     return new
 

@@ -4,8 +4,10 @@
 #   bash workshop.sh                      # about 8 minutes on a 2-core CPU; writes out/workshop/
 #   DOMAIN=finance bash workshop.sh       # the same on the finance sample corpus
 #   TARGET=models/smollm2-135m-instruct bash workshop.sh
-#                                         # the real-model track (about 35 minutes): from a public checkpoint
+#                                         # the real-model track (about 45 minutes): from a public checkpoint
 #                                         # (python prepare_real_model.py), writes out/real/ and the paper table
+#   TARGET=models/gemma3-270m bash workshop.sh
+#                                         # the same from a base model, as ixi-GEN adapts one: writes out/gemma/
 #
 # Each `run` line below is one stage's ordinary command, printed before it runs (the README walks through them).
 # A stage whose output directory holds a finished run (complete.json) is skipped, and an interrupted one is resumed
@@ -17,6 +19,16 @@ cd "$(dirname "$0")"
 TARGET=${TARGET:-small}            # the target: a preset (5.8M parameters, pretrained here first) or an HF directory
 if [ -f "$TARGET/config.json" ]; then
     REAL=1                         # a real checkpoint: it is the base; bf16 compute (faster on this CPU)
+    if grep -q '"model_type": *"gemma3_text"' "$TARGET/config.json"; then
+        # Gemma-3-270M: a pretrained base, without a chat template (SFT gets the sample one), whose 262,144-token
+        # head makes each token about twice as dear as SmolLM2's: half the steps (docs/results.md)
+        OUT=${OUT:-out/gemma}
+        CHAT_TEMPLATE=${CHAT_TEMPLATE:-data/chat_templates/gemma.jinja}
+        DACP_STEPS=${DACP_STEPS:-20}
+        SFT_EPOCHS=${SFT_EPOCHS:-1}
+        DISTILL_STEPS=${DISTILL_STEPS:-60}
+        GEN_TEMPERATURE=${GEN_TEMPERATURE:-0}
+    fi
     OUT=${OUT:-out/real}
     DRAFT=${DRAFT:-$OUT/${DOMAIN:-telco}-sft}   # the draft: a truncated copy of the SFT target ...
     DRAFT_LAYERS=${DRAFT_LAYERS:-4}             # ... keeping its first 4 of 30 layers
@@ -46,6 +58,7 @@ else
     DTYPE=${DTYPE:-float32}
     EVAL_DTYPE=${EVAL_DTYPE:-float32}
 fi
+CHAT_TEMPLATE=${CHAT_TEMPLATE:-}   # SFT's chat template, for a base checkpoint that has none
 DOMAIN=${DOMAIN:-telco}
 NPROC=${NPROC:-2}                  # processes for the pretraining stages (FSDP2 over gloo on a CPU)
 BASE_STEPS=${BASE_STEPS:-150}      # pretraining the base from scratch on the general corpus (more overfits it)
@@ -73,6 +86,11 @@ for knob in DTYPE EVAL_DTYPE; do
     [[ ${!knob} == float32 || ${!knob} == bfloat16 ]] || fail "$knob=${!knob}: expected float32 or bfloat16"
 done
 [[ -d $DATA/$DOMAIN/train ]] || fail "DOMAIN=$DOMAIN: no $DATA/$DOMAIN/train/"
+[[ -z $CHAT_TEMPLATE || -f $CHAT_TEMPLATE ]] || fail "CHAT_TEMPLATE=$CHAT_TEMPLATE: no such file"
+if [[ -n $REAL && -z $CHAT_TEMPLATE && ! -f $TARGET/chat_template.jinja ]] &&
+        ! grep -q '"chat_template"' "$TARGET/tokenizer_config.json" 2> /dev/null; then
+    fail "TARGET=$TARGET has no chat template (a base model): set CHAT_TEMPLATE=FILE (samples in data/chat_templates/)"
+fi
 [[ -z ${ABLATION:-} || $ABLATION == replay || $ABLATION == sft ]] || fail "ABLATION=$ABLATION: expected replay or sft"
 ratio='(0(\.[0-9]*)?|1(\.0*)?|\.[0-9]+)'  # a number in [0, 1]
 [[ $RATIOS =~ ^$ratio(,$ratio)*$ ]] || fail "RATIOS=$RATIOS: expected replay ratios in [0, 1], comma-separated"
@@ -126,6 +144,7 @@ stage "$OUT/$DOMAIN" $torchrun train.py "${dacp[@]}" --replay-ratio 0.5 --out "$
 # 3. Curriculum SFT: general conversations, then domain, then expert (SOAEsV2).
 sft=(--domain "$DOMAIN" --data-root "$DATA" --epochs "$SFT_EPOCHS" --lr "$SFT_LR" --dtype "$DTYPE")
 sft+=(--batch-size "$SFT_BATCH" --micro-batch-size "$(( SFT_BATCH < 8 ? SFT_BATCH : 8 ))")
+sft+=(${CHAT_TEMPLATE:+--chat-template "$CHAT_TEMPLATE"})
 stage "$OUT/$DOMAIN-sft" python sft.py "${sft[@]}" --init-from "$OUT/$DOMAIN" --out "$OUT/$DOMAIN-sft" \
     --export-stages  # (each stage's model too: ABLATION=sft scores what each stage did)
 

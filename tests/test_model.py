@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from conftest import randomize
 from torch.utils.flop_counter import FlopCounterMode
 
+import model as model_py
 from model import ModelConfig, Transformer
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
@@ -65,6 +66,24 @@ def test_logits_match_transformers(tmp_path, family):
     idx = tokens()
     torch.testing.assert_close(our_logits(model, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
 
+
+
+@pytest.mark.skipif(not model_py.ONEDNN, reason="oneDNN's kernel serves x86 CPUs only")
+def test_inference_runs_every_linear_through_onednn_with_transformers_logits(tmp_path):
+    """Without autograd, in fp32 on an x86 CPU, every linear layer runs oneDNN's kernel (model.Linear, 7 per block
+    and the head), and the logits are still transformers' (whose layers run F.linear); with autograd, F.linear."""
+    hf = make_hf(tmp_path, "qwen2")  # (q/k/v biases: the kernel's bias argument)
+    model = Transformer.from_pretrained(tmp_path)
+    idx = tokens()
+    with torch.profiler.profile() as prof:
+        ours = our_logits(model, idx)
+    calls = [e.name for e in prof.events()]
+    assert calls.count("mkldnn::_linear_pointwise") == 7 * 3 + 1 and "aten::linear" not in calls
+    torch.testing.assert_close(ours, hf_logits(hf, idx), atol=1e-4, rtol=0)
+    with torch.profiler.profile() as prof:
+        model(idx).sum().backward()
+    assert "mkldnn::_linear_pointwise" not in [e.name for e in prof.events()]
+    assert all(p.grad is not None for p in model.parameters())
 
 def test_sharded_checkpoint(tmp_path):
     hf = make_hf(tmp_path, "llama3-rope", max_shard_size="20KB")
