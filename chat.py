@@ -140,8 +140,11 @@ def _render(tokenizer, messages, add_generation_prompt):
 
 
 def _control_tokens(tokenizer):
-    """A regex matching the added tokens, longest first at each position, as HF splits them out of text."""
-    tokens = sorted(tokenizer.special_tokens, key=len, reverse=True)
+    """A regex matching the added tokens render_chat cuts out of the text, longest first at each position, as HF
+    splits them: all of them but the plain (not special) ones that a SentencePiece-style tokenizer's encode cuts out
+    itself (Gemma-3's runs of newlines and spaces: text an answer may hold, "\n\n" between its paragraphs)."""
+    plain = tokenizer.sp.cut if tokenizer.sp else {}
+    tokens = sorted((t for t in tokenizer.special_tokens if t not in plain), key=len, reverse=True)
     return re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
 

@@ -17,6 +17,7 @@ import torch
 
 from conftest import REAL_MODEL, REPO
 
+from chat import render_chat, use_chat_template
 from model import Transformer
 from speculative import generate, speculative_generate
 from tokenizer import Tokenizer
@@ -87,6 +88,27 @@ def test_bf16_logits_equal_transformers_in_bf16(real, ids):
     scale = theirs.abs().max().item()
     assert (mine - theirs).abs().max().item() <= 2 ** -7 * scale  # bf16 keeps 8 significant bits
     assert (mine.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.95
+
+
+def test_gemma_answers_holding_its_plain_added_tokens_render_as_transformers_and_train_whole():
+    """Gemma-3's tokenizer has plain (not special) added tokens, runs of newlines and spaces, that answers hold as
+    text ("\n\n" between paragraphs, as in data/telco/sft/1_general.jsonl): render_chat gives apply_chat_template's
+    ids with gemma.jinja, and trains each answer whole, up to its <end_of_turn>."""
+    path = CHECKPOINTS["gemma3"][0]
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        pytest.skip(f"no real checkpoint at {path} (run python prepare_real_model.py)")
+    import transformers
+    hf = transformers.AutoTokenizer.from_pretrained(path)
+    ours = Tokenizer.from_pretrained(path)
+    use_chat_template(ours, GEMMA_TEMPLATE)
+    rows = [json.loads(line) for line in open(os.path.join(REPO, "data", "telco", "sft", "1_general.jsonl"))]
+    rows = [r["messages"] for r in rows if any("\n\n" in m["content"] for m in r["messages"])][:3]
+    assert rows
+    for messages in rows:
+        ids, mask = render_chat(ours, messages)
+        assert ids == list(hf.apply_chat_template(messages, chat_template=open(GEMMA_TEMPLATE).read())["input_ids"])
+        answers = "".join(m["content"].strip() + "<end_of_turn>" for m in messages if m["role"] == "assistant")
+        assert hf.decode([i for i, m in zip(ids, mask) if m]) == answers
 
 
 def test_greedy_generate_equals_transformers(hf, ours, ids):

@@ -476,12 +476,25 @@ def test_decoding_past_the_context_is_a_one_line_error(tiny_run):
     (dict(DACP_STEPS="ten"), "DACP_STEPS=ten: expected a whole number"),
     (dict(RATIOS="0.5,1.5"), "RATIOS=0.5,1.5: expected replay ratios in"),
     (dict(DTYPE="fp16"), "DTYPE=fp16: expected float32 or bfloat16"),
+    (dict(CHAT_TEMPLATE="no/such.jinja"), "CHAT_TEMPLATE=no/such.jinja: no such file"),
 ])
 def test_workshop_refuses_a_bad_knob_before_any_stage(tmp_path, knobs, message):
     p = subprocess.run(["bash", "workshop.sh"], cwd=REPO, env={**ENV, "OUT": str(tmp_path / "out"), **knobs},
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and message in p.stderr, p.stdout[-2000:] + p.stderr[-2000:]
     assert not (tmp_path / "out").exists()  # nothing was run
+
+
+def test_workshop_refuses_a_base_checkpoint_without_a_chat_template_before_any_stage(tmp_path):
+    """SFT needs a chat template: a base checkpoint without one is refused before DACP has run, naming the knob."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "llama"}')
+    (base / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    env = {**ENV, "OUT": str(tmp_path / "out"), "TARGET": str(base)}
+    p = subprocess.run(["bash", "workshop.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and f"TARGET={base} has no chat template (a base model): set CHAT_TEMPLATE" in p.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_killing_workshop_sh_stops_its_torchrun_children(tmp_path):
