@@ -33,7 +33,8 @@ from chat import add_chat_template_flag, render_chat, use_chat_template
 from checkpoint import checkpoint_dirs, export_hf, finish, prepare_out, record_run, resume
 from data import WindowSampler, pad_rows, read_conversations, read_jsonl, sft_files, sft_row
 from files import write_atomic
-from model import IGNORE, PRESETS, Transformer, check_tokenizer, loss_chunk_rows, preset_model, to_dtype
+from model import (IGNORE, PRESETS, Head, Transformer, check_tokenizer, loss_chunk_rows, preset_model, softcap,
+                   to_dtype)
 from parallel import (TensorParallelTeacher, check_batch_sizes, compute_dtype, gather, launch, load_teacher, log,
                       rank_share, setup_distributed, shard_model, tokenize_once)
 from speculative import (DRAFT_VOCAB, check_same_tokenizer, cost_ratio, cut_at_eos, fit_vocab, frequent_vocab,
@@ -413,17 +414,23 @@ def distilled(student, teacher, batch, kind, temperature=1.0, alpha=0.0, kept=No
     alpha x the cross-entropy on the labels. A chunk of positions at a time: the teacher's final hidden states go
     through its head chunk by chunk beside the student's (model.ChunkedLoss), so neither model's logits of the
     whole batch exist at once. kept (a reduced draft vocabulary): both distributions over those ids alone, each
-    renormalised there, since the draft will never propose another (EAGLE-3 trains its reduced head so)."""
+    renormalised there, since the draft will never propose another (EAGLE-3 trains its reduced head so). Without
+    alpha, on one process, both heads then compute only the kept rows' logits: Gemma-3's 262,144-token head would
+    otherwise be most of a step, for 4,096 logits used."""
     x, labels = batch[:, 0], batch[:, 1]
     with torch.no_grad():
         teacher_hidden = teacher.hidden(x).flatten(0, 1)
     y = labels.flatten()
+    reduced = kept is not None and not alpha and all(type(m.lm_head) is Head for m in (student, teacher))
+    vocab = torch.tensor(kept, device=x.device) if reduced else None
+    head = teacher.lm_head if vocab is None else \
+        (lambda h: softcap(F.linear(h, teacher.lm_head.weight[vocab]), teacher.lm_head.cap))  # the kept rows'
 
     def chunk_loss(logits, rows):
         with torch.no_grad():
-            teacher_logits = teacher.lm_head(teacher_hidden[rows])
+            teacher_logits = head(teacher_hidden[rows])
         everywhere = torch.ones(len(rows), device=logits.device)  # (a chunk may be empty: its sum is 0, not NaN)
-        if kept is None:
+        if kept is None or reduced:
             loss = distillation_loss(logits, teacher_logits, everywhere, kind, temperature)
         else:
             loss = distillation_loss(logits[:, kept], teacher_logits[:, kept], everywhere, kind, temperature)
@@ -431,7 +438,7 @@ def distilled(student, teacher, batch, kind, temperature=1.0, alpha=0.0, kept=No
         if alpha:
             loss = (1 - alpha) * loss + alpha * F.cross_entropy(logits.float(), y[rows], reduction="sum")
         return loss
-    return student.loss(x, labels, loss_fn=chunk_loss)
+    return student.loss(x, labels, loss_fn=chunk_loss, vocab=vocab)
 
 
 # -----------------------------------------------------------------------------

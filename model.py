@@ -315,8 +315,8 @@ class Head(Linear):
 
     # The training loss's two halves of a chunk (ChunkedLoss), methods of the head so that a head split by
     # vocabulary over processes (parallel.VocabShardedHead) can exchange its logits and their gradients.
-    def loss(self, h, loss_fn, chunks):
-        return ChunkedLoss.apply(h, self.weight, loss_fn, chunks, self)
+    def loss(self, h, loss_fn, chunks, vocab=None):  # vocab: the ids scored (Transformer.loss), None: all
+        return ChunkedLoss.apply(h, self.weight if vocab is None else self.weight[vocab], loss_fn, chunks, self)
 
     def chunk_logits(self, h, weight):
         return F.linear(h, weight)
@@ -452,11 +452,11 @@ class Transformer(nn.Module):
         a chunk of positions at a time, beside the student's (distill.py)."""
         return self._trunk(idx)
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, loss_fn=None) -> torch.Tensor:
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, loss_fn=None, vocab=None) -> torch.Tensor:
         """The next-token loss of training: summed over the positions whose target [B, T] is not IGNORE, computed
         without the logits of the whole batch (see ChunkedLoss). By default the cross-entropy against targets;
         loss_fn(logits, rows) -> summed loss replaces it (distillation, bits per byte), rows being the chunk's
-        positions in the flattened [B * T] batch."""
+        positions in the flattened [B * T] batch. vocab (ids): logits over those alone (a draft's reduced head)."""
         B, T = idx.shape
         y = targets.flatten()
         if loss_fn is None:
@@ -470,17 +470,14 @@ class Transformer(nn.Module):
         # in loss_fn is a collective, so every process must call it equally often).
         rows = (y != IGNORE).nonzero().squeeze(1)
         chunks = rows.tensor_split(-(-B * T // self.loss_chunk_rows))
-        return self.lm_head.loss(h.flatten(0, 1), capped, chunks)
+        return self.lm_head.loss(h.flatten(0, 1), capped, chunks, vocab)
 
     def _trunk(self, idx, input_pos=None, unpadded=None):
         """Embedding, blocks and final norm: the hidden states that forward, hidden and loss go on from."""
         B, T = idx.shape
-        if input_pos is None:
-            pos = torch.arange(T, device=idx.device)
-        else:
-            if self.max_seq_len == 0:
-                raise RuntimeError("forward with input_pos needs a KV cache: call setup_cache() first")
-            pos = input_pos
+        if input_pos is not None and self.max_seq_len == 0:
+            raise RuntimeError("forward with input_pos needs a KV cache: call setup_cache() first")
+        pos = torch.arange(T, device=idx.device) if input_pos is None else input_pos
         x = self.model.embed_tokens(idx)
         # Gemma-3: its embedding is also its head, so inputs are scaled up by sqrt(dim) to the residual stream's
         # size; the factor rounded to the model's dtype before the product, as transformers does

@@ -427,7 +427,8 @@ class VocabShardedHead(nn.Module):
         parts = AllToAll.apply(mine)  # parts[r]: slice r's logits of this process's rows
         return parts.permute(1, 0, 2).flatten(1)[:n, :self.vocab_size]
 
-    def loss(self, h, loss_fn, chunks):
+    def loss(self, h, loss_fn, chunks, vocab=None):
+        assert vocab is None  # (a reduced head is for one process: distill.distilled)
         return ChunkedLoss.apply(h, local(self.weight, self.dtype), loss_fn, chunks, self)
 
     def chunk_backward(self, g, h, weight, grad_w):
