@@ -142,7 +142,7 @@ def _render(tokenizer, messages, add_generation_prompt):
 def _control_tokens(tokenizer):
     """A regex matching the added tokens render_chat cuts out of the text, longest first at each position, as HF
     splits them: all of them but the plain (not special) ones that a SentencePiece-style tokenizer's encode cuts out
-    itself (Gemma-3's runs of newlines and spaces: text an answer may hold, "\n\n" between its paragraphs)."""
+    itself (Gemma-3's runs of newlines and spaces, HTML tags: text an answer may hold, "\n\n" between paragraphs)."""
     plain = tokenizer.sp.cut if tokenizer.sp else {}
     tokens = sorted((t for t in tokenizer.special_tokens if t not in plain), key=len, reverse=True)
     return re.compile("|".join(map(re.escape, tokens))) if tokens else None
