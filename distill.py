@@ -423,8 +423,13 @@ def distilled(student, teacher, batch, kind, temperature=1.0, alpha=0.0, kept=No
     y = labels.flatten()
     reduced = kept is not None and not alpha and all(type(m.lm_head) is Head for m in (student, teacher))
     vocab = torch.tensor(kept, device=x.device) if reduced else None
-    head = teacher.lm_head if vocab is None else \
-        (lambda h: softcap(F.linear(h, teacher.lm_head.weight[vocab]), teacher.lm_head.cap))  # the kept rows'
+    if vocab is None:
+        head = teacher.lm_head
+    else:  # the teacher's head over the kept rows, gathered once for every chunk
+        kept_rows = teacher.lm_head.weight[vocab]
+
+        def head(h):
+            return softcap(F.linear(h, kept_rows), teacher.lm_head.cap)
 
     def chunk_loss(logits, rows):
         with torch.no_grad():

@@ -101,10 +101,11 @@ def test_an_exported_pruned_draft_loads_whole_in_transformers_and_pruned_in_load
         load_draft(tmp_path, torch.device("cpu"))
 
 
-def test_distillation_on_the_kept_ids_is_the_kl_of_the_renormalised_distributions():
-    """distill.distilled with kept ids: sum over positions of KL(p || q), p and q the teacher's and the student's
-    softmax over the kept ids alone (T = 1), written out here."""
-    from distill import distilled
+KEPT = [0, 3, 7, 11, 20, 49]  # a reduced draft vocabulary of the tiny pair below
+
+
+def tiny_pair():
+    """A random student and teacher of 50 tokens, and a [2, 2, 12] (ids, labels) batch labelled from position 4."""
     from model import IGNORE, ModelConfig, Transformer
     torch.manual_seed(0)
     config = ModelConfig.from_preset("tiny", vocab_size=50, max_seq_len=32)
@@ -114,11 +115,19 @@ def test_distillation_on_the_kept_ids_is_the_kl_of_the_renormalised_distribution
     ids = torch.randint(0, 50, (2, 12))
     labels = torch.full((2, 12), IGNORE)
     labels[:, 4:] = ids[:, 4:]
-    kept = [0, 3, 7, 11, 20, 49]
-    loss = distilled(student, teacher, torch.stack([ids, labels], 1), "fkl", kept=kept)
+    return student, teacher, torch.stack([ids, labels], 1)
+
+
+def test_distillation_on_the_kept_ids_is_the_kl_of_the_renormalised_distributions():
+    """distill.distilled with kept ids: sum over positions of KL(p || q), p and q the teacher's and the student's
+    softmax over the kept ids alone (T = 1), written out here."""
+    from distill import distilled
+    student, teacher, batch = tiny_pair()
+    ids = batch[:, 0]
+    loss = distilled(student, teacher, batch, "fkl", kept=KEPT)
     with torch.no_grad():
-        p = torch.softmax(teacher(ids)[:, 4:, kept].double(), -1)
-        q = torch.softmax(student(ids)[:, 4:, kept].double(), -1)
+        p = torch.softmax(teacher(ids)[:, 4:, KEPT].double(), -1)
+        q = torch.softmax(student(ids)[:, 4:, KEPT].double(), -1)
     assert loss.item() == pytest.approx((p * (p.log() - q.log())).sum().item(), rel=1e-5)
 
 
@@ -126,22 +135,14 @@ def test_distillation_on_the_kept_ids_trains_as_the_written_out_kl_does():
     """The reduced path (both heads computing only the kept rows' logits) gives the student the gradients of the
     formula above, taken by autograd through the whole vocabulary's logits."""
     from distill import distilled
-    from model import IGNORE, ModelConfig, Transformer
-    torch.manual_seed(0)
-    config = ModelConfig.from_preset("tiny", vocab_size=50, max_seq_len=32)
-    student, teacher = Transformer(config), Transformer(config)
-    for m in (student, teacher):
-        m.init_weights(0.5)
-    ids = torch.randint(0, 50, (2, 12))
-    labels = torch.full((2, 12), IGNORE)
-    labels[:, 4:] = ids[:, 4:]
-    kept = [0, 3, 7, 11, 20, 49]
-    distilled(student, teacher, torch.stack([ids, labels], 1), "fkl", kept=kept).backward()
+    student, teacher, batch = tiny_pair()
+    ids = batch[:, 0]
+    distilled(student, teacher, batch, "fkl", kept=KEPT).backward()
     ours = {n: p.grad.clone() for n, p in student.named_parameters()}
     student.zero_grad()
     with torch.no_grad():
-        p = torch.softmax(teacher(ids)[:, 4:, kept], -1)
-    log_q = torch.log_softmax(student(ids)[:, 4:, kept], -1)
+        p = torch.softmax(teacher(ids)[:, 4:, KEPT], -1)
+    log_q = torch.log_softmax(student(ids)[:, 4:, KEPT], -1)
     (p * (p.log() - log_q)).sum().backward()
     for name, param in student.named_parameters():  # (equal up to fp32 rounding, relative to the largest)
         assert (ours[name] - param.grad).abs().max() <= 1e-5 * param.grad.abs().max(), name

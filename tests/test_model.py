@@ -67,7 +67,6 @@ def test_logits_match_transformers(tmp_path, family):
     torch.testing.assert_close(our_logits(model, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
 
 
-
 @pytest.mark.skipif(not model_py.ONEDNN, reason="oneDNN's kernel serves x86 CPUs only")
 def test_inference_runs_every_linear_through_onednn_with_transformers_logits(tmp_path):
     """Without autograd, in fp32 on an x86 CPU, every linear layer runs oneDNN's kernel (model.Linear, 7 per block
@@ -84,6 +83,7 @@ def test_inference_runs_every_linear_through_onednn_with_transformers_logits(tmp
         model(idx).sum().backward()
     assert "mkldnn::_linear_pointwise" not in [e.name for e in prof.events()]
     assert all(p.grad is not None for p in model.parameters())
+
 
 def test_sharded_checkpoint(tmp_path):
     hf = make_hf(tmp_path, "llama3-rope", max_shard_size="20KB")

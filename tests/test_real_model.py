@@ -99,14 +99,14 @@ def test_gemma_answers_holding_its_plain_added_tokens_render_as_transformers_and
         pytest.skip(f"no real checkpoint at {path} (run python prepare_real_model.py)")
     import transformers
     hf = transformers.AutoTokenizer.from_pretrained(path)
-    ours = Tokenizer.from_pretrained(path)
+    ours, template = Tokenizer.from_pretrained(path), open(GEMMA_TEMPLATE).read()
     use_chat_template(ours, GEMMA_TEMPLATE)
     rows = [json.loads(line) for line in open(os.path.join(REPO, "data", "telco", "sft", "1_general.jsonl"))]
     rows = [r["messages"] for r in rows if any("\n\n" in m["content"] for m in r["messages"])][:3]
     assert rows
     for messages in rows:
         ids, mask = render_chat(ours, messages)
-        assert ids == list(hf.apply_chat_template(messages, chat_template=open(GEMMA_TEMPLATE).read())["input_ids"])
+        assert ids == list(hf.apply_chat_template(messages, chat_template=template)["input_ids"])
         answers = "".join(m["content"].strip() + "<end_of_turn>" for m in messages if m["role"] == "assistant")
         assert hf.decode([i for i, m in zip(ids, mask) if m]) == answers
 
