@@ -429,7 +429,8 @@ def sft_row(tokenizer, messages, seq_len, where=None):
 
 
 class Curriculum:
-    """The batches of an SFT run. stages: [(name, rows, epochs)] with rows [(ids, labels)]. Step s's global batch
+    """The batches of an SFT run. stages: [(name, rows, epochs)] with rows [(ids, labels)], epochs a number > 0
+    (0.5: half the stage's rows, drawn at random, each once). Step s's global batch
     is a pure function of (seed, s): batch(s) -> int64 [batch_size, 2, width] (ids[:-1] and labels, stacked), so a
     resumed run sees exactly the batches it would have seen. single_stage=True pools every stage's epochs into one
     shuffled stage: SOAEsV2's ablation baseline (the same examples, no order)."""
@@ -437,10 +438,10 @@ class Curriculum:
     def __init__(self, stages, batch_size, seed, single_stage=False, pool_batches=8, pad_id=0):
         self.batch_size, self.pad_id = batch_size, pad_id
         rng = np.random.default_rng(seed)
-        plan = []  # per stage: the row order over all its epochs
+        plan = []  # per stage: the row order over all its epochs (a fraction of one: the first rows of a shuffle)
         for name, rows, epochs in stages:
-            order = np.concatenate([rng.permutation(len(rows)) for _ in range(epochs)])
-            plan.append((name, rows, order))
+            order = np.concatenate([rng.permutation(len(rows)) for _ in range(math.ceil(epochs))])
+            plan.append((name, rows, order[:max(1, round(epochs * len(rows)))]))
         if single_stage:
             rows = [r for _, rs, order in plan for r in (rs[i] for i in order)]
             plan = [("+".join(name for name, _, _ in plan), rows, rng.permutation(len(rows)))]

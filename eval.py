@@ -189,11 +189,15 @@ def loglikelihoods(model, pairs, batch_size=16):
         rows = [(pairs[i][0] + pairs[i][1])[-(max_len + 1):][:-1] for i in idx]
         width = max(len(r) for r in rows)
         x = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
-        logprobs = F.log_softmax(model(x).float(), dim=-1)
-        for row, i, r in zip(logprobs, idx, rows):
-            cont = pairs[i][1]
-            positions = torch.arange(len(r) - len(cont), len(r), device=device)
-            results[i] = row[positions, torch.tensor(cont, device=device)].sum().item()
+        # the output layer only where a continuation token is predicted, not over the context too: with Gemma-3's
+        # 262,144-token head that is most of the cost, and the context's logits are never read
+        where = [(k, p) for k, (i, r) in enumerate(zip(idx, rows)) for p in range(len(r) - len(pairs[i][1]), len(r))]
+        row, pos = torch.tensor(where, device=device).T
+        logprobs = F.log_softmax(model.lm_head(model.hidden(x)[row, pos]).float(), dim=-1)
+        target = torch.tensor([t for i in idx for t in pairs[i][1]], device=device)
+        picked = logprobs[torch.arange(len(target), device=device), target]
+        for i, own in zip(idx, picked.split([len(pairs[i][1]) for i in idx])):
+            results[i] = own.sum().item()
     return results
 
 

@@ -447,10 +447,10 @@ class Transformer(nn.Module):
         positions, so the shift changes nothing."""
         return self.lm_head(self._trunk(idx, input_pos, unpadded))
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """The final normalised hidden states [B, T, dim], before the output layer: a teacher whose head is applied
-        a chunk of positions at a time, beside the student's (distill.py)."""
-        return self._trunk(idx)
+    def hidden(self, idx: torch.Tensor, input_pos=None, unpadded=None) -> torch.Tensor:
+        """forward's final normalised hidden states [B, T, dim], before the output layer: for the positions whose
+        logits are read (a prefill's last, a choice's tokens in eval.py, a teacher's chunk in distill.py) alone."""
+        return self._trunk(idx, input_pos, unpadded)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, loss_fn=None, vocab=None) -> torch.Tensor:
         """The next-token loss of training: summed over the positions whose target [B, T] is not IGNORE, computed

@@ -39,8 +39,9 @@ def get_args(argv=None):
                    "model)")
     p.add_argument("--stages", default=None, help="comma-separated .jsonl files, in curriculum order (default: "
                    "data/<domain>/sft/*.jsonl in name order)")
-    p.add_argument("--epochs", type=stage_values(int), default="2",
-                   help="epochs per stage: one value, or one per stage (1,1,2)")
+    p.add_argument("--epochs", type=stage_values, default="2",
+                   help="epochs per stage: one value, or one per stage (1,1,2); a fraction trains on that share of "
+                        "the stage's conversations (0.5)")
     p.add_argument("--single-stage", action="store_true", help="shuffle all stages together (SOAEsV2's baseline)")
     p.add_argument("--export-stages", action="store_true", help="also export the model after each stage but the "
                    "last, to <out>/stage-<k>-<name>/ (an HF directory each: eval.py scores what each stage did)")
@@ -48,7 +49,7 @@ def get_args(argv=None):
     add_training_flags(p, "out/<domain>-sft", domain="telco", data_root="data", out=None,
                        batch_size=dict(default=16, help="global batch, in conversations"), micro_batch_size=8,
                        seq_len=dict(default=512, help="longer conversations are cut to this many tokens"),
-                       lr=dict(type=stage_values(float), default="2e-4", help="peak LR per stage: one value, or one "
+                       lr=dict(type=stage_values, default="2e-4", help="peak LR per stage: one value, or one "
                                "per stage"),
                        warmup_steps=5, weight_decay=0.0, grad_clip=1.0, seed=1337, eval_every=0, save_every=20,
                        keep_checkpoints=2, resume=False, compile=False, activation_checkpointing=False, dtype=None)
@@ -68,23 +69,22 @@ def stage_files(args):
         raise SystemExit(f"{e}; or give --stages") from None
 
 
-def stage_values(kind):
-    """An argparse type: '1,1,2' -> [1, 1, 2], each value positive (epochs >= 1, LRs > 0)."""
-    def parse(text):
-        try:
-            values = [kind(v) for v in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
-        if any(not v > 0 for v in values):
-            raise argparse.ArgumentTypeError(f"each value must be {'>= 1' if kind is int else '> 0'}, got {text}")
-        return values
-    return parse
+def stage_values(text):
+    """An argparse type: '1,1,2' -> [1.0, 1.0, 2.0], each value positive (epochs, LRs)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if any(not 0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"each value must be a number > 0, got {text}")
+    return values
 
 
 def per_stage(flag, values, n):
     """One value per stage: a single value applies to every stage."""
     if len(values) not in (1, n):
-        raise SystemExit(f"--{flag} '{','.join(map(str, values))}': give one value or one per stage ({n} stages)")
+        given = ",".join(f"{v:g}" for v in values)
+        raise SystemExit(f"--{flag} '{given}': give one value or one per stage ({n} stages)")
     return values * n if len(values) == 1 else values
 
 

@@ -139,7 +139,9 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_k=None, 
                             for p, g in zip(probs, generators)])  # (a row without a generator: its argmax)
         return torch.argmax(probs / race, dim=-1)  # sample()'s exponential race, one stream per row
 
-    token = draw(model(idx, torch.arange(W, device=device), unpadded=unpadded)[:, -1])
+    # only the prompt's last position goes through the output layer (the others' logits, 262,144 wide on Gemma-3,
+    # would cost more than the trunk and go unread)
+    token = draw(model.lm_head(model.hidden(idx, torch.arange(W, device=device), unpadded)[:, -1]))
     new = [token]
     input_pos = torch.tensor([W], device=device)
     for i in range(1, max_new_tokens):
@@ -231,10 +233,11 @@ def speculative_generate(target, draft, prompt_ids, max_new_tokens, gamma=4, tem
         ensure_cache(m, T + max_new_tokens + gamma + 1)
     V = target.config.vocab_size
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    # prefill all but the last prompt token; the last one is fed to both models by the first round
+    # prefill all but the last prompt token (the KV cache alone: no logits); the last one is fed to both models by
+    # the first round
     if T > 1:
-        target(prompt[None, :-1], torch.arange(T - 1, device=device))
-        draft(prompt[None, :-1], torch.arange(T - 1, device=device))
+        target.hidden(prompt[None, :-1], torch.arange(T - 1, device=device))
+        draft.hidden(prompt[None, :-1], torch.arange(T - 1, device=device))
     stats = dict(gamma=gamma, rounds=0, target_calls=1 if T > 1 else 0, draft_calls=1 if T > 1 else 0,
                  accepted=0, rejected=0)
     out = []

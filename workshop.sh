@@ -21,13 +21,16 @@ if [ -f "$TARGET/config.json" ]; then
     REAL=1                         # a real checkpoint: it is the base; bf16 compute (faster on this CPU)
     if grep -q '"model_type": *"gemma3_text"' "$TARGET/config.json"; then
         # Gemma-3-270M: a pretrained base, without a chat template (SFT gets the sample one), whose 262,144-token
-        # head makes each token about twice as dear as SmolLM2's: half the steps (docs/results.md)
+        # head makes each token about twice as dear as SmolLM2's: to stay within 45 minutes, a quarter of its DACP
+        # steps, half of each SFT stage's conversations, 40 distillation steps and each eval set's first 128 rows
+        # (docs/results.md)
         OUT=${OUT:-out/gemma}
         CHAT_TEMPLATE=${CHAT_TEMPLATE:-data/chat_templates/gemma.jinja}
-        DACP_STEPS=${DACP_STEPS:-20}
-        SFT_EPOCHS=${SFT_EPOCHS:-1}
-        DISTILL_STEPS=${DISTILL_STEPS:-60}
+        DACP_STEPS=${DACP_STEPS:-10}
+        SFT_EPOCHS=${SFT_EPOCHS:-0.5}
+        DISTILL_STEPS=${DISTILL_STEPS:-40}
         GEN_TEMPERATURE=${GEN_TEMPERATURE:-0}
+        EVAL_LIMIT=${EVAL_LIMIT:-128}
     fi
     OUT=${OUT:-out/real}
     DRAFT=${DRAFT:-$OUT/${DOMAIN:-telco}-sft}   # the draft: a truncated copy of the SFT target ...
@@ -62,7 +65,7 @@ CHAT_TEMPLATE=${CHAT_TEMPLATE:-}   # SFT's chat template, for a base checkpoint 
 DOMAIN=${DOMAIN:-telco}
 NPROC=${NPROC:-2}                  # processes for the pretraining stages (FSDP2 over gloo on a CPU)
 BASE_STEPS=${BASE_STEPS:-150}      # pretraining the base from scratch on the general corpus (more overfits it)
-SFT_EPOCHS=${SFT_EPOCHS:-2}        # per curriculum stage
+SFT_EPOCHS=${SFT_EPOCHS:-2}        # per curriculum stage (0.5: half its conversations)
 SFT_BATCH=${SFT_BATCH:-16}         # conversations per SFT step
 GEN_TOKENS=${GEN_TOKENS:-64}       # teacher continuation length for distillation
 EVAL_LIMIT=${EVAL_LIMIT:-}         # score only the first N rows of each eval set (empty: all)
@@ -74,10 +77,12 @@ RATIOS=${RATIOS:-0,0.1,0.25,0.5,0.75,1}  # ABLATION=replay: the replay ratios; 1
 
 # Every knob is checked before the first stage: a typo is refused now, not after 15 minutes of DACP and SFT.
 fail() { echo "workshop.sh: $*" >&2; exit 2; }
-for knob in NPROC BASE_STEPS DACP_STEPS DISTILL_STEPS SFT_EPOCHS SFT_BATCH GEN_TOKENS BENCH_PROMPTS BENCH_TOKENS \
+for knob in NPROC BASE_STEPS DACP_STEPS DISTILL_STEPS SFT_BATCH GEN_TOKENS BENCH_PROMPTS BENCH_TOKENS \
             GAMMA ${DRAFT_LAYERS:+DRAFT_LAYERS} ${DRAFT_VOCAB:+DRAFT_VOCAB} ${EVAL_LIMIT:+EVAL_LIMIT}; do
     [[ ${!knob} =~ ^[1-9][0-9]*$ ]] || fail "$knob=${!knob}: expected a whole number >= 1"
 done
+[[ $SFT_EPOCHS =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)$ && ! $SFT_EPOCHS =~ ^[0.]+$ ]] ||
+    fail "SFT_EPOCHS=$SFT_EPOCHS: expected a number > 0"
 if [[ ! -f $TARGET/config.json ]] && ! python -c "import model, sys; sys.exit(sys.argv[1] not in model.PRESETS)" \
         "$TARGET" 2> /dev/null; then
     fail "TARGET=$TARGET: neither an HF directory (no config.json there) nor a preset"

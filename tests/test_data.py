@@ -212,6 +212,17 @@ def test_curriculum_keeps_stages_in_order_with_their_epochs():
     assert all(seen[2, i] == 3 for i in range(8))
 
 
+def test_a_fraction_of_an_epoch_trains_that_share_of_the_rows_each_once():
+    cur = Curriculum([("a", rows(0, 20), 0.5), ("b", rows(1, 12), 1.5)], batch_size=2, seed=0)
+    assert [(n, s) for n, _, s in cur.stages] == [("a", 5), ("b", 9)]
+    seen = np.zeros((2, 20), dtype=int)
+    for step in range(len(cur)):
+        for k, i in cur.batch(step)[:, 0, :2].tolist():
+            seen[k, i] += 1
+    assert sorted(seen[0]) == [0] * 10 + [1] * 10  # half the rows, none twice
+    assert sorted(seen[1, :12]) == [1] * 6 + [2] * 6  # one epoch, then half of a second shuffle
+
+
 def test_single_stage_pools_the_same_examples():
     stages = [("a", rows(0, 20), 1), ("b", rows(1, 12), 2), ("c", rows(2, 8), 3)]
     cur = Curriculum(stages, batch_size=4, seed=0, single_stage=True)

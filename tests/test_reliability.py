@@ -474,6 +474,7 @@ def test_decoding_past_the_context_is_a_one_line_error(tiny_run):
     (dict(ABLATION="replya"), "ABLATION=replya: expected replay or sft"),
     (dict(TARGET="models/no-such-model"), "TARGET=models/no-such-model: neither an HF directory"),
     (dict(DACP_STEPS="ten"), "DACP_STEPS=ten: expected a whole number"),
+    (dict(SFT_EPOCHS="0.0"), "SFT_EPOCHS=0.0: expected a number > 0"),
     (dict(RATIOS="0.5,1.5"), "RATIOS=0.5,1.5: expected replay ratios in"),
     (dict(DTYPE="fp16"), "DTYPE=fp16: expected float32 or bfloat16"),
     (dict(CHAT_TEMPLATE="no/such.jinja"), "CHAT_TEMPLATE=no/such.jinja: no such file"),
