@@ -316,7 +316,8 @@ class Head(Linear):
     # The training loss's two halves of a chunk (ChunkedLoss), methods of the head so that a head split by
     # vocabulary over processes (parallel.VocabShardedHead) can exchange its logits and their gradients.
     def loss(self, h, loss_fn, chunks, vocab=None):  # vocab: the ids scored (Transformer.loss), None: all
-        return ChunkedLoss.apply(h, self.weight if vocab is None else self.weight[vocab], loss_fn, chunks, self)
+        weight = self.weight if vocab is None else self.weight[vocab]
+        return ChunkedLoss.apply(h, weight, loss_fn, chunks, self, torch.is_grad_enabled())
 
     def chunk_logits(self, h, weight):
         return F.linear(h, weight)
@@ -339,8 +340,7 @@ IGNORE = -100  # the target of an untrained position (F.cross_entropy's ignore_i
 
 
 def loss_chunk_rows(vocab_size, distillation=False):
-    """Positions per chunk of the training (or distillation) loss: at most LOGITS_PER_CHUNK logits (a third as
-    many) exist at once."""
+    """Positions per chunk of the loss: at most LOGITS_PER_CHUNK logits (for distillation a third) exist at once."""
     return max(1, LOGITS_PER_CHUNK // vocab_size // (3 if distillation else 1))
 
 
@@ -354,7 +354,10 @@ class ChunkedLoss(torch.autograd.Function):
     incoming gradient: only one chunk of logits ever exists, and none is recomputed."""
 
     @staticmethod
-    def forward(ctx, h, weight, loss_fn, chunks, head):
+    def forward(ctx, h, weight, loss_fn, chunks, head, grad=True):
+        if not grad:  # no gradient wanted (validation, bits per byte): the chunks' losses, not dh's and dW's matmuls
+            return sum((loss_fn(head.chunk_logits(h[rows], weight), rows).float() for rows in chunks),
+                       torch.zeros((), device=h.device))
         grad_h = torch.zeros_like(h)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # summed over chunks in fp32
         total = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -372,7 +375,7 @@ class ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):  # (scaled in place: W's gradient is as large as W, and backward runs once)
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h.mul_(grad_total), grad_w.mul_(grad_total), None, None, None
+        return grad_h.mul_(grad_total), grad_w.mul_(grad_total), None, None, None, None
 
 
 # -----------------------------------------------------------------------------

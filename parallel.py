@@ -429,7 +429,7 @@ class VocabShardedHead(nn.Module):
 
     def loss(self, h, loss_fn, chunks, vocab=None):
         assert vocab is None  # (a reduced head is for one process: distill.distilled)
-        return ChunkedLoss.apply(h, local(self.weight, self.dtype), loss_fn, chunks, self)
+        return ChunkedLoss.apply(h, local(self.weight, self.dtype), loss_fn, chunks, self, torch.is_grad_enabled())
 
     def chunk_backward(self, g, h, weight, grad_w):
         """model.Head.chunk_backward over the split: g [n, vocabulary] of this process's rows goes to the slices'
@@ -521,9 +521,11 @@ def tensor_parallel_block(block, rank, world):
 class TensorParallelTeacher(Transformer):
     """A teacher whose blocks are tensor_parallel_block's: every process runs every row. Decoding (forward with the
     KV cache) must be given the same rows on every process; hidden, the training batches' teacher pass, gathers
-    every process's rows first and gives each process its own back."""
+    every process's rows first and gives each process its own back (on the KV cache, a prefill's, it does not)."""
 
-    def hidden(self, idx):
+    def hidden(self, idx, input_pos=None, unpadded=None):
+        if input_pos is not None:
+            return super().hidden(idx, input_pos, unpadded)
         ids, n = gather_rows(idx)
         h = self._trunk(ids.flatten(0, 1))
         return h.view(*ids.shape[:2], *h.shape[1:])[dist.get_rank(), :n]

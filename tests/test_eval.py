@@ -285,6 +285,35 @@ def test_a_long_question_does_not_shorten_the_other_answers(checkpoint):
     assert mixed[:2] == alone
 
 
+def test_a_context_longer_than_the_model_is_cut_from_the_left_as_lm_eval_does(checkpoint):
+    path, hf = checkpoint
+    model, tok = Transformer.from_pretrained(path).eval(), Tokenizer.from_pretrained(path)
+    ctx = tok.encode("the radio network " * 100)[:300]  # past the 256 positions: each pair is cut to its own fit
+    pairs = [(ctx, tok.encode(" yes")), (ctx, tok.encode(" a longer answer")), (ctx[:50], tok.encode(" no"))]
+    direct = []
+    for c, cont in pairs:
+        row = (c + cont)[-257:]
+        with torch.no_grad():
+            logprobs = hf(torch.tensor([row[:-1]])).logits[0].log_softmax(-1)
+        direct.append(sum(logprobs[i - 1, row[i]].item() for i in range(len(row) - len(cont), len(row))))
+    assert ev.loglikelihoods(Transformer.from_pretrained(path).eval(), pairs, batch_size=2) == pytest.approx(
+        direct, abs=1e-4)
+
+
+def test_a_questions_context_goes_through_the_model_once_for_all_its_choices(checkpoint):
+    path, _ = checkpoint
+    model, tok = Transformer.from_pretrained(path).eval(), Tokenizer.from_pretrained(path)
+    pairs = [ev.encode_pair(tok, r["question"], " " + c) for r in MCQ for c in r["choices"]]
+    seen = []
+    model.model.embed_tokens.register_forward_hook(lambda module, args, out: seen.append(args[0].numel()))
+    ev.loglikelihoods(model, pairs, batch_size=1)  # one question a pass: no padding of the contexts
+    contexts = {}
+    for ctx, cont in pairs:
+        contexts.setdefault(tuple(ctx), []).append(len(cont))
+    # each context once, then every choice's tokens but its last (padded to its question's longest choice)
+    assert sum(seen) == sum(len(c) + len(n) * (max(n) - 1) for c, n in contexts.items())
+
+
 def test_a_question_longer_than_the_context_is_named(checkpoint):
     path, _ = checkpoint
     model, tok = Transformer.from_pretrained(path).eval(), Tokenizer.from_pretrained(path)

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 from conftest import randomize
@@ -83,6 +84,19 @@ def test_inference_runs_every_linear_through_onednn_with_transformers_logits(tmp
         model(idx).sum().backward()
     assert "mkldnn::_linear_pointwise" not in [e.name for e in prof.events()]
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_the_loss_without_autograd_computes_no_gradient(tmp_path, monkeypatch):
+    """Validation and bits per byte call the chunked loss under no_grad: the loss is transformers' cross-entropy,
+    and the head's gradient matmuls (each as large as the logits', ChunkedLoss) are not run."""
+    hf = make_hf(tmp_path, "llama3-rope")
+    model = Transformer.from_pretrained(tmp_path)
+    idx = tokens()
+    monkeypatch.setattr(model_py.Head, "chunk_backward", lambda *args: pytest.fail("a gradient was computed"))
+    with torch.no_grad():
+        ours = model.loss(idx[:, :-1], idx[:, 1:])
+        ref = F.cross_entropy(hf(idx[:, :-1]).logits.flatten(0, 1), idx[:, 1:].flatten(), reduction="sum")
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-5)
 
 
 def test_sharded_checkpoint(tmp_path):
