@@ -31,8 +31,6 @@ if [ -f "$TARGET/config.json" ]; then
         DISTILL_STEPS=${DISTILL_STEPS:-40}
         GEN_TEMPERATURE=${GEN_TEMPERATURE:-0}
         EVAL_LIMIT=${EVAL_LIMIT:-128}
-        SFT_LR=${SFT_LR:-2e-4}     # sft.py's own: a base model has the chat format to learn (at 5e-5, 12 steps left
-                                   # it repeating lines, never ending its turn: docs/results.md)
     fi
     OUT=${OUT:-out/real}
     DRAFT=${DRAFT:-$OUT/${DOMAIN:-telco}-sft}   # the draft: a truncated copy of the SFT target ...
