@@ -117,11 +117,13 @@ def by_name(report, domain):
 
 def rows(out, domain, n_items, refs):
     """[(key, result, ours, command)] for the table, in the issue's order."""
-    track = f"TARGET=<checkpoint> OUT={out} bash workshop.sh"
-    ablation = f"TARGET=<checkpoint> OUT={out} ABLATION={{}} bash workshop.sh"
     track_report = read_json(os.path.join(out, f"eval-{domain}.json"))
     if track_report is None:
-        raise ValueError(f"{out}: no eval-{domain}.json, so the track has not run there ({track})")
+        raise ValueError(f"{out}: no eval-{domain}.json, so the track has not run there "
+                         f"(TARGET=<checkpoint> OUT={out} bash workshop.sh)")
+    target = next(iter(track_report["metrics"]))  # the track's base: its report's first model
+    track = f"TARGET={target} OUT={out} bash workshop.sh"
+    ablation = f"TARGET={target} OUT={out} ABLATION={{}} bash workshop.sh"
     n_items = {**n_items, **track_report.get("questions", {})}  # what eval.py scored (--limit: fewer)
     stages = metrics_by_stage(track_report, ("base", "dacp", "sft"))
     base, dacp, sft = (stages.get(k, {}) for k in ("base", "dacp", "sft"))

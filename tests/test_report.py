@@ -72,6 +72,15 @@ def test_the_standard_error_is_that_of_the_questions_scored(tmp_path, capsys):
     assert "42 s in all" in text  # a blank line in stage-times.txt is no stage
 
 
+def test_each_command_names_the_checkpoint_the_track_adapted(tmp_path):
+    """A row's command is one to paste: the track's base (its report's first model), not a placeholder."""
+    out = track_outputs(tmp_path / "out")
+    report.main([str(out), "--data-root", REPO + "/data"])
+    text = (out / "paper-vs-ours.md").read_text()
+    assert f"TARGET=base OUT={out} ABLATION=replay bash workshop.sh" in text
+    assert "<checkpoint>" not in text
+
+
 def test_an_unfinished_distillation_is_shown_as_incomplete(tmp_path):
     out = track_outputs(tmp_path / "out")
     (out / "telco-draft").mkdir()
