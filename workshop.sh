@@ -4,7 +4,7 @@
 #   bash workshop.sh                      # about 8 minutes on a 2-core CPU; writes out/workshop/
 #   DOMAIN=finance bash workshop.sh       # the same on the finance sample corpus
 #   TARGET=models/smollm2-135m-instruct bash workshop.sh
-#                                         # the real-model track (about 45 minutes): from a public checkpoint
+#                                         # the real-model track (about 40 minutes): from a public checkpoint
 #                                         # (python prepare_real_model.py), writes out/real/ and the paper table
 #   TARGET=models/gemma3-270m bash workshop.sh
 #                                         # the same from a base model, as ixi-GEN adapts one: writes out/gemma/

@@ -4,7 +4,7 @@ speculative decoding, the evaluation of base / DACP / DACP + SFT with held-out r
 replay sweep with the general-only control, the SFT one with each curriculum stage's model). Each
 trained output loads in transformers with our logits; the report and the paper-vs-ours table are written, each
 ablation's row filled once it has run. Needs the real checkpoint (python prepare_real_model.py). About 4 minutes
-on 2 CPU cores, so it is marked `track` and run apart: `python -m pytest -q -m "track or pipeline or slow"`."""
+on 2 CPU cores, so it is marked `track` and run apart: `python -m pytest -q -m track`."""
 import json
 import os
 import shutil
