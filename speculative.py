@@ -77,23 +77,18 @@ def model_forward(model, idx, input_pos, unpadded=None):
 
 
 def compile_decoding():
-    """torch.compile every cached pass: the decode step, the draft's steps and the target's verification pass (one
-    graph per shape). On GPU "reduce-overhead" also captures each in a CUDA graph (as gpt-fast does): a step of a
-    small model is then one graph launch instead of hundreds of kernel launches."""
+    """torch.compile every cached pass (decode steps, the draft's, the target's verification: a graph per shape). On
+    GPU "reduce-overhead" captures each in a CUDA graph (as gpt-fast does), and each call starts a new graph step:
+    unmarked, CUDA graph trees re-recorded at every switch of graph (an H200: plain decoding beside speculative 38
+    tokens/s, marked 697). No caller keeps an output past the next call, which marking requires."""
     global model_forward
-    cuda = torch.cuda.is_available()
-    compiled = torch.compile(model_forward, mode="reduce-overhead" if cuda else "default", fullgraph=True,
-                             dynamic=False)
+    cuda, eager = torch.cuda.is_available(), model_forward
+    compiled = torch.compile(eager, mode="reduce-overhead" if cuda else "default", fullgraph=True, dynamic=False)
 
-    def forward(model, idx, input_pos, unpadded=None):
-        # Each pass starts a new step for CUDA graph trees, which may then reuse the last pass's output memory: no
-        # caller keeps an output past the next call. Unmarked, decoding that switches graphs (plain decoding beside
-        # speculative, a draft's steps and the verification pass) made the trees re-record at every switch: on an
-        # H200 plain decoding ran at 38 tokens/s after speculative rounds, 697 marked.
+    def model_forward(model, idx, input_pos, unpadded=None):
         if cuda:
             torch.compiler.cudagraph_mark_step_begin()
         return compiled(model, idx, input_pos, unpadded)
-    model_forward = forward
 
 
 def ensure_cache(model, length, batch=1):
@@ -270,9 +265,7 @@ def speculative_generate(target, draft, prompt_ids, max_new_tokens, gamma=4, tem
             qs.append(q)
             tokens, positions = x[None], positions[-1:] + 1
         drafts, q = torch.stack(drafts), torch.stack(qs)                           # [gamma], [gamma, V]
-        # 2. the target scores last + drafts at positions pos .. pos + gamma in one pass
-        # (through model_forward: under --compile this pass is compiled too, as gpt-fast does; eager, on a GPU it
-        # cost 11 compiled steps)
+        # 2. the target scores last + drafts at positions pos .. pos + gamma in one pass (compiled too, --compile)
         logits = model_forward(target, torch.cat([last, drafts])[None],
                                torch.arange(pos, pos + gamma + 1, device=device))[0]
         p = logits_to_probs(logits, temperature, top_k, top_p)                   # [gamma + 1, V]
@@ -461,7 +454,7 @@ def get_args(argv=None):
                            "end-of-turn token)", exports=False)
     p.add_argument("--bench", action="store_true",
                    help="time autoregressive vs speculative decoding on the same prompts")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every cached pass (CUDA graphs on GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on GPU, float32 on CPU")
