@@ -46,11 +46,12 @@ import transformers
 import model
 import speculative
 from data import corpus_files, find_domains, read_documents, tokenize_corpus
+from draft_vocab import frequent_vocab, prune_head
 from files import write_atomic
 from model import PRESETS, ModelConfig, Transformer, to_dtype
-from speculative import (bench_prompts, check_same_tokenizer, compare_decoders, cost_ratio, frequent_vocab, generate,
-                         generate_batch, load, load_draft, pooled_stats, predicted_speedup, prompt_ids, prune_head,
-                         speculative_generate, step_time, stop_id, timed)
+from speculative import (bench_prompts, check_same_tokenizer, compare_decoders, cost_ratio, generate, generate_batch,
+                         load, load_draft, pooled_stats, predicted_speedup, prompt_ids, speculative_generate, step_time,
+                         stop_id, timed)
 from tokenizer import Tokenizer
 from parallel import PEAK_FLOPS, by_gpu_name
 from train import make_optimizer

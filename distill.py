@@ -32,13 +32,14 @@ import memory
 from chat import add_chat_template_flag, render_chat, use_chat_template
 from checkpoint import checkpoint_dirs, export_hf, finish, prepare_out, record_run, resume
 from data import WindowSampler, pad_rows, read_conversations, read_jsonl, sft_files, sft_row
+from draft_vocab import DRAFT_VOCAB, fit_vocab, frequent_vocab, prune_head
 from files import write_atomic
 from model import (IGNORE, PRESETS, Head, Transformer, check_tokenizer, loss_chunk_rows, preset_model, softcap,
                    to_dtype)
 from parallel import (TensorParallelTeacher, check_batch_sizes, compute_dtype, gather, launch, load_teacher, log,
                       rank_share, setup_distributed, shard_model, tokenize_once)
-from speculative import (DRAFT_VOCAB, check_same_tokenizer, cost_ratio, cut_at_eos, fit_vocab, frequent_vocab,
-                         generate_batch, is_chat_model, predicted_speedup, prompt_ids, prune_head, stop_id)
+from speculative import (check_same_tokenizer, cost_ratio, cut_at_eos, generate_batch, is_chat_model, predicted_speedup,
+                         prompt_ids, stop_id)
 from tokenizer import Tokenizer
 from train import (COUNT, POSITIVE, add_training_flags, cosine_schedule, make_optimizer, number, parse_training_args,
                    step_of, train_loop)
@@ -354,7 +355,7 @@ def expected_acceptance(teacher, draft, rows, pad_id, greedy):
     the chance that the draft's token there is accepted, sum_x min(p(x), q(x)) = 1 - TVD(p, q) with p the
     teacher's and q the draft's next-token distribution given the teacher's own prefix. Greedy (p and q one-hot):
     1 where the draft's argmax is the teacher's token (the row's label), and the teacher need not run. A draft with
-    a reduced head (prune_head) has q = 0 outside its ids (speculative.fit_vocab)."""
+    a reduced head (prune_head) has q = 0 outside its ids (draft_vocab.fit_vocab)."""
     device = teacher.lm_head.weight.device
     batch = torch.from_numpy(pad_rows(rows, pad_id)).to(device)
     x, y = batch[:, 0], batch[:, 1].flatten()

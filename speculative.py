@@ -28,11 +28,11 @@ import torch.nn.functional as F
 
 from chat import add_chat_template_flag, end_of_turn_id, render_chat, use_chat_template
 from data import read_jsonl
+from draft_vocab import DRAFT_VOCAB, fit_vocab, prune_head
 from files import write_atomic
-from model import Head, Transformer, to_dtype
+from model import Transformer, to_dtype
 from tokenizer import Tokenizer
 
-DRAFT_VOCAB = "draft_vocab.json"  # a draft's reduced output vocabulary (FR-Spec), next to its config.json
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -158,60 +158,6 @@ def generate_batch(model, prompts, max_new_tokens, temperature=0.0, top_k=None, 
         new.append(token)
         input_pos += 1
     return [cut_at_eos(row, eos_id) for row in torch.stack(new, 1).tolist()]
-
-
-def fit_vocab(logits, size, ids=None):
-    """The draft's logits over the target's vocabulary. A draft with a reduced head (prune_head) scores only `ids`:
-    every other id is -inf, so q is zero there. Models of one tokenizer may also pad their embeddings differently
-    (Qwen pads to a multiple of 64 or 128): ids past the target's end are dropped, missing ones -inf. The real tokens
-    are the same (check_same_tokenizer), and any draft distribution keeps speculative sampling exact."""
-    if ids is not None:
-        return logits.new_full((*logits.shape[:-1], size), -math.inf).index_copy_(-1, ids, logits)
-    n = logits.shape[-1]
-    return logits[..., :size] if n >= size else F.pad(logits, (0, size - n), value=-math.inf)
-
-
-# -----------------------------------------------------------------------------
-# A draft with a reduced vocabulary (FR-Spec, Zhao et al. 2025; EAGLE-3's draft-to-target map)
-#
-# A small draft spends most of a decoding step in its output layer: SmolLM2's 49,152 x 576 embedding is 28M of a
-# 4-layer draft's 42M parameters. The draft's head can score only the K most frequent tokens: speculative sampling
-# is exact for ANY draft distribution q (Leviathan et al., Theorem 3.5), so a q that is zero outside those K still
-# gives exactly the target's distribution, and greedy output is unchanged. The exported draft stays a whole HF model
-# (transformers loads it with its full head); DRAFT_VOCAB lists the kept ids, and load_draft prunes the head.
-
-
-def frequent_vocab(counts, k, keep=()):
-    """The k most frequent token ids by counts (ties: the lower id), with `keep` (the stop tokens, so the draft can
-    end a turn) always in; sorted."""
-    counts = torch.as_tensor(counts, dtype=torch.float64)
-    if not 0 < k <= len(counts):
-        raise ValueError(f"a reduced draft vocabulary of {k} tokens: not between 1 and {len(counts)}")
-    order = torch.argsort(-counts, stable=True)[:k].tolist()
-    return sorted(set(order) | {i for i in keep if i is not None and 0 <= i < len(counts)})
-
-
-def prune_head(model, ids):
-    """The draft scores only `ids`: its output layer becomes their rows of the (tied or not) output weights, a
-    K x dim copy for decoding (training keeps the whole head); model.vocab_ids maps its outputs back to ids."""
-    ids = torch.as_tensor(ids, dtype=torch.long, device=model.lm_head.weight.device)
-    head = Head(model.config.dim, len(ids), bias=False, device=ids.device, dtype=model.lm_head.weight.dtype)
-    head.weight = torch.nn.Parameter(model.lm_head.weight.detach()[ids].clone(), requires_grad=False)
-    head.cap = model.lm_head.cap
-    model.lm_head, model.vocab_ids = head, ids
-    return model
-
-
-def load_draft(path, device, dtype=None):
-    """(draft, tokenizer) from an HF directory, its head pruned to DRAFT_VOCAB's ids where the directory has one."""
-    draft, tokenizer = load(path, device, dtype)
-    vocab = Path(path) / DRAFT_VOCAB
-    if vocab.is_file():
-        ids = json.loads(vocab.read_text())["ids"]
-        if not ids or min(ids) < 0 or max(ids) >= draft.config.vocab_size:
-            raise ValueError(f"{vocab}: ids must be token ids of its {draft.config.vocab_size}-token vocabulary")
-        prune_head(draft, ids)
-    return draft, tokenizer
 
 
 @torch.no_grad()
@@ -361,6 +307,18 @@ def load(path, device, dtype=None):
     """(model, tokenizer) from an HF directory, ready for decoding."""
     model = Transformer.from_pretrained(path, device=device, dtype=dtype).eval()
     return model, Tokenizer.from_pretrained(path)
+
+
+def load_draft(path, device, dtype=None):
+    """(draft, tokenizer) from an HF directory, its head pruned to DRAFT_VOCAB's ids where the directory has one."""
+    draft, tokenizer = load(path, device, dtype)
+    vocab = Path(path) / DRAFT_VOCAB
+    if vocab.is_file():
+        ids = json.loads(vocab.read_text())["ids"]
+        if not ids or min(ids) < 0 or max(ids) >= draft.config.vocab_size:
+            raise ValueError(f"{vocab}: ids must be token ids of its {draft.config.vocab_size}-token vocabulary")
+        prune_head(draft, ids)
+    return draft, tokenizer
 
 
 def prompt_ids(model, tokenizer, prompt, chat=True):

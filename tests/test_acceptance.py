@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import distill
+from draft_vocab import prune_head
 from model import IGNORE, ModelConfig, Transformer
-from speculative import prune_head
 
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
 

@@ -325,7 +325,8 @@ def test_a_bf16_student_is_exported_in_bf16(teacher, tmp_path):
 def test_a_reduced_draft_vocabulary_is_chosen_exported_and_measured(teacher, tmp_path):
     """--draft-vocab K: the export lists the K ids most frequent in the domain corpus plus the teacher's stop token,
     load_draft gives the draft that head, and the acceptance is measured with it before and after."""
-    from speculative import DRAFT_VOCAB, load_draft
+    from draft_vocab import DRAFT_VOCAB
+    from speculative import load_draft
     root, _ = teacher
     out = tmp_path / "pruned"
     r = run_distill(root, out, "--data", "text", "--max-steps", "2", "--draft-vocab", "60")

@@ -1,4 +1,4 @@
-"""A draft with a reduced output vocabulary (FR-Spec; speculative.prune_head / load_draft, distill.py --draft-vocab):
+"""A draft with a reduced output vocabulary (FR-Spec; draft_vocab.py, speculative.load_draft, distill.py --draft-vocab):
 its head scores only the kept ids, greedy speculative decoding still equals the target's greedy decoding, sampled
 tokens still follow the target's distribution exactly (a chi-square test), and the exported draft is an HF model
 that transformers loads whole, with the kept ids beside it."""
@@ -10,8 +10,8 @@ import torch
 
 from test_speculative import PROMPT, chi_square_pvalue, exact_joint, noisy_copy, tiny
 
-from speculative import (DRAFT_VOCAB, frequent_vocab, generate, load_draft, logits_to_probs, prune_head,
-                         speculative_generate)
+from draft_vocab import DRAFT_VOCAB, frequent_vocab, prune_head
+from speculative import generate, load_draft, logits_to_probs, speculative_generate
 
 
 def test_the_pruned_head_is_the_whole_heads_rows():

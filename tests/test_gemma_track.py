@@ -15,8 +15,8 @@ from conftest import REPO
 from test_real_track import small_data, workshop
 
 from chat import render_chat
+from draft_vocab import DRAFT_VOCAB
 from model import Transformer
-from speculative import DRAFT_VOCAB
 from tokenizer import Tokenizer
 
 GEMMA = os.path.join(REPO, "models", "gemma3-270m")
