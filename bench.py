@@ -6,7 +6,9 @@ ratio ours / theirs of the throughput (above 1: ours is faster).
 1. train     forward + backward + AdamW of model.Transformer vs transformers' AutoModelForCausalLM of the same
              config (config.to_hf()) holding the same weights, on the same batch, SDPA attention on both
 2. decode    greedy speculative.generate vs transformers' generate, and speculative_generate vs transformers'
-             assisted generation: same target and draft, same prompts, same number of new tokens
+             assisted generation: same target and draft, same prompts, same number of new tokens; each against
+             the memory roofline (batch-1 decoding reads every weight once per token: the copy bandwidth measured
+             here over the weight bytes is as fast as it can go)
 3. tokenize  tokenizer.Tokenizer.encode vs the raw tiktoken Encoding inside it vs HF tokenizers on the same
              tokenizer.json, one string and batched; with --sp-tokenizer also for a SentencePiece-style one
 4. corpus    tokenising a generated corpus of gigabytes to a token shard (data.write_tokens) with our encoder vs HF
@@ -17,14 +19,13 @@ ratio ours / theirs of the throughput (above 1: ours is faster).
     python bench.py --only decode --target out/qwen-telco-sft --draft out/qwen-telco-draft --max-new-tokens 256
     python bench.py --json out/bench.json            # every number, as JSON
     python bench.py --only tokenize --tokenizer models/smollm2-135m-instruct --sp-tokenizer models/gemma3-270m
-    python bench.py --only draft-vocab --target models/smollm2-135m-instruct --draft-layers 4 --gamma 1 --n-prompts 8
+    python bench.py --only draft-vocab --target models/smollm2-135m-instruct --draft-layers 2,4,8 --gamma 1
     python bench.py --only verify --target models/smollm2-135m-instruct
     python bench.py --only corpus --corpus-gb 1 --corpus-dir /tmp/corpus-1gb --tokenizer models/smollm2-135m-instruct
 
 On a GPU the defaults grow (the 360m preset, 8 x 2048 tokens per step), training runs under bf16 autocast over fp32
-weights (as HF Trainer's bf16=True does), decoding with bf16 weights, both eager and torch.compile'd, with MFU and
-the fraction of the memory-bandwidth limit. Besides tests/, this is the one file that imports transformers and
-tokenizers: they are what we are measured against.
+weights (as HF Trainer's bf16=True does), decoding with bf16 weights, both eager and torch.compile'd, with MFU. Besides tests/, this is the one file that
+imports transformers and tokenizers: they are what we are measured against.
 """
 import argparse
 import hashlib
@@ -49,17 +50,13 @@ from data import corpus_files, find_domains, read_documents, tokenize_corpus
 from draft_vocab import frequent_vocab, prune_head
 from files import write_atomic
 from model import PRESETS, ModelConfig, Transformer, to_dtype
-from speculative import (bench_prompts, check_same_tokenizer, compare_decoders, cost_ratio, generate, generate_batch,
-                         load, load_draft, pooled_stats, predicted_speedup, prompt_ids, speculative_generate, step_time,
-                         stop_id, timed)
+from speculative import (bench_prompts, check_same_tokenizer, compare_decoders, copy_bandwidth, cost_ratio, generate,
+                         generate_batch, load, load_draft, pooled_stats, predicted_speedup, prompt_ids,
+                         speculative_generate, step_time, stop_id, timed, weight_bytes)
 from tokenizer import Tokenizer
 from parallel import PEAK_FLOPS, by_gpu_name
 from train import make_optimizer
 
-# HBM bandwidth in bytes/s, by a substring of torch.cuda.get_device_name(); the first match wins, so the specific
-# names come first. Decoding at batch 1 reads every weight once per token: bandwidth / weight bytes is its limit.
-BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.039e12,
-             "A100 80GB PCIe": 1.935e12, "A100": 1.555e12, "L40S": 0.864e12, "A10G": 0.6e12, "4090": 1.008e12}
 PIPELINE = "bash workshop.sh makes out/workshop/telco-sft and out/workshop/telco-draft (see README.md)"
 
 
@@ -223,11 +220,16 @@ def bench_decode(args, device):
     target_hf, draft_hf = load_hf(args.target, device, dtype), load_hf(args.draft, device, dtype, args.gamma)
     prompts = [prompt_ids(target, tokenizer, p) for p in bench_prompts(args)]
     N = args.max_new_tokens
-    # bytes of weights one decoding step reads: every matmul weight and the lm_head, not the embedding table
-    # (one row is looked up) unless it IS the lm_head (tied). KV-cache reads are left out: short contexts.
-    weight_bytes = target.config.num_params(embedding=target.config.tie_embeddings) * dtype.itemsize
-    bandwidth = by_gpu_name(BANDWIDTH, device)
-    result, rows = dict(dtype=args.dtype, max_new_tokens=N, gamma=args.gamma, weight_bytes=weight_bytes), []
+    # The memory roofline: batch-1 decoding reads every weight once per token, so it can go no faster than the
+    # copy bandwidth measured here over those bytes (the copy as large as the weights, so caches help it no more)
+    nbytes = weight_bytes(target)
+    bandwidth = copy_bandwidth(device, nbytes)[1]
+    limit = bandwidth / nbytes
+    print(f"[decode] copy bandwidth {bandwidth / 1e9:.1f} GB/s: batch-1 decoding at most {limit:,.1f} tokens/s for "
+          f"{nbytes / 1e6:,.1f} MB of weights per token", flush=True)
+    result = dict(dtype=args.dtype, max_new_tokens=N, gamma=args.gamma, weight_bytes=nbytes,
+                  copy_bandwidth_bytes_per_s=bandwidth, limit_tokens_per_s=limit)
+    rows = []
     for compiled in ([False, True] if args.compile else [False]):
         mode = "compiled" if compiled else "eager"
         hf_kwargs = {}
@@ -263,12 +265,11 @@ def bench_decode(args, device):
                 notes += (f"; acceptance {r['acceptance_rate']:.3f}; theirs: assisted generation "
                           f"(num_assistant_tokens={args.gamma}, constant), whose greedy output is also the target's "
                           f"greedy output{' (eager: no static cache for assisted generation)' if compiled else ''}")
-            if bandwidth:  # above 100 % is possible for speculative decoding: one weight read, several tokens
-                limit = bandwidth / weight_bytes
-                r.update(bandwidth_fraction_ours=r["tokens_per_s_ours"] / limit,
-                         bandwidth_fraction_theirs=r["tokens_per_s_theirs"] / limit)
-                notes += (f"; of the bandwidth limit ({limit:,.0f} tokens/s): {r['bandwidth_fraction_ours']:.1%} "
-                          f"vs {r['bandwidth_fraction_theirs']:.1%}")
+            # (above 100 % is possible when a weight read serves several tokens: batched rows, speculative rounds)
+            r.update(bandwidth_fraction_ours=r["tokens_per_s_ours"] / limit,
+                     bandwidth_fraction_theirs=r["tokens_per_s_theirs"] / limit)
+            notes += (f"; of the batch-1 memory roofline ({limit:,.1f} tokens/s): {r['bandwidth_fraction_ours']:.1%} "
+                      f"vs {r['bandwidth_fraction_theirs']:.1%}")
             rows.append(row(f"{name}, tokens/s ({args.dtype}, {mode})", r["tokens_per_s_ours"],
                             r["tokens_per_s_theirs"], notes))
         result[mode] = dict(plain=plain, batched=batched, speculative=spec)
@@ -279,31 +280,34 @@ def bench_draft_vocab(args, device):
     """FR-Spec's trade-off, measured: the draft's head over the K tokens most frequent in --domain's corpus, for each
     K of --draft-vocab-sizes (0: the whole vocabulary): the share of the corpus's tokens they cover, the draft's
     step cost c (one draft step over one target step, timed), greedy acceptance on the bench prompts, and the
-    speedup Leviathan et al. predict from them. The draft is --draft, or with --draft-layers N the target's first
-    N layers (undistilled)."""
+    speedup Leviathan et al. predict from them. The draft is --draft, or with --draft-layers N1,N2,.. the target's
+    first N layers (undistilled; distill.py --student-layers starts from them), each N a row per K: how deep a draft
+    pays, measured."""
     dtype = to_dtype(args.dtype)
     target, tokenizer = load(args.target, device, dtype)
     tokens = tokenize_corpus(tokenizer, args.data_root, args.domain, "train", skip_held_out=True)
     counts = torch.bincount(torch.from_numpy(tokens.astype("int64")), minlength=target.config.vocab_size)
     prompts = [prompt_ids(target, tokenizer, p) for p in bench_prompts(args)]
-    eos = stop_id(target, tokenizer)
+    eos, one = stop_id(target, tokenizer), step_time(target)  # (the target's step, once for every row's c)
     result, rows = {}, []
-    for k in [int(k) for k in args.draft_vocab_sizes.split(",")]:
-        draft = load(args.draft, device, dtype)[0] if not args.draft_layers else load(args.target, device, dtype)[0]
-        if args.draft_layers:
-            del draft.model.layers[args.draft_layers:]
-            draft.config.n_layers = args.draft_layers
-        if k:
-            prune_head(draft, frequent_vocab(counts, k, keep=[eos]))
-        runs = [speculative_generate(target, draft, ids, args.max_new_tokens, gamma=args.gamma, eos_id=eos)[1]
-                for ids in prompts]
-        a, c = pooled_stats(runs, args.gamma)["acceptance_rate"], cost_ratio(target, draft)
-        kept = draft.vocab_ids if k else torch.arange(len(counts))
-        r = dict(coverage=float(counts[kept].sum() / counts.sum()), cost_ratio=c, acceptance=a,
-                 predicted_speedup=predicted_speedup(a, args.gamma, c))
-        result[k or "all"] = r
-        print(f"[draft-vocab] K {k or 'all'}: coverage {r['coverage']:.1%}, c {c:.3f}, acceptance {a:.3f}, "
-              f"predicted {r['predicted_speedup']:.2f}x", flush=True)
+    for layers in [int(n) for n in args.draft_layers.split(",")] if args.draft_layers else [None]:
+        for k in [int(k) for k in args.draft_vocab_sizes.split(",")]:
+            draft = load(args.target if layers else args.draft, device, dtype)[0]
+            if layers:
+                del draft.model.layers[layers:]
+                draft.config.n_layers = layers
+            if k:
+                prune_head(draft, frequent_vocab(counts, k, keep=[eos]))
+            runs = [speculative_generate(target, draft, ids, args.max_new_tokens, gamma=args.gamma, eos_id=eos)[1]
+                    for ids in prompts]
+            a, c = pooled_stats(runs, args.gamma)["acceptance_rate"], cost_ratio(target, draft, one)
+            kept = draft.vocab_ids if k else torch.arange(len(counts))
+            r = dict(coverage=float(counts[kept].sum() / counts.sum()), cost_ratio=c, acceptance=a,
+                     predicted_speedup=predicted_speedup(a, args.gamma, c))
+            name = f"K {k or 'all'}" + (f", {layers} layers" if layers else "")
+            result[name] = r
+            print(f"[draft-vocab] {name}: coverage {r['coverage']:.1%}, c {c:.3f}, acceptance {a:.3f}, "
+                  f"predicted {r['predicted_speedup']:.2f}x", flush=True)
     return result, rows
 
 
@@ -510,7 +514,8 @@ def get_args(argv=None):
                    "repeated as needed)")
     g = p.add_argument_group("draft-vocab (also --target, --draft, --prompts, --n-prompts, --max-new-tokens, --gamma)")
     g.add_argument("--draft-vocab-sizes", default="1024,4096,16384,0", help="K of each row (0: the whole vocabulary)")
-    g.add_argument("--draft-layers", type=int, help="the draft: the target's first N layers instead of --draft")
+    g.add_argument("--draft-layers", help="the draft: the target's first N layers instead of --draft (a comma list: "
+                   "a row for each N)")
     g.add_argument("--domain", default="telco", help="whose --data-root corpus ranks the tokens")
     g = p.add_argument_group("tokenize")
     g.add_argument("--tokenizer", help="HF directory with tokenizer.json (default: --target)")

@@ -41,8 +41,9 @@ from data import corpus_files, read_documents
 from files import read_json, write_atomic
 from model import ModelConfig, Transformer
 from parallel import PEAK_FLOPS, by_gpu_name, compute_dtype, setup_distributed, shard_model
-from speculative import (compare_decoders, cost_ratio, decode_dtype, generate, load, load_draft, pooled_stats,
-                         predicted_speedup, prompt_ids, speculative_generate, timed, verify_cost)
+from speculative import (compare_decoders, copy_bandwidth, cost_ratio, decode_dtype, generate, load, load_draft,
+                         pooled_stats, predicted_speedup, prompt_ids, speculative_generate, timed, verify_cost,
+                         weight_bytes)
 from tokenizer import Tokenizer
 from train import make_optimizer
 
@@ -143,16 +144,6 @@ def check_train(config, shape, device, n_steps):
 # 2. Batch-1 decoding against the memory-bandwidth limit
 
 
-def copy_bandwidth(device, nbytes):
-    """(seconds, bytes/s) of the fastest of 5 copies of an nbytes tensor into another: each byte is read once and
-    written once, as decoding reads each weight once per token. The measured figure, not the data sheet's."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # (first touch of the pages, kernel load)
-    seconds = min(timed(lambda: dst.copy_(src), device)[1] for _ in range(5))
-    return seconds, 2 * nbytes / seconds
-
-
 def decode_tokens_per_s(model, prompts, new_tokens, device):
     """(tokens/s, outputs) of greedy generate over the prompts, after one untimed warm-up (cache, compilation)."""
     generate(model, prompts[0], new_tokens)
@@ -161,14 +152,11 @@ def decode_tokens_per_s(model, prompts, new_tokens, device):
 
 
 def check_decode(target, shape, prompts, device):
-    config, dtype = target.config, target.lm_head.weight.dtype
-    # Bytes one decoding step reads: every matmul weight and the head, not the embedding table (one row of it is
-    # looked up) unless it IS the head (tied); KV-cache reads left out (short contexts). bench.py counts the same.
-    params = config.num_params(embedding=config.tie_embeddings)
+    dtype, nbytes = target.lm_head.weight.dtype, weight_bytes(target)  # (what one decoding step reads)
     copy_s, bandwidth = copy_bandwidth(device, shape["copy_bytes"])
-    result = dict(params_read=params, bytes_per_param=dtype.itemsize, weight_bytes=params * dtype.itemsize,
+    result = dict(params_read=nbytes // dtype.itemsize, bytes_per_param=dtype.itemsize, weight_bytes=nbytes,
                   copy_bytes=shape["copy_bytes"], copy_s=copy_s, bandwidth_bytes_per_s=bandwidth,
-                  limit_tokens_per_s=bandwidth / (params * dtype.itemsize), dtype=str(dtype).removeprefix("torch."),
+                  limit_tokens_per_s=bandwidth / nbytes, dtype=str(dtype).removeprefix("torch."),
                   prompts=len(prompts), new_tokens=shape["new_tokens"], runs={})
     print(f"[decode] copy bandwidth {bandwidth / 1e9:.1f} GB/s: at most {result['limit_tokens_per_s']:,.0f} tokens/s "
           f"for {result['weight_bytes'] / 1e9:.3f} GB of weights per token", flush=True)

@@ -328,6 +328,10 @@ def prompt_ids(model, tokenizer, prompt, chat=True):
     return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
 
 
+# -----------------------------------------------------------------------------
+# Timing: decode steps, the costs Leviathan et al.'s speedup depends on, the memory roofline
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -357,16 +361,34 @@ def step_time(model, n_tokens=1, steps=16, repeats=5):
     return statistics.median(times)
 
 
-def cost_ratio(target, draft):
-    """c: the time of one draft decode step over one target decode step (Leviathan et al.'s cost coefficient)."""
-    return step_time(draft) / step_time(target)
+def cost_ratio(target, draft, target_step=None):
+    """c: the time of one draft decode step over one target decode step (Leviathan et al.'s cost coefficient).
+    target_step: the target's step time, if it was measured already."""
+    return step_time(draft) / (target_step or step_time(target))
 
 
-def verify_cost(target, gamma):
+def verify_cost(target, gamma, target_step=None):
     """The time of the target's pass over gamma + 1 tokens over its one-token step. Leviathan et al. take it as 1:
     decoding is memory-bound, so reading the weights once costs the same for 1 or gamma + 1 tokens. That holds on
     a GPU; on a CPU the matmuls of a small model are compute-bound and it is well above 1."""
-    return step_time(target, gamma + 1) / step_time(target)
+    return step_time(target, gamma + 1) / (target_step or step_time(target))
+
+
+def weight_bytes(model):
+    """Bytes of weights one decoding step reads: every matmul weight and the head, not the embedding table (one row
+    of it is looked up) unless it IS the head (tied). KV-cache reads are left out (short contexts)."""
+    return model.config.num_params(embedding=model.config.tie_embeddings) * model.lm_head.weight.dtype.itemsize
+
+
+def copy_bandwidth(device, nbytes):
+    """(seconds, bytes/s) of the fastest of 5 copies of an nbytes tensor into another: each byte is read once and
+    written once, as decoding reads each weight once per token. The measured figure, not the data sheet's: batch-1
+    decoding can go no faster than bandwidth / weight_bytes tokens/s (its memory roofline)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # (first touch of the pages, kernel load)
+    seconds = min(timed(lambda: dst.copy_(src), device)[1] for _ in range(5))
+    return seconds, 2 * nbytes / seconds
 
 
 def compare_decoders(decoders, prompts, device):
@@ -484,10 +506,11 @@ def bench(args, target, draft, tokenizer, device):
         return decode
     (ar_tokens, ar_time, _), *timings = compare_decoders([autoregressive] + [speculative(g) for g in args.gamma],
                                                          prompts, device)
-    c, rows = cost_ratio(target, draft), []
+    one = step_time(target)  # (the target's one-token step, once for c and every gamma's verification cost)
+    c, rows = cost_ratio(target, draft, one), []
     for gamma, (sp_tokens, sp_time, same) in zip(args.gamma, timings):
         stats = pooled_stats(runs[gamma][1:], gamma)  # runs[gamma][0] is the warm-up
-        a, v = stats["acceptance_rate"], verify_cost(target, gamma)
+        a, v = stats["acceptance_rate"], verify_cost(target, gamma, one)
         rows.append(dict(prompts=len(prompts), gamma=gamma, temperature=args.temperature,
                          autoregressive_tokens_per_s=ar_tokens / ar_time, speculative_tokens_per_s=sp_tokens / sp_time,
                          measured_speedup=(sp_tokens / sp_time) / (ar_tokens / ar_time),

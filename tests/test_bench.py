@@ -2,6 +2,7 @@
 token ids are identical to the references, and the JSON holds the numbers."""
 import json
 
+import pytest
 import torch
 
 import bench
@@ -39,5 +40,34 @@ def test_bench_all_sections(tmp_path):
         assert run["tokens_ours"] == run["tokens_theirs"] == 16
     batched = result["decode"]["eager"]["batched"]  # 8 left-padded rows of 2 prompts: transformers' batched tokens
     assert batched["identical"] == batched["prompts"] == 8 and batched["tokens_ours"] == batched["tokens_theirs"] == 64
+    roofline = result["decode"]["limit_tokens_per_s"]  # the measured copy bandwidth over the untied target's bytes
+    target = Transformer.from_pretrained(tmp_path / "target")
+    assert result["decode"]["weight_bytes"] == 4 * (sum(p.numel() for p in target.parameters())
+                                                    - target.model.embed_tokens.weight.numel())
+    assert result["decode"]["eager"]["plain"]["bandwidth_fraction_ours"] == pytest.approx(
+        result["decode"]["eager"]["plain"]["tokens_per_s_ours"] / roofline)
     assert result["tokenize"]["1 string"]["ids_equal"]
     assert len(result["rows"]) == 1 + 3 + 4 and all(r["ratio"] > 0 for r in result["rows"])
+
+
+def test_bench_draft_vocab_measures_each_depth_of_a_truncated_draft(tmp_path):
+    """--draft-layers 1,2: a row per depth and K. The target's every layer with the whole head IS the target, so
+    its greedy acceptance is exactly 1; the kept tokens' share of the corpus is 1 with the whole vocabulary."""
+    for split in ("train", "val"):
+        (tmp_path / "data" / "telco" / split).mkdir(parents=True)
+        (tmp_path / "data" / "telco" / split / "a.txt").write_text(TEXT * 20, encoding="utf-8")
+    tok = Tokenizer.train([TEXT], 300)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.n_vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    hidden_dim=64, max_seq_len=256))
+    model.init_weights(0.5)
+    model.save_pretrained(tmp_path / "target")
+    tok.save_pretrained(tmp_path / "target")
+    out = tmp_path / "bench.json"
+    bench.main(["--device", "cpu", "--only", "draft-vocab", "--json", str(out), "--target", str(tmp_path / "target"),
+                "--draft-layers", "1,2", "--draft-vocab-sizes", "16,0", "--prompt", "What is VoLTE?",
+                "--max-new-tokens", "8", "--gamma", "2", "--data-root", str(tmp_path / "data")])
+    rows = json.loads(out.read_text())["draft-vocab"]
+    assert sorted(rows) == ["K 16, 1 layers", "K 16, 2 layers", "K all, 1 layers", "K all, 2 layers"]
+    assert rows["K all, 2 layers"]["acceptance"] == 1.0 and rows["K all, 2 layers"]["coverage"] == 1.0
+    assert rows["K 16, 2 layers"]["coverage"] < 1.0

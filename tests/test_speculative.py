@@ -274,3 +274,14 @@ def test_a_list_of_gammas_without_bench_is_refused(capsys):
         with pytest.raises(SystemExit):
             speculative.get_args(["--target", "t", "--bench", "--gamma", bad])
         assert "expected whole numbers >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weight_bytes_are_every_parameter_a_decode_step_reads(tied):
+    """The memory roofline's numerator: every parameter's bytes (a tied head counted once), less the embedding table
+    when the head is its own matrix (decoding looks up one row of it); in the model's dtype."""
+    model = tiny(0, tie_embeddings=tied).to(torch.bfloat16)
+    every = sum(p.numel() for p in model.parameters())  # (parameters() yields a shared tensor once)
+    read = every - (0 if tied else model.model.embed_tokens.weight.numel())
+    assert speculative.weight_bytes(model) == read * 2
+
