@@ -29,12 +29,14 @@ if [ -f "$TARGET/config.json" ]; then
         DACP_STEPS=${DACP_STEPS:-10}
         SFT_EPOCHS=${SFT_EPOCHS:-0.5}
         DISTILL_STEPS=${DISTILL_STEPS:-40}
+        DRAFT_LAYERS=${DRAFT_LAYERS:-4}  # (of 18; 2 is measured better on SmolLM2 only)
         GEN_TEMPERATURE=${GEN_TEMPERATURE:-0}
         EVAL_LIMIT=${EVAL_LIMIT:-128}
     fi
     OUT=${OUT:-out/real}
     DRAFT=${DRAFT:-$OUT/${DOMAIN:-telco}-sft}   # the draft: a truncated copy of the SFT target ...
-    DRAFT_LAYERS=${DRAFT_LAYERS:-4}             # ... keeping its first 4 of 30 layers
+    DRAFT_LAYERS=${DRAFT_LAYERS:-2}             # ... keeping its first 2 of 30 layers (measured against 4 and 8:
+                                                # docs/benchmarks.md, how deep a draft)
     DACP_STEPS=${DACP_STEPS:-40}   # x 8 sequences x 256 tokens
     DACP_LR=${DACP_LR:-1e-4}
     SFT_LR=${SFT_LR:-5e-5}
