@@ -24,8 +24,8 @@ ratio ours / theirs of the throughput (above 1: ours is faster).
     python bench.py --only corpus --corpus-gb 1 --corpus-dir /tmp/corpus-1gb --tokenizer models/smollm2-135m-instruct
 
 On a GPU the defaults grow (the 360m preset, 8 x 2048 tokens per step), training runs under bf16 autocast over fp32
-weights (as HF Trainer's bf16=True does), decoding with bf16 weights, both eager and torch.compile'd, with MFU. Besides tests/, this is the one file that
-imports transformers and tokenizers: they are what we are measured against.
+weights (as HF Trainer's bf16=True does), decoding with bf16 weights, both eager and torch.compile'd, with MFU.
+Besides tests/, this is the one file that imports transformers and tokenizers: they are what we are measured against.
 """
 import argparse
 import hashlib
@@ -52,7 +52,7 @@ from files import write_atomic
 from model import PRESETS, ModelConfig, Transformer, to_dtype
 from speculative import (bench_prompts, check_same_tokenizer, compare_decoders, copy_bandwidth, cost_ratio, generate,
                          generate_batch, load, load_draft, pooled_stats, predicted_speedup, prompt_ids,
-                         speculative_generate, step_time, stop_id, timed, weight_bytes)
+                         speculative_generate, step_time, stop_id, timed, truncate, weight_bytes)
 from tokenizer import Tokenizer
 from parallel import PEAK_FLOPS, by_gpu_name
 from train import make_optimizer
@@ -294,8 +294,7 @@ def bench_draft_vocab(args, device):
         for k in [int(k) for k in args.draft_vocab_sizes.split(",")]:
             draft = load(args.target if layers else args.draft, device, dtype)[0]
             if layers:
-                del draft.model.layers[layers:]
-                draft.config.n_layers = layers
+                truncate(draft, layers)
             if k:
                 prune_head(draft, frequent_vocab(counts, k, keep=[eos]))
             runs = [speculative_generate(target, draft, ids, args.max_new_tokens, gamma=args.gamma, eos_id=eos)[1]

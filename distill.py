@@ -21,7 +21,6 @@ import copy
 import hashlib
 import json
 import os
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ from model import (IGNORE, PRESETS, Head, Transformer, check_tokenizer, loss_chu
 from parallel import (TensorParallelTeacher, check_batch_sizes, compute_dtype, gather, launch, load_teacher, log,
                       rank_share, setup_distributed, shard_model, tokenize_once)
 from speculative import (check_same_tokenizer, cost_ratio, cut_at_eos, generate_batch, is_chat_model, predicted_speedup,
-                         prompt_ids, stop_id)
+                         prompt_ids, stop_id, truncate)
 from tokenizer import Tokenizer
 from train import (COUNT, POSITIVE, add_training_flags, cosine_schedule, make_optimizer, number, parse_training_args,
                    step_of, train_loop)
@@ -163,8 +162,7 @@ def load_student(args, teacher, tokenizer, device):
                              f"{student.config.n_layers} layers")
         # A truncated copy: the first layers, the final norm and the head. It starts on the teacher's embeddings
         # and early features, so distillation only has to teach the last layers' work to fewer of them.
-        del student.model.layers[args.student_layers:]
-        student.config = replace(student.config, n_layers=args.student_layers)
+        truncate(student, args.student_layers)
     return student
 
 

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 
 import torch
 
@@ -42,8 +41,8 @@ from files import read_json, write_atomic
 from model import ModelConfig, Transformer
 from parallel import PEAK_FLOPS, by_gpu_name, compute_dtype, setup_distributed, shard_model
 from speculative import (compare_decoders, copy_bandwidth, cost_ratio, decode_dtype, generate, load, load_draft,
-                         pooled_stats, predicted_speedup, prompt_ids, speculative_generate, timed, verify_cost,
-                         weight_bytes)
+                         pooled_stats, predicted_speedup, prompt_ids, speculative_generate, timed, truncate,
+                         verify_cost, weight_bytes)
 from tokenizer import Tokenizer
 from train import make_optimizer
 
@@ -180,14 +179,6 @@ def check_decode(target, shape, prompts, device):
 # 3. Speculative against plain decoding
 
 
-def truncated_draft(target, n_layers):
-    """A draft made of the target's first n_layers, its final norm and head (distill.py --student-layers' start)."""
-    draft = copy.deepcopy(target)
-    del draft.model.layers[n_layers:]
-    draft.config = replace(draft.config, n_layers=n_layers)
-    return draft
-
-
 def check_speculative(args, target, shape, random_prompts, device):
     if args.target:
         target, tokenizer = load(args.target, device, decode_dtype(None, device))
@@ -197,7 +188,7 @@ def check_speculative(args, target, shape, random_prompts, device):
     if args.draft:
         draft = load_draft(args.draft, device, decode_dtype(None, device))[0]  # (its reduced head, if it has one)
     else:
-        draft = truncated_draft(target, min(shape["draft_layers"], target.config.n_layers))
+        draft = truncate(copy.deepcopy(target), min(shape["draft_layers"], target.config.n_layers))
     random_pair = not args.target
     note = ("random target and its truncated copy: acceptance is not meaningful, only the mechanics, c and the "
             "verification cost are" if random_pair else f"target {args.target}, draft " +

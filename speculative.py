@@ -21,6 +21,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -319,6 +320,14 @@ def load_draft(path, device, dtype=None):
             raise ValueError(f"{vocab}: ids must be token ids of its {draft.config.vocab_size}-token vocabulary")
         prune_head(draft, ids)
     return draft, tokenizer
+
+
+def truncate(model, n_layers):
+    """The model cut to its first n_layers, with its final norm and head, in place: a draft that starts from the
+    target's own early features (distill.py --student-layers, bench.py --draft-layers, gpu_check.py)."""
+    del model.model.layers[n_layers:]
+    model.config = replace(model.config, n_layers=n_layers)
+    return model
 
 
 def prompt_ids(model, tokenizer, prompt, chat=True):
