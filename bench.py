@@ -290,7 +290,7 @@ def bench_draft_vocab(args, device):
     prompts = [prompt_ids(target, tokenizer, p) for p in bench_prompts(args)]
     eos, one = stop_id(target, tokenizer), step_time(target)  # (the target's step, once for every row's c)
     result, rows = {}, []
-    for layers in [int(n) for n in args.draft_layers.split(",")] if args.draft_layers else [None]:
+    for layers in args.draft_layers or [None]:
         for k in [int(k) for k in args.draft_vocab_sizes.split(",")]:
             draft = load(args.target if layers else args.draft, device, dtype)[0]
             if layers:
@@ -513,8 +513,8 @@ def get_args(argv=None):
                    "repeated as needed)")
     g = p.add_argument_group("draft-vocab (also --target, --draft, --prompts, --n-prompts, --max-new-tokens, --gamma)")
     g.add_argument("--draft-vocab-sizes", default="1024,4096,16384,0", help="K of each row (0: the whole vocabulary)")
-    g.add_argument("--draft-layers", help="the draft: the target's first N layers instead of --draft (a comma list: "
-                   "a row for each N)")
+    g.add_argument("--draft-layers", type=speculative.gammas, metavar="N[,N...]", help="the draft: the target's "
+                   "first N layers instead of --draft (a comma list: a row for each N)")
     g.add_argument("--domain", default="telco", help="whose --data-root corpus ranks the tokens")
     g = p.add_argument_group("tokenize")
     g.add_argument("--tokenizer", help="HF directory with tokenizer.json (default: --target)")

@@ -71,3 +71,10 @@ def test_bench_draft_vocab_measures_each_depth_of_a_truncated_draft(tmp_path):
     assert sorted(rows) == ["K 16, 1 layers", "K 16, 2 layers", "K all, 1 layers", "K all, 2 layers"]
     assert rows["K all, 2 layers"]["acceptance"] == 1.0 and rows["K all, 2 layers"]["coverage"] == 1.0
     assert rows["K 16, 2 layers"]["coverage"] < 1.0
+
+
+def test_a_malformed_draft_layers_list_is_one_line_naming_the_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.get_args(["--draft-layers", "2,four"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--draft-layers" in err and "Traceback" not in err
