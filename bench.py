@@ -313,16 +313,21 @@ def bench_draft_vocab(args, device):
 def bench_verify(args, device):
     """The target's verification pass over gamma + 1 = 2..5 tokens, in its one-token decode steps
     (speculative.verify_cost's ratio): in fp32 through F.linear (MKL) and through oneDNN (model.Linear's kernel on
-    an x86 CPU), and in bf16. Leviathan et al. take it as 1 (a memory-bound step reads the weights once for any few
-    tokens); every tenth above 1 comes off the speedup."""
+    an x86 CPU), and in bf16; on an x86 CPU also with the weights packed in oneDNN's layout (model.pack, decoding's
+    default). Leviathan et al. take it as 1 (a memory-bound step reads the weights once for any few tokens); every
+    tenth above 1 comes off the speedup."""
     result, onednn = {}, model.ONEDNN
-    kernels = [("float32, F.linear (MKL)", "float32", False), ("bfloat16", "bfloat16", onednn)]
+    kernels = [("float32, F.linear (MKL)", "float32", False, False), ("bfloat16", "bfloat16", onednn, False)]
     if onednn and device.type == "cpu":
-        kernels.insert(1, ("float32, oneDNN (model.Linear)", "float32", True))
+        kernels[1:1] = [("float32, oneDNN (model.Linear)", "float32", True, False),
+                        ("float32, oneDNN, packed (model.pack)", "float32", True, True)]
+        kernels.append(("bfloat16, oneDNN, packed (model.pack)", "bfloat16", True, True))
     try:
-        for name, dtype, kernel in kernels:
+        for name, dtype, kernel, packed in kernels:
             model.ONEDNN = kernel
-            target = load(args.target, device, to_dtype(dtype))[0]
+            target = Transformer.from_pretrained(args.target, device=device, dtype=to_dtype(dtype)).eval()
+            if packed:
+                model.pack(target)
             one = step_time(target)
             result[name] = dict(step_ms=one * 1e3, **{str(n): step_time(target, n) / one for n in range(2, 6)})
             print(f"[verify] {name}: one-token step {one * 1e3:.1f} ms; pass over 2..5 tokens: " +

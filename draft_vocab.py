@@ -39,6 +39,8 @@ def prune_head(model, ids):
     head = Head(model.config.dim, len(ids), bias=False, device=ids.device, dtype=model.lm_head.weight.dtype)
     head.weight = torch.nn.Parameter(model.lm_head.weight.detach()[ids].clone(), requires_grad=False)
     head.cap = model.lm_head.cap
+    if model.lm_head.packed:  # (a model ready for decoding: model.pack)
+        head.pack()
     model.lm_head, model.vocab_ids = head, ids
     return model
 

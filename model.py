@@ -15,8 +15,8 @@ renames EXAONE-3.5's own), and RoPE uses HF's rotate-half layout: loading is a s
     model.save_pretrained("out/run")                                # loads in transformers with the same logits
     loss = model.loss(idx, targets)                                 # training: summed over targets != IGNORE
 
-Read top to bottom: the config, the building blocks (RMSNorm, RoPE, KV cache, attention, MLP, block), the chunked
-training loss, the Transformer. Reading and writing the files themselves (config.json's field names, safetensors) is
+Read top to bottom: the config, the building blocks (RMSNorm, RoPE, KV cache, linear layers, attention, MLP,
+block), the Transformer (its training loss in chunks is loss.py's). Reading and writing the files themselves (config.json's field names, safetensors) is
 hf.py's; from_pretrained and save_pretrained are thin doors to it.
 """
 
@@ -33,6 +33,8 @@ from torch.utils.checkpoint import checkpoint
 # (to_dtype and check_tokenizer are hf.py's; train.py, sft.py and the others import them from here)
 from hf import (MAX_SHARD_SIZE, check_settings, check_shapes, check_tokenizer, config_from_hf, config_to_hf,  # noqa
                 open_safetensors, read_index, stored_name, to_dtype, write_order, write_weights)
+# (IGNORE and loss_chunk_rows are loss.py's; data.py and memory.py import them from here)
+from loss import IGNORE, ChunkedLoss, loss_chunk_rows  # noqa
 
 
 # -----------------------------------------------------------------------------
@@ -206,15 +208,37 @@ ONEDNN = torch.backends.mkldnn.is_available() and platform.machine() in ("x86_64
 
 
 class Linear(nn.Linear):
-    """nn.Linear, computed without autograd in fp32 on an x86 CPU by oneDNN, not by F.linear's MKL sgemm, whose cost
-    grows with the rows: on the AMD EPYC of docs/benchmarks.md a pass over 2 tokens (speculative verification) cost
-    1.7 decode steps, through oneDNN 1.1-1.2, and a step is 1.3x faster. Outputs differ in the last bits only."""
+    """nn.Linear, computed without autograd on an x86 CPU by oneDNN, not by F.linear's MKL sgemm, whose cost grows
+    with the rows: on the AMD EPYC of docs/benchmarks.md a pass over 2 tokens (speculative verification) cost 1.7
+    decode steps, through oneDNN 1.1-1.2, and a step is 1.3x faster. Outputs differ in the last bits only. For
+    decoding (pack), from a copy of the weight in oneDNN's blocked layout, made once instead of at every call:
+    float32 and bfloat16 decode steps 1.3-1.4x faster again, the same outputs bit for bit."""
+
+    packed = None  # pack(): (the weight in oneDNN's layout, the weight it was made from, that weight's version)
+
+    def pack(self, rows=8):  # (the rows the layout is made for: 8 measured best for 1-8 rows; 1 gains no fp32 time)
+        w = self.weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, rows), self.weight, w._version
 
     def forward(self, x):
-        if ONEDNN and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() \
-                and not torch.compiler.is_compiling():
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if ONEDNN and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            packed, weight, version = self.packed or (None, None, None)
+            if weight is self.weight and version == weight._version and x.dtype == weight.dtype:  # (not stale)
+                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+            if x.dtype == torch.float32:
+                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return super().forward(x)
+
+
+def pack(model):
+    """Ready for decoding on an x86 CPU (speculative.load): every Linear's weight also in oneDNN's layout, which holds
+    the weights' memory once more. Elsewhere, or in another dtype, nothing changes."""
+    if ONEDNN and model.lm_head.weight.device.type == "cpu" and model.lm_head.weight.dtype in (torch.float32,
+                                                                                                 torch.bfloat16):
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.pack()
+    return model
 
 
 class Attention(nn.Module):
@@ -326,56 +350,6 @@ class Head(Linear):
         """The chain rule through logits = h W^T: adds dW = g^T h to grad_w (fp32), returns dh = g W."""
         grad_w.addmm_(g.T.float(), h.float())
         return g @ weight
-
-
-# -----------------------------------------------------------------------------
-# The training loss without the whole batch's logits
-
-# Logits of one chunk of the loss: 2^23 fp32 values are 32 MB (55 positions of Qwen2.5's 151,936 tokens, 170 of
-# SmolLM2's 49,152), against 5 GB for a 4 x 2048 micro-batch at once. Cross-entropy makes about three tensors of that
-# size per chunk, a distillation loss about ten: its chunks have a third of the positions, and hold about as much.
-# Larger chunks would not be much faster, only larger (and a chunk is per process, however many share the rest).
-LOGITS_PER_CHUNK = 2**23
-IGNORE = -100  # the target of an untrained position (F.cross_entropy's ignore_index)
-
-
-def loss_chunk_rows(vocab_size, distillation=False):
-    """Positions per chunk of the loss: at most LOGITS_PER_CHUNK logits (for distillation a third) exist at once."""
-    return max(1, LOGITS_PER_CHUNK // vocab_size // (3 if distillation else 1))
-
-
-class ChunkedLoss(torch.autograd.Function):
-    """sum over chunks of loss_fn(h[rows] @ W^T, rows): the loss of the head's logits, one chunk of rows at a time.
-
-    The logits are the largest tensor of a training step (micro-batch x seq-len x vocab, in fp32 for the loss), and
-    autograd would keep all of them for backward. Here each chunk's gradient with respect to its logits is taken
-    as soon as its loss is, and turned at once into the gradients of h and W (the chain rule through logits = h W^T:
-    dh = g W, dW = g^T h), as Liger-Kernel's fused linear cross-entropy does. Backward only scales them by the
-    incoming gradient: only one chunk of logits ever exists, and none is recomputed."""
-
-    @staticmethod
-    def forward(ctx, h, weight, loss_fn, chunks, head, grad=True):
-        if not grad:  # no gradient wanted (validation, bits per byte): the chunks' losses, not dh's and dW's matmuls
-            return sum((loss_fn(head.chunk_logits(h[rows], weight), rows).float() for rows in chunks),
-                       torch.zeros((), device=h.device))
-        grad_h = torch.zeros_like(h)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # summed over chunks in fp32
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for rows in chunks:
-            hc = h[rows]
-            logits = head.chunk_logits(hc, weight).detach().requires_grad_()
-            with torch.enable_grad():
-                loss = loss_fn(logits, rows)
-            g, = torch.autograd.grad(loss, logits)
-            grad_h[rows] = head.chunk_backward(g, hc, weight, grad_w)
-            total += loss.detach()
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):  # (scaled in place: W's gradient is as large as W, and backward runs once)
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h.mul_(grad_total), grad_w.mul_(grad_total), None, None, None, None
 
 
 # -----------------------------------------------------------------------------

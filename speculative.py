@@ -31,7 +31,7 @@ from chat import add_chat_template_flag, end_of_turn_id, render_chat, use_chat_t
 from data import read_jsonl
 from draft_vocab import DRAFT_VOCAB, fit_vocab, prune_head
 from files import write_atomic
-from model import Transformer, to_dtype
+from model import Transformer, pack, to_dtype
 from tokenizer import Tokenizer
 
 
@@ -305,8 +305,8 @@ def decode_dtype(name, device):
 
 
 def load(path, device, dtype=None):
-    """(model, tokenizer) from an HF directory, ready for decoding."""
-    model = Transformer.from_pretrained(path, device=device, dtype=dtype).eval()
+    """(model, tokenizer) from an HF directory, ready for decoding (on an x86 CPU, its weights packed: model.pack)."""
+    model = pack(Transformer.from_pretrained(path, device=device, dtype=dtype).eval())
     return model, Tokenizer.from_pretrained(path)
 
 

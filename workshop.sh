@@ -44,7 +44,7 @@ if [ -f "$TARGET/config.json" ]; then
     DISTILL_LR=${DISTILL_LR:-2e-3}
     DRAFT_VOCAB=${DRAFT_VOCAB:-4096}  # the draft's head: the 4,096 most frequent telco tokens (FR-Spec; half its cost)
     GEN_TEMPERATURE=${GEN_TEMPERATURE:-0,1}  # teacher data: greedy and temperature-1 continuations of each prompt
-    GAMMA=${GAMMA:-1}              # draft tokens per round: on a CPU the verify pass grows with them (README)
+    GAMMA=${GAMMA:-2}              # draft tokens per round: 2 measured fastest on this CPU (docs/benchmarks.md)
     DTYPE=${DTYPE:-bfloat16}
     EVAL_DTYPE=${EVAL_DTYPE:-float32}  # scores: float32 answers do not move with the batch or the CPU (bf16 ones do)
 else

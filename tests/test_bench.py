@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench
+import model as model_py
 from model import ModelConfig, Transformer
 from tokenizer import Tokenizer
 
@@ -71,6 +72,26 @@ def test_bench_draft_vocab_measures_each_depth_of_a_truncated_draft(tmp_path):
     assert sorted(rows) == ["K 16, 1 layers", "K 16, 2 layers", "K all, 1 layers", "K all, 2 layers"]
     assert rows["K all, 2 layers"]["acceptance"] == 1.0 and rows["K all, 2 layers"]["coverage"] == 1.0
     assert rows["K 16, 2 layers"]["coverage"] < 1.0
+
+
+def test_bench_verify_times_each_kernel_and_the_packed_weights(tmp_path):
+    """--only verify: the target's pass over 2..5 tokens in one-token steps, a row per kernel; on an x86 CPU the
+    weights packed in oneDNN's layout (model.pack, what decoding uses) get their own rows."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                                    max_seq_len=256))
+    model.init_weights(0.5)
+    model.save_pretrained(tmp_path / "target")
+    Tokenizer.train([TEXT], 300).save_pretrained(tmp_path / "target")
+    out = tmp_path / "bench.json"
+    bench.main(["--device", "cpu", "--only", "verify", "--target", str(tmp_path / "target"), "--json", str(out)])
+    rows = json.loads(out.read_text())["verify"]
+    expected = {"float32, F.linear (MKL)", "bfloat16"}
+    if model_py.ONEDNN:
+        expected |= {"float32, oneDNN (model.Linear)", "float32, oneDNN, packed (model.pack)",
+                     "bfloat16, oneDNN, packed (model.pack)"}
+    assert set(rows) == expected
+    assert all(r["step_ms"] > 0 and all(r[str(n)] > 0 for n in range(2, 6)) for r in rows.values())
 
 
 def test_a_malformed_draft_layers_list_is_one_line_naming_the_flag(capsys):

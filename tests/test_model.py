@@ -86,6 +86,38 @@ def test_inference_runs_every_linear_through_onednn_with_transformers_logits(tmp
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.skipif(not model_py.ONEDNN, reason="oneDNN's kernel serves x86 CPUs only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_decode_with_transformers_logits(tmp_path, dtype):
+    """model.pack (speculative.load's): every linear layer reads its weight in oneDNN's layout, and a prefill and
+    cached steps of 1 and several tokens still give transformers' logits (bf16: within bf16's rounding, here 0.14 as
+    unpacked; transformers' own bf16 logits are 0.17 from its fp32 ones)."""
+    hf = make_hf(tmp_path, "qwen2").to(dtype)
+    model = model_py.pack(Transformer.from_pretrained(tmp_path, dtype=dtype))
+    assert all(m.packed is not None for m in model.modules() if isinstance(m, model_py.Linear))
+    idx = tokens(T=12, B=1)
+    model.setup_cache(max_batch_size=1, max_seq_len=16)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        ours = torch.cat([model(idx[:, a:b], input_pos=torch.arange(a, b)) for a, b in ((0, 8), (8, 9), (9, 12))], 1)
+    assert "aten::linear" not in [e.name for e in prof.events()]
+    tol = 1e-4 if dtype == torch.float32 else 0.25
+    torch.testing.assert_close(ours.float(), hf_logits(hf, idx).float(), atol=tol, rtol=0)
+
+
+@pytest.mark.skipif(not model_py.ONEDNN, reason="oneDNN's kernel serves x86 CPUs only")
+def test_a_packed_weight_changed_after_packing_is_read_as_changed(tmp_path):
+    """A packed copy is of the weight as it was: changed in place or replaced afterwards, the layer computes with
+    the weight it has now (x W^T + b), not with the stale copy."""
+    layer = model_py.Linear(8, 4)
+    layer.pack()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        layer.weight.mul_(2)
+        torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
+        layer.weight = torch.nn.Parameter(torch.randn(4, 8))
+        torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
+
+
 def test_the_loss_without_autograd_computes_no_gradient(tmp_path, monkeypatch):
     """Validation and bits per byte call the chunked loss under no_grad: the loss is transformers' cross-entropy,
     and the head's gradient matmuls (each as large as the logits', ChunkedLoss) are not run."""
