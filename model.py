@@ -203,7 +203,7 @@ class KVCache(nn.Module):
         return self.k[:B], self.v[:B]
 
 
-# oneDNN's fp32 linear kernel for inference on x86 CPUs (see Linear); bench.py sets it False to measure MKL's.
+# oneDNN's linear kernels for inference on x86 CPUs (see Linear); bench.py sets it False to measure MKL's.
 ONEDNN = torch.backends.mkldnn.is_available() and platform.machine() in ("x86_64", "AMD64")
 
 
@@ -211,8 +211,8 @@ class Linear(nn.Linear):
     """nn.Linear, computed without autograd on an x86 CPU by oneDNN, not by F.linear's MKL sgemm, whose cost grows
     with the rows: on the AMD EPYC of docs/benchmarks.md a pass over 2 tokens (speculative verification) cost 1.7
     decode steps, through oneDNN 1.1-1.2, and a step is 1.3x faster. Outputs differ in the last bits only. For
-    decoding (pack), from a copy of the weight in oneDNN's blocked layout, made once instead of at every call:
-    float32 and bfloat16 decode steps 1.3-1.4x faster again, the same outputs bit for bit."""
+    decoding (pack), from a copy of the weight in oneDNN's blocked layout, made once instead of at every call: a
+    decode step 1.1x (float32) and 1.3x (bfloat16; batched float32 too) faster again, the same outputs bit for bit."""
 
     packed = None  # pack(): (the weight in oneDNN's layout, the weight it was made from, that weight's version)
 
