@@ -38,7 +38,7 @@ import speculative
 from checkpoint import read_metrics
 from data import corpus_files, read_documents
 from files import read_json, write_atomic
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, pack
 from parallel import PEAK_FLOPS, by_gpu_name, compute_dtype, setup_distributed, shard_model
 from speculative import (compare_decoders, copy_bandwidth, cost_ratio, decode_dtype, generate, load, load_draft,
                          pooled_stats, predicted_speedup, prompt_ids, speculative_generate, timed, truncate,
@@ -188,7 +188,8 @@ def check_speculative(args, target, shape, random_prompts, device):
     if args.draft:
         draft = load_draft(args.draft, device, decode_dtype(None, device))[0]  # (its reduced head, if it has one)
     else:
-        draft = truncate(copy.deepcopy(target), min(shape["draft_layers"], target.config.n_layers))
+        # (packed as load's models are: a copy is not)
+        draft = pack(truncate(copy.deepcopy(target), min(shape["draft_layers"], target.config.n_layers)))
     random_pair = not args.target
     note = ("random target and its truncated copy: acceptance is not meaningful, only the mechanics, c and the "
             "verification cost are" if random_pair else f"target {args.target}, draft " +

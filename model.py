@@ -16,8 +16,8 @@ renames EXAONE-3.5's own), and RoPE uses HF's rotate-half layout: loading is a s
     loss = model.loss(idx, targets)                                 # training: summed over targets != IGNORE
 
 Read top to bottom: the config, the building blocks (RMSNorm, RoPE, KV cache, linear layers, attention, MLP,
-block), the Transformer (its training loss in chunks is loss.py's). Reading and writing the files themselves (config.json's field names, safetensors) is
-hf.py's; from_pretrained and save_pretrained are thin doors to it.
+block), the Transformer (its training loss in chunks is loss.py's). Reading and writing the files themselves
+(config.json's field names, safetensors) is hf.py's; from_pretrained and save_pretrained are thin doors to it.
 """
 
 import math
@@ -220,6 +220,9 @@ class Linear(nn.Linear):
         w = self.weight.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, rows), self.weight, w._version
 
+    def __getstate__(self):  # a copy (copy.deepcopy: gpu_check's draft) is unpacked: oneDNN's layout is opaque to it
+        return {**super().__getstate__(), "packed": None}
+
     def forward(self, x):
         if ONEDNN and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             packed, weight, version = self.packed or (None, None, None)
@@ -233,8 +236,8 @@ class Linear(nn.Linear):
 def pack(model):
     """Ready for decoding on an x86 CPU (speculative.load): every Linear's weight also in oneDNN's layout, which holds
     the weights' memory once more. Elsewhere, or in another dtype, nothing changes."""
-    if ONEDNN and model.lm_head.weight.device.type == "cpu" and model.lm_head.weight.dtype in (torch.float32,
-                                                                                                 torch.bfloat16):
+    w = model.lm_head.weight
+    if ONEDNN and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):
         for m in model.modules():
             if isinstance(m, Linear):
                 m.pack()

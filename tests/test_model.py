@@ -1,6 +1,7 @@
 """model.py against transformers: tiny random HF checkpoints of every supported family load with the same logits,
 export back to HF with the same logits, and KV-cache decoding reproduces the full forward pass."""
 
+import copy
 import json
 import os
 
@@ -116,6 +117,19 @@ def test_a_packed_weight_changed_after_packing_is_read_as_changed(tmp_path):
         torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
         layer.weight = torch.nn.Parameter(torch.randn(4, 8))
         torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)
+
+
+@pytest.mark.skipif(not model_py.ONEDNN, reason="oneDNN's kernel serves x86 CPUs only")
+def test_a_packed_model_can_be_deep_copied(tmp_path):
+    """copy.deepcopy of a packed model (gpu_check.py truncates a copy of its loaded target into a draft): the copy
+    has transformers' logits, and its layers compute with their own weights, not the original's."""
+    hf = make_hf(tmp_path, "qwen2")
+    model = model_py.pack(Transformer.from_pretrained(tmp_path))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    idx = tokens()
+    torch.testing.assert_close(our_logits(twin, idx), hf_logits(hf, idx), atol=1e-4, rtol=0)
 
 
 def test_the_loss_without_autograd_computes_no_gradient(tmp_path, monkeypatch):
